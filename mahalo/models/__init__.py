@@ -1,0 +1,1 @@
+"""Model adapters: policies and reward models behind small protocols."""
