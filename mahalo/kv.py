@@ -1,0 +1,104 @@
+"""KV-cache rows: fan out, select and compact cache rows; masks and position ids.
+
+A :class:`KVRows` pairs a transformers ``DynamicCache`` (R rows, L columns) with its 2-D
+attention mask (R, L). A column whose mask is 0 is a *hole*: a padding token, a token of a row
+that had already ended its step, or a reward model's end-of-turn suffix that is no longer
+wanted. Holes are invisible to attention, and position ids are ``cumsum(mask) - 1``, so a row
+with holes computes exactly what a full forward of its valid tokens computes.
+
+Rows are fanned out and selected by index (one gather per layer, never a deepcopy), and
+compacted at most once per step: valid columns are right-aligned per row, so holes become left
+padding, and columns that are padding in every row are dropped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+
+
+@dataclass
+class KVRows:
+    """A batch of cache rows with their attention mask."""
+
+    cache: DynamicCache
+    mask: torch.Tensor  # (R, L) long, 1 = valid, 0 = hole
+
+    @property
+    def rows(self) -> int:
+        return self.mask.shape[0]
+
+    @property
+    def length(self) -> int:
+        return self.mask.shape[1]
+
+    def valid_counts(self) -> torch.Tensor:
+        """Number of valid columns per row (R,)."""
+        return self.mask.sum(dim=1)
+
+    def extend(self, new_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append ``new_mask`` (R, T) for T new tokens about to be forwarded.
+
+        Returns:
+            ``(attention_mask (R, L+T), position_ids (R, T))`` for the forward call.
+        """
+        self.mask = torch.cat([self.mask, new_mask.to(self.mask)], dim=1)  # (R, L+T)
+        positions = (self.mask.cumsum(dim=1) - 1).clamp_min(0)  # (R, L+T)
+        return self.mask, positions[:, -new_mask.shape[1]:]
+
+    def select(self, index: torch.Tensor) -> None:
+        """Keep rows ``index`` (R',), repeats allowed: fan-out is a select with repeats."""
+        index = index.to(self.mask.device)
+        if index.numel() == self.rows and bool((index == torch.arange(self.rows, device=index.device)).all()):
+            return
+        self.cache.batch_select_indices(index)
+        self.mask = self.mask[index]
+
+    def drop_columns_from(self, start: torch.Tensor) -> None:
+        """Turn every column at or after ``start[r]`` of row r into a hole (R,)."""
+        cols = torch.arange(self.length, device=self.mask.device)[None, :]  # (1, L)
+        self.mask = self.mask.masked_fill(cols >= start.to(self.mask.device)[:, None], 0)
+
+    def compact(self) -> None:
+        """Right-align each row's valid columns and drop columns that are holes in all rows."""
+        valid = self.mask.bool()  # (R, L)
+        keep = int(valid.sum(dim=1).max())
+        if _is_right_aligned(valid):
+            if keep < self.length:  # only all-padding columns on the left: slice them off
+                start = self.length - keep
+                self.mask = self.mask[:, start:]
+                for layer in _filled_layers(self.cache):
+                    layer.keys, layer.values = layer.keys[:, :, start:], layer.values[:, :, start:]
+            return
+        # Stable sort on validity puts a row's holes first and its valid columns after, in order.
+        order = torch.sort(valid.to(torch.int8), dim=1, stable=True).indices  # (R, L)
+        self._gather_columns(order[:, self.length - keep:])  # (R, keep)
+
+    def _gather_columns(self, cols: torch.Tensor) -> None:
+        """Keep columns ``cols`` (R, L') of every row, in every layer."""
+        self.mask = self.mask.gather(1, cols)
+        for layer in _filled_layers(self.cache):
+            idx = cols.to(layer.keys.device)[:, None, :, None]  # (R, 1, L', 1)
+            layer.keys = layer.keys.gather(2, idx.expand(-1, layer.keys.shape[1], -1, layer.keys.shape[3]))
+            layer.values = layer.values.gather(
+                2, idx.expand(-1, layer.values.shape[1], -1, layer.values.shape[3])
+            )
+
+
+def _filled_layers(cache: DynamicCache) -> list:
+    """The cache layers that hold tensors."""
+    return [ly for ly in cache.layers if getattr(ly, "keys", None) is not None and ly.keys.numel()]
+
+
+def _is_right_aligned(valid: torch.Tensor) -> bool:
+    """True when every row's valid columns are a suffix of the row (only left padding)."""
+    # A row is right-aligned when once a valid column appears, all later columns are valid.
+    seen = valid.int().cummax(dim=1).values.bool()  # (R, L)
+    return bool((seen == valid).all())
+
+
+def empty_rows(device: torch.device | str = "cpu") -> KVRows:
+    """A fresh single-row, zero-length cache."""
+    return KVRows(DynamicCache(), torch.ones(1, 0, dtype=torch.long, device=device))

@@ -1,0 +1,139 @@
+"""Policy adapters: the model that proposes tokens, behind a small protocol.
+
+The controller only talks to :class:`Policy`. :class:`HFPolicy` adapts any transformers causal
+LM: it prefills the prompt once, then forwards one token per row for a batch of rows that share
+or fork that prefix, with holes for rows that are idle (see :mod:`mahalo.kv`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+from mahalo.kv import KVRows, empty_rows
+from mahalo.models.chat import Messages, generation_prompt_ids
+
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|endoftext|>", "</s>")
+
+
+@dataclass
+class PolicyState:
+    """The policy's rows: their cache and each row's next-token logits."""
+
+    kv: KVRows
+    logits: torch.Tensor  # (R, V) float32: next-token logits of each row
+
+    @property
+    def rows(self) -> int:
+        return self.kv.rows
+
+    def select(self, index: torch.Tensor) -> None:
+        """Keep (or fan out to) rows ``index`` (R',)."""
+        self.kv.select(index)
+        self.logits = self.logits[index.to(self.logits.device)]
+
+
+@runtime_checkable
+class Policy(Protocol):
+    """What the controller needs from a policy."""
+
+    tokenizer: Any
+    eos_ids: frozenset[int]
+    max_context: int | None
+
+    def prompt_ids(self, messages: Messages) -> list[int]:
+        """Token ids of the chat prompt to continue."""
+        ...
+
+    def prefill(self, ids: list[int]) -> PolicyState:
+        """Forward the prompt once.
+
+        Returns:
+            a one-row state whose logits predict the first response token.
+        """
+        ...
+
+    def forward(self, state: PolicyState, tokens: torch.Tensor, feed: torch.Tensor) -> None:
+        """Forward one token per row and update the fed rows' logits in place.
+
+        Args:
+            state: R rows.
+            tokens: (R,) token ids; the value at an unfed row is ignored.
+            feed: (R,) bool; False rows get a hole and keep their previous logits.
+        """
+        ...
+
+    def decode(self, ids: list[int]) -> str:
+        """Text of token ids (special tokens skipped)."""
+        ...
+
+
+def end_of_turn_ids(tokenizer: Any) -> frozenset[int]:
+    """The EOS id and every end-of-turn marker the tokenizer knows."""
+    ids = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    vocab = tokenizer.get_vocab()
+    ids.update(vocab[t] for t in END_OF_TURN_TOKENS if t in vocab)
+    return frozenset(ids)
+
+
+class HFPolicy:
+    """A transformers causal LM (``model``, ``tokenizer``) as a :class:`Policy`."""
+
+    def __init__(self, model: Any, tokenizer: Any) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.eos_ids = end_of_turn_ids(tokenizer)
+        self.max_context = getattr(model.config, "max_position_embeddings", None)
+        self.device = next(model.parameters()).device
+        self._pad_id = next(iter(sorted(self.eos_ids)), 0)
+
+    def prompt_ids(self, messages: Messages) -> list[int]:
+        return generation_prompt_ids(self.tokenizer, messages)
+
+    @torch.inference_mode()
+    def prefill(self, ids: list[int]) -> PolicyState:
+        kv = empty_rows(self.device)
+        input_ids = torch.tensor([ids], device=self.device)  # (1, P)
+        logits = self._forward(kv, input_ids, torch.ones_like(input_ids))
+        return PolicyState(kv, logits)
+
+    @torch.inference_mode()
+    def forward(self, state: PolicyState, tokens: torch.Tensor, feed: torch.Tensor) -> None:
+        feed = feed.to(self.device)
+        tokens = torch.where(feed, tokens.to(self.device), self._pad_id)[:, None]  # (R, 1)
+        logits = self._forward(state.kv, tokens, feed.long()[:, None])  # (R, V)
+        state.logits = torch.where(feed[:, None], logits, state.logits)
+
+    def _forward(self, kv: KVRows, input_ids: torch.Tensor, new_mask: torch.Tensor) -> torch.Tensor:
+        mask, positions = kv.extend(new_mask)
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=mask,
+            position_ids=positions,
+            cache=kv.cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        return out.logits[:, -1].float()  # (R, V)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def as_policy(policy: Any) -> Policy:
+    """Accept a :class:`Policy` or a ``(causal LM, tokenizer)`` pair.
+
+    Raises:
+        ValueError: anything else.
+    """
+    if isinstance(policy, Policy):
+        return policy
+    if isinstance(policy, tuple) and len(policy) == 2:
+        return HFPolicy(*policy)
+    raise ValueError(
+        f"policy must be a mahalo Policy or a (causal LM, tokenizer) pair, got {type(policy).__name__}"
+    )

@@ -1,0 +1,66 @@
+"""What a guided decode returns: plain dataclasses, safe to serialise with ``to_dict``."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class Candidate:
+    """One candidate chunk of one step."""
+
+    text: str  # the chunk's text (this step only)
+    token_ids: list[int]  # the chunk's policy token ids (end-of-turn excluded)
+    scores: dict[str, float]  # objective -> raw score of the whole response with this chunk
+    combined: float  # weighted, normalised reward used for selection
+    parent: int  # index of the previous step's candidate it extends (-1 in the first step)
+    end: str  # "step" (boundary or step cap), "eos" (end of turn) or "length" (token budget)
+    logprobs: list[float] = field(default_factory=list)  # policy log p(token), temperature 1
+
+
+@dataclass
+class Step:
+    """One step of the search: every candidate and which were kept."""
+
+    candidates: list[Candidate]
+    chosen: int | list[int]  # the kept candidate (B = 1) or kept candidates (beam search)
+
+
+@dataclass
+class Stats:
+    """Cost of one decode. Token counts are real tokens; ``*_padded`` include padding slots."""
+
+    policy_tokens: int = 0  # tokens forwarded through the policy, prefill included
+    policy_tokens_padded: int = 0
+    prm_tokens: int = 0  # tokens forwarded through reward models, all objectives
+    prm_tokens_padded: int = 0
+    prm_full_rescore_tokens: int = 0  # what rescoring every whole conversation would forward
+    response_tokens: int = 0
+    steps: int = 0
+    policy_s: float = 0.0
+    prm_s: float = 0.0
+    wall_s: float = 0.0
+
+    def __getitem__(self, key: str) -> float:
+        return getattr(self, key)
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Response tokens per wall-clock second."""
+        return self.response_tokens / self.wall_s if self.wall_s > 0 else 0.0
+
+
+@dataclass
+class GuidedResult:
+    """The answer and how it was found."""
+
+    text: str
+    token_ids: list[int]
+    stop_reason: str  # "eos" or "length"
+    steps: list[Step]
+    stats: Stats
+    scores: dict[str, float] = field(default_factory=dict)  # raw scores of the final response
+
+    def to_dict(self) -> dict:
+        """A JSON-ready dict."""
+        return asdict(self)
