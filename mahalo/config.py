@@ -21,6 +21,14 @@ def _check(ok: bool, message: str) -> None:
         raise ValueError(message)
 
 
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 @dataclass
 class SamplingConfig:
     """How one token is drawn from the policy's logits."""
@@ -35,11 +43,11 @@ class SamplingConfig:
 
     def __post_init__(self) -> None:
         _check(
-            math.isfinite(self.temperature) and self.temperature >= 0,
+            _is_number(self.temperature) and math.isfinite(self.temperature) and self.temperature >= 0,
             f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature}",
         )
-        _check(self.top_k >= 0, f"top_k must be >= 0 (0 disables it), got {self.top_k}")
-        _check(0 < self.top_p <= 1, f"top_p must be in (0, 1] (1 disables it), got {self.top_p}")
+        _check(_is_int(self.top_k) and self.top_k >= 0, f"top_k must be an integer >= 0 (0 disables it), got {self.top_k!r}")
+        _check(_is_number(self.top_p) and 0 < self.top_p <= 1, f"top_p must be in (0, 1] (1 disables it), got {self.top_p}")
 
 
 @dataclass
@@ -60,8 +68,8 @@ class StepConfig:
             self.kind in BOUNDARIES,
             f"unknown step boundary {self.kind!r}: choose one of {sorted(BOUNDARIES)}",
         )
-        _check(self.min_step_tokens >= 0, f"min_step_tokens must be >= 0, got {self.min_step_tokens}")
-        _check(self.max_step_tokens >= 1, f"max_step_tokens must be >= 1, got {self.max_step_tokens}")
+        _check(_is_int(self.min_step_tokens) and self.min_step_tokens >= 0, f"min_step_tokens must be an integer >= 0, got {self.min_step_tokens!r}")
+        _check(_is_int(self.max_step_tokens) and self.max_step_tokens >= 1, f"max_step_tokens must be an integer >= 1, got {self.max_step_tokens!r}")
         _check(
             self.min_step_tokens <= self.max_step_tokens,
             f"min_step_tokens ({self.min_step_tokens}) must not exceed max_step_tokens "
@@ -91,9 +99,10 @@ class SearchConfig:
             self.strategy in STRATEGIES,
             f"unknown strategy {self.strategy!r}: choose one of {list(STRATEGIES)}",
         )
-        _check(self.num_candidates >= 1, f"num_candidates (N) must be >= 1, got {self.num_candidates}")
-        _check(self.beam_width >= 1, f"beam_width (B) must be >= 1, got {self.beam_width}")
-        _check(self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        _check(_is_int(self.num_candidates) and self.num_candidates >= 1, f"num_candidates (N) must be an integer >= 1, got {self.num_candidates!r}")
+        _check(_is_int(self.beam_width) and self.beam_width >= 1, f"beam_width (B) must be an integer >= 1, got {self.beam_width!r}")
+        _check(_is_int(self.max_new_tokens) and self.max_new_tokens >= 1, f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
+        _check(_is_int(self.seed), f"seed must be an integer, got {self.seed!r}")
 
 
 @dataclass
@@ -111,7 +120,7 @@ class ObjectiveConfig:
         _check(self.normalize in NORMALIZERS, f"normalize must be one of {list(NORMALIZERS)}, got {self.normalize!r}")
         for name, w in self.weights.items():
             _check(
-                isinstance(w, (int, float)) and math.isfinite(w) and w >= 0,
+                _is_number(w) and math.isfinite(w) and w >= 0,
                 f"weight of objective {name!r} must be a finite number >= 0, got {w!r}",
             )
 

@@ -107,8 +107,9 @@ class Controller:
         beams, finished, steps = [Beam()], [], []
         origins = [-1]  # each beam's candidate index in the previous step
         while beams:
-            # 1. fan out: beam b -> rows b*N .. b*N+N-1
-            parents = torch.arange(len(beams)).repeat_interleave(self.strategy.candidates)  # (B*N,)
+            # 1. fan out: beam b -> rows b*N .. b*N+N-1 (the prompt alone -> B*N rows at first)
+            fan = self.strategy.candidates * (1 if steps else self.strategy.beams)
+            parents = torch.arange(len(beams)).repeat_interleave(fan)  # (B*N,)
             state.select(parents)
             # 2. expand all candidates of all beams in lockstep
             chunks = self._expand(state, beams, parents)

@@ -1,0 +1,64 @@
+"""Bad input raises ValueError with a message that names the problem."""
+
+import math
+
+import pytest
+import torch
+
+from mahalo import guided_generate
+from mahalo.config import SamplingConfig
+from mahalo.sampling import filter_logits, sample_tokens
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"strategy": "greedy_search"}, "unknown strategy 'greedy_search'"),
+    ({"num_candidates": 0}, "num_candidates \\(N\\) must be an integer >= 1"),
+    ({"beam_width": 0}, "beam_width \\(B\\) must be an integer >= 1"),
+    ({"weights": {"truth": -1.0}}, "weight of objective 'truth' must be a finite number >= 0"),
+    ({"weights": {"truth": math.inf}}, "must be a finite number"),
+    ({"weights": {"truth": math.nan}}, "must be a finite number"),
+    ({"weights": {"helpful": 1.0}}, "weights name unknown objective\\(s\\) \\['helpful'\\]"),
+    ({"temperature": -0.5}, "temperature must be"),
+    ({"top_p": 0.0}, "top_p must be in"),
+    ({"step": "paragraph"}, "unknown step boundary 'paragraph'"),
+    ({"max_new_tokens": 0}, "max_new_tokens must be an integer >= 1"),
+    ({"normalize": "minmax"}, "normalize must be one of"),
+    ({"beam": 2}, "unknown option\\(s\\) \\['beam'\\]"),
+])
+def test_bad_options(policy, reward, options, message):
+    with pytest.raises(ValueError, match=message):
+        guided_generate(policy, {"truth": reward}, "Hi", **options)
+
+
+def test_prompt_longer_than_context(reward):
+    from mahalo.models.tiny import tiny_policy
+    short = tiny_policy(max_position_embeddings=64)
+    with pytest.raises(ValueError, match="exceeds the policy's context \\(64 tokens\\)"):
+        guided_generate(short, {"truth": reward}, "word " * 200, max_new_tokens=8)
+
+
+@pytest.mark.parametrize("prompt", ["", "   ", [], [{"content": "x"}]])
+def test_bad_prompt(policy, prompt):
+    with pytest.raises(ValueError, match="prompt|chat message"):
+        guided_generate(policy, {}, prompt)
+
+
+def test_bad_models(policy):
+    with pytest.raises(ValueError, match="policy must be"):
+        guided_generate("gpt2", {}, "Hi")
+    with pytest.raises(ValueError, match="objective 'truth'"):
+        guided_generate(policy, {"truth": 3}, "Hi")
+    with pytest.raises(ValueError, match="no reward adapter accepts LlamaForCausalLM"):
+        guided_generate(policy, {"truth": policy}, "Hi")
+
+
+def test_top_k_top_p_filtering():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    k2 = filter_logits(logits, SamplingConfig(top_k=2))
+    assert torch.isinf(k2[0, 2:]).all() and torch.isfinite(k2[0, :2]).all()
+    p = filter_logits(logits, SamplingConfig(top_k=0, top_p=0.8))
+    assert torch.isfinite(p[0, :2]).all() and torch.isinf(p[0, 2:]).all()
+    g = torch.Generator().manual_seed(0)
+    draws = [int(sample_tokens(logits, SamplingConfig(top_k=1), g)) for _ in range(20)]
+    assert draws == [0] * 20
+    assert int(sample_tokens(logits, SamplingConfig(temperature=0), g)) == 0
