@@ -3,7 +3,8 @@ import torch
 
 from mahalo.models.tiny import tiny_policy, tiny_reward
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# Tiny models gain nothing from threads, and OpenMP spin-waits are slow on a busy 2-core box.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
