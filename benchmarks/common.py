@@ -32,6 +32,7 @@ if str(REPO_ROOT) not in sys.path:  # the scripts run as files: make ``mahalo`` 
     sys.path.insert(0, str(REPO_ROOT))
 
 from mahalo.config import ModelConfig, ModelsConfig  # noqa: E402
+from mahalo.models.load import EMBEDDED_TRUTH_HEAD  # noqa: E402
 from mahalo.models.registry import load_models  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -142,6 +143,10 @@ def load_bench_models(kind: str, device: str = "cpu", dtype: str = "float32", tr
         ValueError: a missing embedded model or truth head (the message says how to fix it).
     """
     cfg = models_config(kind, device, dtype, truth_head)
+    if kind == "embedded":  # fail before the slow policy load, with the fix in the message
+        head = Path(truth_head) if truth_head else EMBEDDED_TRUTH_HEAD
+        if not head.is_file():
+            raise ValueError(f"truth reward head not found: {head} (train or fetch it, or pass --truth-head FILE)")
     t0 = time.perf_counter()
     loaded = load_models(cfg, ["truth"])
     load_s = time.perf_counter() - t0

@@ -264,3 +264,8 @@ def test_minilm_embedder_and_judge():
     judge = truthfulqa.SimilarityJudge(embed)
     assert judge(q, "The placenta, the white tissue holding the seeds, is the spiciest part.").truthful
     assert not judge(q, "The seeds are the spiciest part of a chili pepper.").truthful
+
+
+def test_missing_truth_head_fails_before_loading(tmp_path):
+    with pytest.raises(ValueError, match="truth reward head not found"):
+        common.load_bench_models("embedded", truth_head=str(tmp_path / "missing.safetensors"))
