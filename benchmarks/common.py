@@ -74,9 +74,10 @@ def add_common_args(parser: argparse.ArgumentParser, *, prompts_default: int, pr
     g.add_argument("--truth-head", default=None,
                    help="score-head file of the truth reward model (embedded only; default: the "
                         "committed mahalo/assets/smollm2_135m_truth_head.safetensors)")
-    g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
+    g.add_argument("--device", default="cpu",
+                   help="cpu, cuda, cuda:N or auto (embedded only; tiny models stay on the CPU)")
     g.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
-                   help="model dtype (default: float32)")
+                   help="model dtype (embedded only; tiny models are float32)")
     g.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads (default: torch's own choice); set OMP_NUM_THREADS too")
     g.add_argument("--machine", default="",
