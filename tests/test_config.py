@@ -62,3 +62,16 @@ def test_top_k_top_p_filtering():
     draws = [int(sample_tokens(logits, SamplingConfig(top_k=1), g)) for _ in range(20)]
     assert draws == [0] * 20
     assert int(sample_tokens(logits, SamplingConfig(temperature=0), g)) == 0
+
+
+def test_top_k_fast_path_matches_masked_distribution():
+    """Sampling among the top-k draws from the same distribution as masking the full vocabulary."""
+    torch.manual_seed(0)
+    logits = torch.randn(1, 50) * 2
+    cfg = SamplingConfig(temperature=0.7, top_k=5, top_p=0.9)
+    expected = torch.softmax(filter_logits(logits, cfg), -1)[0]
+    g = torch.Generator().manual_seed(1)
+    draws = sample_tokens(logits.expand(20000, 50), cfg, g)
+    freq = torch.bincount(draws, minlength=50).double() / draws.numel()
+    assert set(draws.unique().tolist()) <= set(expected.nonzero()[:, 0].tolist())
+    assert (freq - expected.double()).abs().max() < 0.015
