@@ -109,10 +109,12 @@ def _check_local(path: str) -> str | None:
 
 
 def _hub_error(path: str, err: OSError) -> ValueError:
-    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if len(reason) > 160:
+        reason = reason[:157] + "..."
     return ValueError(
-        f"could not load {path!r} from the Hugging Face hub ({first}): download it first "
-        f"(huggingface-cli download {path}) and set HF_HUB_OFFLINE=1, or give a local directory"
+        f"could not load {path!r} from the Hugging Face hub ({reason}): download it first "
+        f"(`hf download {path}`) and set HF_HUB_OFFLINE=1, or give a local directory"
     )
 
 
@@ -181,6 +183,7 @@ def converted_gguf(gguf: Path) -> Path:
     logger.info("converting %s (first start; cached at %s afterwards)", gguf.name, target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; a cache entry is an ordinary directory
     try:
         _convert_gguf(gguf, tmp)
         try:
