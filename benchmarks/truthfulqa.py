@@ -90,6 +90,17 @@ def strategy_options(name: str, args: argparse.Namespace) -> dict[str, Any]:
     return specs[name]
 
 
+def _shard(text: str) -> tuple[int, int]:
+    """``"I/M"`` -> (I, M) with 0 <= I < M."""
+    try:
+        i, m = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--shard takes I/M, e.g. 0/2, got {text!r}") from None
+    if not 0 <= i < m:
+        raise argparse.ArgumentTypeError(f"--shard I/M needs 0 <= I < M, got {text!r}")
+    return i, m
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """The command line (see ``--help``)."""
     p = argparse.ArgumentParser(
@@ -99,6 +110,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     common.add_common_args(p, prompts_default=100, prompts_flag="--num-questions")
     s = p.add_argument_group("decoding")
+    s.add_argument("--shard", type=_shard, default=None, metavar="I/M",
+                   help="decode only questions with index %% M == I (run M processes on one output "
+                        "to use M cores; a last run without --shard writes the report)")
     s.add_argument("--strategies", type=common.str_list, default=list(STRATEGY_NAMES),
                    help=f"comma-separated subset of {list(STRATEGY_NAMES)}")
     s.add_argument("--max-new-tokens", type=int, default=128, help="response token budget")
@@ -251,6 +265,8 @@ def decode_all(args: argparse.Namespace, models: common.BenchModels, questions: 
     done = {answer_key(r) for r in common.read_jsonl(path)}
     engine = (as_policy(models.policy), {"truth": as_reward(models.truth, "truth")})
     base = {"models": args.models, "max_new_tokens": args.max_new_tokens, "seed": args.seed}
+    if args.shard is not None:
+        questions = [q for q in questions if q.index % args.shard[1] == args.shard[0]]
     todo = [(q, name) for q in questions for name in args.strategies
             if answer_key({**base, "strategy": name, "options": strategy_options(name, args),
                            "question_index": q.index, "question": q.question}) not in done]
