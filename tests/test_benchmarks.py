@@ -274,12 +274,12 @@ def test_missing_truth_head_fails_before_loading(tmp_path):
 def test_truthfulqa_shards_fill_one_output(questions_csv, tmp_path, capsys):
     out = tmp_path / "out"
     argv = _common_argv(questions_csv, out) + [
-        "--num-questions", "3", "--max-new-tokens", "8", "--strategies", "greedy", "--judge", "none", "--no-plot"]
+        "--num-questions", "2", "--max-new-tokens", "8", "--strategies", "greedy", "--judge", "none", "--no-plot"]
     assert truthfulqa.main(argv + ["--shard", "1/2"]) == 0
-    assert "1 answers to decode" in capsys.readouterr().out
+    assert "1 answers to decode, 0 already" in capsys.readouterr().out
     assert truthfulqa.main(argv + ["--shard", "0/2"]) == 0
-    assert "2 answers to decode" in capsys.readouterr().out
+    assert "1 answers to decode, 0 already" in capsys.readouterr().out
     assert truthfulqa.main(argv) == 0
-    assert "0 answers to decode, 3 already" in capsys.readouterr().out
+    assert "0 answers to decode, 2 already" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         truthfulqa.parse_args(["--shard", "2/2"])
