@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -27,14 +26,6 @@ HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 HAS_MINILM = importlib.util.find_spec(truthfulqa.MINILM_PACKAGE) is not None
 HEADLINE = re.compile(r"^reference/mahalo wall ratio: \d+\.\d\d, reward-model tokens ratio: \d+\.\d\d$")
 COLUMNS = ["Type", "Category", "Question", "Best Answer", "Correct Answers", "Incorrect Answers", "Source"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture()
