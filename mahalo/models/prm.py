@@ -122,7 +122,8 @@ class SequenceClassifierReward:
     @staticmethod
     def head_of(model: Any) -> Any:
         """The classification head (``score`` in Llama/Qwen/Mistral, ``classifier`` elsewhere)."""
-        return getattr(model, "score", None) or getattr(model, "classifier", None)
+        head = getattr(model, "score", None)
+        return head if head is not None else getattr(model, "classifier", None)
 
     @classmethod
     def accepts(cls, model: Any) -> bool:
