@@ -11,6 +11,10 @@ reward-model tokens, response tokens, steps, and the truth score of the final re
 ``result.scores["truth"]``; reference: its final text scored by the same reward model with one
 full forward, :func:`benchmarks.reference_decoder.score_response`, not counted in its cost).
 
+With ``--unguided`` (default on) a third engine runs too: mahalo's ``sample`` strategy, the
+same policy and sampling settings with no reward model, the unguided baseline that says what
+guidance costs per response token (``mahalo/unguided s/tok`` in the growth table).
+
 Ratios are reference / mahalo per prompt; a summary ratio is the median over prompts of those
 per-prompt ratios. The last line printed is the headline, at the last length of ``--lengths``::
 
@@ -26,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import sys
 import time
 from pathlib import Path
@@ -47,7 +50,7 @@ from mahalo.models.prm import as_reward  # noqa: E402
 
 log = logging.getLogger("benchmarks.compare_reference")
 
-ENGINES = ("reference", "mahalo")
+ENGINES = ("reference", "mahalo", "unguided")
 ROW_FIELDS = [
     "length", "prompt_index", "engine", "wall_s", "engine_wall_s", "policy_tokens", "rm_tokens",
     "response_tokens", "steps", "truth", "s_per_token", "rm_tokens_per_response_token",
@@ -84,6 +87,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="per-step token cap of both engines (256 = the reference's max_tokens_per_sentence)")
     s.add_argument("--warmup", type=int, default=1,
                    help="unrecorded warm-up decodes per engine (16 tokens, first prompt) before measuring")
+    s.add_argument("--unguided", action=argparse.BooleanOptionalAction, default=True,
+                   help="also run unguided sampling (mahalo's sample strategy) as a per-token baseline")
     s.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     args = p.parse_args(argv)
     args.lengths = args.lengths or [args.max_new_tokens]
@@ -127,14 +132,16 @@ def run_reference(models: common.BenchModels, prompt: str, length: int, args: ar
 
 
 def run_mahalo(engine: tuple[Any, dict[str, Any]], models: common.BenchModels, prompt: str, length: int,
-               args: argparse.Namespace) -> dict[str, Any]:
-    """Decode ``prompt`` with mahalo's ``step_best_of_n``; also rescore its text from scratch."""
+               args: argparse.Namespace, *, guided: bool = True) -> dict[str, Any]:
+    """Decode ``prompt`` with mahalo's ``step_best_of_n`` (or, unguided, ``sample`` without reward
+    models); also rescore its text from scratch."""
     policy, prms = engine
+    search = dict(strategy="step_best_of_n", num_candidates=args.num_candidates,
+                  min_step_tokens=args.min_step_tokens, max_step_tokens=args.max_step_tokens)
     t0 = time.perf_counter()
     res = guided_generate(
-        policy, prms, prompt, strategy="step_best_of_n", num_candidates=args.num_candidates,
+        policy, prms if guided else {}, prompt, **(search if guided else {"strategy": "sample"}),
         max_new_tokens=length, seed=args.seed, temperature=args.temperature, top_k=args.top_k,
-        min_step_tokens=args.min_step_tokens, max_step_tokens=args.max_step_tokens,
     )
     wall = time.perf_counter() - t0
     rm, rt = models.truth
@@ -142,10 +149,10 @@ def run_mahalo(engine: tuple[Any, dict[str, Any]], models: common.BenchModels, p
         rescored, _ = score_response(rm, rt, [{"role": "user", "content": prompt}], res.text)
     s = res.stats
     return _per_token({
-        "engine": "mahalo", "wall_s": wall, "engine_wall_s": s.wall_s,
+        "engine": "mahalo" if guided else "unguided", "wall_s": wall, "engine_wall_s": s.wall_s,
         "policy_tokens": s.policy_tokens, "rm_tokens": s.prm_tokens,
         "response_tokens": s.response_tokens, "steps": s.steps,
-        "truth": res.scores.get("truth", math.nan), "truth_rescored": rescored,
+        "truth": res.scores.get("truth", rescored), "truth_rescored": rescored,
         "stop_reason": res.stop_reason, "text": res.text,
         "policy_tokens_padded": s.policy_tokens_padded, "rm_tokens_padded": s.prm_tokens_padded,
         "rm_full_rescore_tokens": s.prm_full_rescore_tokens,
@@ -158,6 +165,8 @@ def warm_up(engine: tuple[Any, dict[str, Any]], models: common.BenchModels, prom
     for _ in range(args.warmup):
         run_reference(models, prompt, min(16, args.lengths[0]), args)
         run_mahalo(engine, models, prompt, min(16, args.lengths[0]), args)
+        if args.unguided:
+            run_mahalo(engine, models, prompt, min(16, args.lengths[0]), args, guided=False)
 
 
 # --------------------------------------------------------------------------- summaries
@@ -170,7 +179,7 @@ def prompt_ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         pairs.setdefault((row["length"], row["prompt_index"]), {})[row["engine"]] = row
     out = []
     for (length, i), pair in sorted(pairs.items()):
-        if set(pair) != set(ENGINES):
+        if not {"reference", "mahalo"} <= set(pair):
             continue
         ref, mah = pair["reference"], pair["mahalo"]
         out.append({"length": length, "prompt_index": i,
@@ -183,14 +192,23 @@ def summarize(rows: list[dict[str, Any]], ratios: list[dict[str, Any]], length: 
     out: dict[str, Any] = {"length": length}
     numeric = ["wall_s", "policy_tokens", "rm_tokens", "response_tokens", "steps", "truth",
                "s_per_token", "rm_tokens_per_response_token"]
-    for engine in ENGINES:
+    for engine in _engines(rows):
         sel = [r for r in rows if r["length"] == length and r["engine"] == engine]
         out[engine] = {f"median_{k}": common.median(r[k] for r in sel) for k in numeric}
         out[engine]["mean_truth"] = common.mean(r["truth"] for r in sel)
         out[engine]["prompts"] = len(sel)
     sel = [r for r in ratios if r["length"] == length]
     out["ratio_median_of_prompt_ratios"] = {k: common.median(r[k] for r in sel) for k in RATIO_KEYS}
+    if "unguided" in out:  # guided cost per response token, in units of unguided sampling's
+        out["mahalo_over_unguided_s_per_token"] = common.ratio(
+            out["mahalo"]["median_s_per_token"], out["unguided"]["median_s_per_token"])
     return out
+
+
+def _engines(rows: list[dict[str, Any]]) -> list[str]:
+    """The engines present in ``rows``, in :data:`ENGINES` order."""
+    present = {r["engine"] for r in rows}
+    return [e for e in ENGINES if e in present]
 
 
 # --------------------------------------------------------------------------- printing
@@ -215,10 +233,11 @@ def length_table(rows: list[dict[str, Any]], summary: dict[str, Any]) -> Table:
         if row["length"] == length:
             table.add_row(*_row_cells(str(row["prompt_index"]), row["engine"], row))
     table.add_section()
-    for engine in ENGINES:
+    engines = [e for e in ENGINES if e in summary]
+    for engine in engines:
         med = {k.removeprefix("median_"): v for k, v in summary[engine].items() if k.startswith("median_")}
         table.add_row(*_row_cells("median", engine, med))
-    for engine in ENGINES:
+    for engine in engines:
         table.add_row("mean truth", engine, "", "", "", "", common.fmt(summary[engine]["mean_truth"], 3), "", "")
     r = summary["ratio_median_of_prompt_ratios"]
     table.add_row("ratio ref/mahalo", "median of per-prompt", common.fmt(r["wall"]),
@@ -231,15 +250,18 @@ def growth_table(summaries: list[dict[str, Any]]) -> Table:
     """How both engines grow with the response budget (medians over prompts)."""
     table = Table(title="growth with max_new_tokens (medians over prompts)")
     for col in ("length", "ref wall s", "mahalo wall s", "ref RM tok", "mahalo RM tok",
-                "ref s/tok", "mahalo s/tok", "wall ratio", "RM tok ratio"):
+                "ref s/tok", "mahalo s/tok", "unguided s/tok", "wall ratio", "RM tok ratio",
+                "mahalo/unguided s/tok"):
         table.add_column(col, justify="right")
     for s in summaries:
         ref, mah, r = s["reference"], s["mahalo"], s["ratio_median_of_prompt_ratios"]
+        ung = s.get("unguided", {}).get("median_s_per_token")
         table.add_row(
             str(s["length"]), common.fmt(ref["median_wall_s"]), common.fmt(mah["median_wall_s"]),
             common.fmt(ref["median_rm_tokens"], 0), common.fmt(mah["median_rm_tokens"], 0),
             common.fmt(ref["median_s_per_token"], 4), common.fmt(mah["median_s_per_token"], 4),
-            common.fmt(r["wall"]), common.fmt(r["rm_tokens"]),
+            common.fmt(ung, 4), common.fmt(r["wall"]), common.fmt(r["rm_tokens"]),
+            common.fmt(s.get("mahalo_over_unguided_s_per_token")),
         )
     return table
 
@@ -262,9 +284,9 @@ def run_all(args: argparse.Namespace, models: common.BenchModels, prompts: list[
     rows = []
     for length in args.lengths:
         for i, prompt in enumerate(prompts):
-            for name in ENGINES:
+            for name in ENGINES if args.unguided else ENGINES[:2]:
                 run = run_reference(models, prompt, length, args) if name == "reference" \
-                    else run_mahalo(engine, models, prompt, length, args)
+                    else run_mahalo(engine, models, prompt, length, args, guided=name == "mahalo")
                 rows.append({"length": length, "prompt_index": i, "prompt": prompt, **run})
                 console.print(f"[dim]L={length} prompt {i} {name}: {run['wall_s']:.2f} s, "
                               f"{run['response_tokens']} tokens, RM {run['rm_tokens']} tokens[/dim]")
@@ -296,8 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     csv_path = common.write_csv(args.out_dir / f"{stem}.csv", rows, ROW_FIELDS)
     for summary in summaries:
         console.print(length_table(rows, summary))
-    if len(summaries) > 1:
-        console.print(growth_table(summaries))
+    console.print(growth_table(summaries))
     console.print(f"wrote {json_path} and {csv_path}", markup=False)
     print(headline(summaries[-1]), flush=True)
     return 0

@@ -93,11 +93,11 @@ from typing import Any, Callable
 import torch
 
 from mahalo.models.chat import Messages, conversation_ids, generation_prompt_ids
+from mahalo.models.policy import end_of_turn_ids  # the same stop tokens as mahalo
 from mahalo.steps import SentenceBoundary, StepBoundary
 
 logger = logging.getLogger(__name__)
 
-END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>")
 REFERENCE_MAX_STEP_TOKENS = 256  # the reference's max_tokens_per_sentence
 REFERENCE_MAX_STEPS = 100  # the reference's max_sentences
 ATTEMPTS_PER_CANDIDATE = 3  # the reference tries at most 3 * N samples per step
@@ -139,16 +139,6 @@ class _Candidate:
     cache: Any
     logits: torch.Tensor
     forwarded: int
-
-
-def end_of_turn_ids(tokenizer: Any) -> set[int]:
-    """The tokenizer's EOS id plus the ids of the known end-of-turn tokens in its vocabulary."""
-    ids = set()
-    if tokenizer.eos_token_id is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    vocab = tokenizer.get_vocab()
-    ids.update(int(vocab[t]) for t in END_OF_TURN_TOKENS if t in vocab)
-    return ids
 
 
 def sample_token(
@@ -380,7 +370,7 @@ def reference_decode(
         generator.manual_seed(seed)
         spec = _SampleSpec(
             generator=generator,
-            eot_ids=frozenset(end_of_turn_ids(policy_tokenizer)),
+            eot_ids=end_of_turn_ids(policy_tokenizer),
             boundary=SentenceBoundary(min_tokens=min_step_tokens),
             temperature=temperature,
             top_k=top_k,

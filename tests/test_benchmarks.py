@@ -57,16 +57,32 @@ def test_compare_reference_main(questions_csv, tmp_path, capsys):
     assert "growth with max_new_tokens" in "\n".join(lines)
     data = json.loads((out / "compare_reference.json").read_text())
     engines = [(r["length"], r["prompt_index"], r["engine"]) for r in data["rows"]]
-    assert engines == [(L, i, e) for L in (8, 12) for i in (0, 1) for e in ("reference", "mahalo")]
+    assert engines == [(L, i, e) for L in (8, 12) for i in (0, 1) for e in ("reference", "mahalo", "unguided")]
     assert all(r["response_tokens"] <= r["length"] for r in data["rows"])
     assert all(math.isfinite(r["truth"]) for r in data["rows"])
+    unguided = [r for r in data["rows"] if r["engine"] == "unguided"]
+    assert all(r["rm_tokens"] == 0 and r["steps"] == 1 for r in unguided)  # no reward model, one step
     assert [s["length"] for s in data["summaries"]] == [8, 12]
+    for s in data["summaries"]:
+        expect = s["mahalo"]["median_s_per_token"] / s["unguided"]["median_s_per_token"]
+        assert s["mahalo_over_unguided_s_per_token"] == pytest.approx(expect)
     with (out / "compare_reference.csv").open() as f:
-        assert len(list(csv.DictReader(f))) == 8
+        assert len(list(csv.DictReader(f))) == 12
     # the headline is the median of the per-prompt ratios at the last length
     at_last = [r for r in data["prompt_ratios"] if r["length"] == 12]
     wall = float(np.median([r["wall"] for r in at_last]))
     assert lines[-1].startswith(f"reference/mahalo wall ratio: {wall:.2f},")
+
+
+def test_compare_reference_without_unguided(questions_csv, tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = _common_argv(questions_csv, out) + ["--num-prompts", "1", "--max-new-tokens", "8",
+                                               "--warmup", "0", "--no-unguided"]
+    assert compare_reference.main(argv) == 0
+    assert HEADLINE.match(capsys.readouterr().out.rstrip("\n").split("\n")[-1])
+    data = json.loads((out / "compare_reference.json").read_text())
+    assert [r["engine"] for r in data["rows"]] == ["reference", "mahalo"]
+    assert "mahalo_over_unguided_s_per_token" not in data["summaries"][0]
 
 
 def test_sweep_main_and_resume(questions_csv, tmp_path, capsys):

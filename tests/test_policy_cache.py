@@ -100,3 +100,33 @@ def test_result_tokens_are_the_chosen_path(policy):
         path += step.candidates[step.chosen].token_ids
     assert res.token_ids == path
     assert res.text == policy[1].decode(path, skip_special_tokens=True)
+
+
+def test_plain_head_fast_path_is_used_and_exact(policy):
+    """On CPU a Llama policy applies its head as ``W @ h.T``; logits match ``model(...)``."""
+    model, tok = policy
+    pol = HFPolicy(model, tok)
+    assert pol._head is not None and pol._head.data_ptr() == model.lm_head.weight.data_ptr()
+    ids = prompt_ids(tok, "Name a colour.")
+    state = pol.prefill(ids)
+    state.select(torch.tensor([0, 0, 0]))
+    pol.forward(state, torch.tensor([5, 6, 7]), torch.ones(3, dtype=torch.bool))
+    assert _check_rows(model, state, [ids + [5], ids + [6], ids + [7]]) <= TOL
+
+
+def test_other_heads_use_the_model_forward(policy):
+    """An architecture outside the plain-head list goes through ``model(...)`` unchanged."""
+    model, tok = policy
+
+    class Wrapped(type(model)):  # same weights, a name not in PLAIN_HEAD_ARCHITECTURES
+        pass
+
+    model.__class__ = Wrapped
+    try:
+        pol = HFPolicy(model, tok)
+        assert pol._head is None
+        ids = prompt_ids(tok, "Name a colour.")
+        state = pol.prefill(ids)
+        assert _check_rows(model, state, [ids]) <= TOL
+    finally:
+        model.__class__ = Wrapped.__mro__[1]

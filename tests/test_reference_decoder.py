@@ -306,8 +306,13 @@ def test_sample_token_filters():
     assert drawn_all == {0, 1, 2, 3, 4}
 
 
-def test_end_of_turn_ids(tok):
-    assert rd.end_of_turn_ids(tok) == {tok.convert_tokens_to_ids("<|im_end|>")}
+def test_end_of_turn_ids_match_mahalo(tok):
+    """Both engines stop on the same tokens, so their response lengths are comparable."""
+    from mahalo.models.policy import end_of_turn_ids
+
+    ids = rd.end_of_turn_ids(tok)
+    assert tok.convert_tokens_to_ids("<|im_end|>") in ids
+    assert ids == end_of_turn_ids(tok)
 
 
 def test_rejects_zero_candidates(policy, tok, rm):

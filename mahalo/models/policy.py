@@ -17,6 +17,14 @@ from mahalo.models.chat import Messages, generation_prompt_ids
 
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|endoftext|>", "</s>")
 
+# Causal LMs whose forward is exactly ``lm_head(model(...).last_hidden_state)`` (no logit scale,
+# soft-capping or bias). On a CPU the policy applies their head itself as ``W @ h.T``: for the few
+# rows of a decode step, CPU BLAS runs that 1.2-1.9x faster than ``F.linear`` (``h @ W.T``), and
+# the head is the largest matrix of a small model (benchmarks/README.md, "decode step cost").
+PLAIN_HEAD_ARCHITECTURES = frozenset(
+    {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"}
+)
+
 
 @dataclass
 class PolicyState:
@@ -90,6 +98,7 @@ class HFPolicy:
         self.max_context = getattr(model.config, "max_position_embeddings", None)
         self.device = next(model.parameters()).device
         self._pad_id = next(iter(sorted(self.eos_ids)), 0)
+        self._head = _plain_head_weight(model) if self.device.type == "cpu" else None  # (V, H) or None
 
     def prompt_ids(self, messages: Messages) -> list[int]:
         return generation_prompt_ids(self.tokenizer, messages)
@@ -110,6 +119,12 @@ class HFPolicy:
 
     def _forward(self, kv: KVRows, input_ids: torch.Tensor, new_mask: torch.Tensor) -> torch.Tensor:
         mask, positions = kv.extend(new_mask)
+        if self._head is not None:
+            out = self.model.model(
+                input_ids=input_ids, attention_mask=mask, position_ids=positions, cache=kv.cache, use_cache=True
+            )
+            hidden = out.last_hidden_state[:, -1]  # (R, H)
+            return torch.mm(self._head, hidden.T).T.float()  # (R, V)
         out = self.model(
             input_ids=input_ids,
             attention_mask=mask,
@@ -122,6 +137,13 @@ class HFPolicy:
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def _plain_head_weight(model: Any) -> torch.Tensor | None:
+    """The output head's weight (V, H) when ``model`` is a plain-head architecture, else None."""
+    head = model.get_output_embeddings()
+    plain = type(model).__name__ in PLAIN_HEAD_ARCHITECTURES and type(head) is torch.nn.Linear
+    return head.weight if plain and head.bias is None and hasattr(model, "model") else None
 
 
 def as_policy(policy: Any) -> Policy:
