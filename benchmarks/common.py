@@ -398,6 +398,35 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+def ci_cell(point: float, low: float, high: float, digits: int = 2) -> str:
+    """A table cell ``point [low, high]``."""
+    return f"{fmt(point, digits)} [{fmt(low, digits)}, {fmt(high, digits)}]"
+
+
+def pyplot() -> Any | None:
+    """``matplotlib.pyplot`` on the Agg backend, or None (with a warning) without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.warning("matplotlib is not installed (pip install matplotlib): no plots")
+        return None
+    return plt
+
+
+def save_figure(fig: Any, path: Path) -> Path:
+    """Lay out, write ``fig`` as a PNG (creating the folder) and close it."""
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def write_json(path: Path, obj: Any) -> Path:
     """Write ``obj`` as indented JSON (NaN -> null); create the parent folder."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -497,6 +526,13 @@ def fmt(value: Any, digits: int = 2) -> str:
     if isinstance(value, float):
         return "-" if not math.isfinite(value) else f"{value:.{digits}f}"
     return str(value)
+
+
+def start(args: argparse.Namespace) -> "Any":
+    """What every script does first: logging (``--verbose``), ``--threads``; returns the console."""
+    setup_logging(args.verbose)
+    set_threads(args.threads)
+    return console()
 
 
 def setup_logging(verbose: bool = False) -> None:

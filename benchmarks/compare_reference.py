@@ -296,9 +296,7 @@ def run_all(args: argparse.Namespace, models: common.BenchModels, prompts: list[
 def main(argv: list[str] | None = None) -> int:
     """Run the comparison, print the tables and the headline, write JSON and CSV."""
     args = parse_args(argv)
-    common.setup_logging(args.verbose)
-    common.set_threads(args.threads)
-    console = common.console()
+    console = common.start(args)
     try:
         questions = common.read_questions(args.questions, args.num_prompts)
         models = common.load_bench_models(args.models, args.device, args.dtype, args.truth_head)

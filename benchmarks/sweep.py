@@ -261,13 +261,8 @@ def _by_beam(ax: Any, rows: list[dict[str, Any]], field: str) -> None:
 
 def write_plots(rows: list[dict[str, Any]], objective: str, out_dir: Path, stem: str) -> list[Path]:
     """The three PNGs; none (with a warning) when matplotlib is missing."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log.warning("matplotlib is not installed (pip install matplotlib): no plots")
+    plt = common.pyplot()
+    if plt is None:
         return []
     paths = []
     for field, ylabel, name in ((f"mean_{objective}", f"mean {objective} reward", "reward_vs_beam"),
@@ -276,7 +271,7 @@ def write_plots(rows: list[dict[str, Any]], objective: str, out_dir: Path, stem:
         _by_beam(ax, rows, field)
         ax.set_ylabel(ylabel)
         ax.set_title(f"{ylabel} vs beam width")
-        paths.append(_save(fig, out_dir / f"{stem}_{name}.png"))
+        paths.append(common.save_figure(fig, out_dir / f"{stem}_{name}.png"))
     paths.append(_compute_plot(plt, rows, objective, out_dir / f"{stem}_reward_vs_compute.png"))
     return paths
 
@@ -301,17 +296,7 @@ def _compute_plot(plt: Any, rows: list[dict[str, Any]], objective: str, path: Pa
     ax.set_title("reward vs compute")
     ax.legend(fontsize="x-small")
     ax.grid(alpha=0.3)
-    return _save(fig, path)
-
-
-def _save(fig: Any, path: Path) -> Path:
-    import matplotlib.pyplot as plt
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return common.save_figure(fig, path)
 
 
 # --------------------------------------------------------------------------- main
@@ -320,9 +305,7 @@ def _save(fig: Any, path: Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     """Run (or resume) the sweep, then print and write the per-combination results."""
     args = parse_args(argv)
-    common.setup_logging(args.verbose)
-    common.set_threads(args.threads)
-    console = common.console()
+    console = common.start(args)
     stem = common.out_stem("sweep", args.tag)
     prompts_path = args.out_dir / f"{stem}_prompts.jsonl"
     if args.fresh and prompts_path.exists():

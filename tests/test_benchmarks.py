@@ -20,7 +20,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks import common, compare_reference, sweep, truthfulqa  # noqa: E402
+from benchmarks import common, compare_reference, step_cost, sweep, truthfulqa  # noqa: E402
 
 HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 HAS_MINILM = importlib.util.find_spec(truthfulqa.MINILM_PACKAGE) is not None
@@ -132,9 +132,10 @@ def test_truthfulqa_main_and_resume(questions_csv, tmp_path, capsys):
     judge = "minilm" if HAS_MINILM else "none"
     argv = _common_argv(questions_csv, out) + [
         "--num-questions", "2", "--max-new-tokens", "8", "--strategies", "greedy,step_beam_b2",
-        "--judge", judge]
+        "--judge", judge, "--baseline", "greedy"]
     assert truthfulqa.main(argv) == 0
-    assert "TruthfulQA dev" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "TruthfulQA dev" in printed and "gain over greedy" in printed
     with (out / "truthfulqa_answers.csv").open() as f:
         answers = list(csv.DictReader(f))
     assert [(a["strategy"], a["question_index"]) for a in answers] == [
@@ -144,10 +145,43 @@ def test_truthfulqa_main_and_resume(questions_csv, tmp_path, capsys):
     summary = json.loads((out / "truthfulqa_summary.json").read_text())["summary"]
     assert [s["strategy"] for s in summary] == ["greedy", "step_beam_b2"]
     assert all(s["mean_truth_low"] <= s["mean_truth"] <= s["mean_truth_high"] for s in summary)
+    paired = json.loads((out / "truthfulqa_summary.json").read_text())["paired"]
+    assert [(d["strategy"], d["baseline"], d["questions"]) for d in paired] == [("step_beam_b2", "greedy", 2)]
     if HAS_MATPLOTLIB:
         assert (out / "truthfulqa.png").stat().st_size > 0
     assert truthfulqa.main(argv + ["--no-plot", "--judge", "none"]) == 0
     assert "0 answers to decode, 4 already" in capsys.readouterr().out
+    assert truthfulqa.main(argv + ["--no-plot", "--judge", "none", "--baseline", "sample"]) == 0
+    assert json.loads((out / "truthfulqa_summary.json").read_text())["paired"] == []  # sample not run
+
+
+def test_step_cost_main(tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = ["--models", "tiny", "--threads", "1", "--out-dir", str(out), "--rows", "1,3",
+            "--steps", "2", "--repeats", "2", "--no-plot"]
+    assert step_cost.main(argv) == 0
+    assert "policy decode step cost" in capsys.readouterr().out
+    with (out / "step_cost.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["path"], r["rows"]) for r in rows] == [(p, n) for n in ("1", "3") for p in step_cost.PATHS]
+    assert all(float(r["ms_per_step"]) > 0 for r in rows)
+    assert [float(r["vs_smallest_batch"]) for r in rows[:2]] == [1.0, 1.0]
+
+
+def test_truthfulqa_paired_differences():
+    """Gains are per-question differences against the baseline, on shared questions only."""
+    def row(strategy, q, truthful, truth):
+        return {"strategy": strategy, "question_index": q, "truthful": truthful, "truth": truth}
+
+    rows = [row("sample", q, t, s) for q, t, s in ((0, 0, -8.0), (1, 1, -6.0), (2, 0, -7.0), (3, 1, -5.0))]
+    rows += [row("guided", q, t, s) for q, t, s in ((0, 1, -6.0), (1, 1, -5.0), (2, 0, -7.0), (3, 1, -4.0))]
+    rows += [row("guided", 9, 1, 0.0)]  # no baseline answer for question 9: left out
+    (d,) = truthfulqa.paired_differences(rows, ["sample", "guided"], "sample")
+    assert (d["strategy"], d["baseline"], d["questions"]) == ("guided", "sample", 4)
+    assert d["d_pct_truthful"] == pytest.approx(25.0)  # one of four questions flips to truthful
+    assert d["d_mean_truth"] == pytest.approx(1.0)  # (2 + 1 + 0 + 1) / 4
+    assert d["d_mean_truth_low"] <= 1.0 <= d["d_mean_truth_high"]
+    assert d["d_pct_truthful_low"] >= 0.0  # no question got worse, so no resample can go below 0
 
 
 def test_truthfulqa_strategy_options():
