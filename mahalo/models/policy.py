@@ -19,8 +19,9 @@ END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|endoftex
 
 # Causal LMs whose forward is exactly ``lm_head(model(...).last_hidden_state)`` (no logit scale,
 # soft-capping or bias). On a CPU the policy applies their head itself as ``W @ h.T``: for the few
-# rows of a decode step, CPU BLAS runs that 1.2-1.9x faster than ``F.linear`` (``h @ W.T``), and
-# the head is the largest matrix of a small model (benchmarks/README.md, "decode step cost").
+# rows of a decode step CPU BLAS runs that much faster than ``F.linear`` (``h @ W.T``), and the
+# head is the largest matrix of a small model. benchmarks/step_cost.py measured whole decode
+# steps 1.1-1.4x faster at 2-16 rows (SmolLM2-135M, 2-core CPU).
 PLAIN_HEAD_ARCHITECTURES = frozenset(
     {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"}
 )
