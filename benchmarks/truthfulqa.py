@@ -132,9 +132,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--baseline", default="sample",
                    help="strategy the paired gain table compares every other strategy against")
     p.add_argument("--fresh", action="store_true", help="discard earlier answers in the output JSONL")
+    p.add_argument("--report-only", action="store_true",
+                   help="decode nothing: judge and report the answers already in the JSONL (after sharded runs)")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     args = p.parse_args(argv)
+    if args.report_only and args.fresh:
+        p.error("--report-only and --fresh cannot be combined: --fresh would discard the answers to report")
     for name in args.strategies:
         if name not in STRATEGY_NAMES:
             p.error(f"unknown strategy {name!r}: choose from {list(STRATEGY_NAMES)}")
@@ -460,7 +464,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     machine = common.machine_info(models.device, args.machine)
     console.print(common.machine_line(machine), style="dim", markup=False)
-    decode_all(args, models, questions, answers_path, console)
+    if not args.report_only:
+        decode_all(args, models, questions, answers_path, console)
     rows = judge_rows(current_answers(answers_path, args, questions), questions, judge)
     summary = summarize(rows, args.strategies)
     paired = paired_differences(rows, args.strategies, args.baseline)

@@ -153,6 +153,14 @@ def test_truthfulqa_main_and_resume(questions_csv, tmp_path, capsys):
     assert "0 answers to decode, 4 already" in capsys.readouterr().out
     assert truthfulqa.main(argv + ["--no-plot", "--judge", "none", "--baseline", "sample"]) == 0
     assert json.loads((out / "truthfulqa_summary.json").read_text())["paired"] == []  # sample not run
+    # --report-only decodes nothing, even when more questions are asked for than were answered
+    lines = (out / "truthfulqa_answers.jsonl").read_text().splitlines()
+    assert truthfulqa.main(argv + ["--no-plot", "--judge", "none", "--num-questions", "3", "--report-only"]) == 0
+    assert (out / "truthfulqa_answers.jsonl").read_text().splitlines() == lines
+    summary = json.loads((out / "truthfulqa_summary.json").read_text())["summary"]
+    assert [s["questions"] for s in summary] == [2, 2]
+    with pytest.raises(SystemExit):
+        truthfulqa.parse_args(["--report-only", "--fresh"])
 
 
 def test_step_cost_main(tmp_path, capsys):
