@@ -136,11 +136,14 @@ def run_mahalo(engine: tuple[Any, dict[str, Any]], models: common.BenchModels, p
     """Decode ``prompt`` with mahalo's ``step_best_of_n`` (or, unguided, ``sample`` without reward
     models); also rescore its text from scratch."""
     policy, prms = engine
-    search = dict(strategy="step_best_of_n", num_candidates=args.num_candidates,
-                  min_step_tokens=args.min_step_tokens, max_step_tokens=args.max_step_tokens)
+    if guided:
+        search = dict(strategy="step_best_of_n", num_candidates=args.num_candidates,
+                      min_step_tokens=args.min_step_tokens, max_step_tokens=args.max_step_tokens)
+    else:
+        prms, search = {}, dict(strategy="sample")
     t0 = time.perf_counter()
     res = guided_generate(
-        policy, prms if guided else {}, prompt, **(search if guided else {"strategy": "sample"}),
+        policy, prms, prompt, **search,
         max_new_tokens=length, seed=args.seed, temperature=args.temperature, top_k=args.top_k,
     )
     wall = time.perf_counter() - t0

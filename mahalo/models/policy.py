@@ -120,21 +120,11 @@ class HFPolicy:
 
     def _forward(self, kv: KVRows, input_ids: torch.Tensor, new_mask: torch.Tensor) -> torch.Tensor:
         mask, positions = kv.extend(new_mask)
-        if self._head is not None:
-            out = self.model.model(
-                input_ids=input_ids, attention_mask=mask, position_ids=positions, cache=kv.cache, use_cache=True
-            )
-            hidden = out.last_hidden_state[:, -1]  # (R, H)
-            return torch.mm(self._head, hidden.T).T.float()  # (R, V)
-        out = self.model(
-            input_ids=input_ids,
-            attention_mask=mask,
-            position_ids=positions,
-            cache=kv.cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        return out.logits[:, -1].float()  # (R, V)
+        inputs = dict(input_ids=input_ids, attention_mask=mask, position_ids=positions, cache=kv.cache, use_cache=True)
+        if self._head is None:
+            return self.model(**inputs, logits_to_keep=1).logits[:, -1].float()  # (R, V)
+        hidden = self.model.model(**inputs).last_hidden_state[:, -1]  # (R, H)
+        return torch.mm(self._head, hidden.T).T.float()  # (R, V)
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
