@@ -31,9 +31,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # the scripts run as files: make ``mahalo`` importable
     sys.path.insert(0, str(REPO_ROOT))
 
-from mahalo.config import ModelConfig, ModelsConfig  # noqa: E402
-from mahalo.models.load import EMBEDDED_TRUTH_HEAD  # noqa: E402
-from mahalo.models.registry import load_models  # noqa: E402
+from mahalo.app.config import ModelConfig, ModelsConfig  # noqa: E402
+from mahalo.app.load import EMBEDDED_TRUTH_HEAD  # noqa: E402
+from mahalo.app.registry import load_models  # noqa: E402
 
 log = logging.getLogger(__name__)
 

@@ -60,14 +60,14 @@ Where the reference differs, and what we aligned with mahalo for a fair comparis
   with the accepted text as context, so both engines cut steps at the same places.
 * **Policy prompt.** The reference tokenises the rendered template with the tokenizer's
   default ``add_special_tokens=True`` (a second BOS for Llama 3). **Aligned:** we use
-  :func:`mahalo.models.chat.generation_prompt_ids`.
+  :func:`mahalo.chat.generation_prompt_ids`.
 * **Reward-model input.** The reference renders the full conversation, strips BOS from the
   text and lets the pipeline re-add it, so the score is read at the template's final token
   (``<|eot_id|>`` for Llama 3, but the ``\\n`` after ``<|im_end|>`` for ChatML), and the
   sequence-classification head pools at the last non-pad token (if the pad token equals the
   end-of-turn token it would read one token earlier). Templates that ``trim`` message
   content (Llama 3's) also strip the response's outer whitespace there. **Aligned:** ids come from
-  :func:`mahalo.models.chat.conversation_ids` and the reward is ``score(h[:, -1])`` on the
+  :func:`mahalo.chat.conversation_ids` and the reward is ``score(h[:, -1])`` on the
   unpadded batch-1 sequence, exactly mahalo's scoring format.
 * **Seeding.** The reference seeds a fresh generator per candidate with
   ``seed + 10007 * counter`` where the counter lives on the decoder object (it keeps growing
@@ -92,8 +92,8 @@ from typing import Any, Callable
 
 import torch
 
-from mahalo.models.chat import Messages, conversation_ids, generation_prompt_ids
-from mahalo.models.policy import end_of_turn_ids  # the same stop tokens as mahalo
+from mahalo.chat import Messages, conversation_ids, generation_prompt_ids
+from mahalo.policy import end_of_turn_ids  # the same stop tokens as mahalo
 from mahalo.steps import SentenceBoundary, StepBoundary
 
 logger = logging.getLogger(__name__)

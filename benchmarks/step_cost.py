@@ -2,7 +2,7 @@
 
 Every mahalo step decodes B*N candidate rows in lockstep, so what a batched step costs relative
 to a batch-1 step decides how much batching saves over the reference's one-candidate-at-a-time
-loop. This script times :meth:`mahalo.models.policy.HFPolicy.forward` (one token per row, on a
+loop. This script times :meth:`mahalo.policy.hf.HFPolicy.forward` (one token per row, on a
 cached prompt fanned out to R rows) for each R in ``--rows``, twice: with the policy's output
 head applied as ``W @ h.T`` (mahalo's CPU path for plain Llama-family heads) and through the
 model's own ``forward`` (``F.linear``). It prints a table (median ms per step over ``--repeats``
@@ -29,7 +29,7 @@ import torch  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from benchmarks import common  # noqa: E402
-from mahalo.models.policy import HFPolicy  # noqa: E402
+from mahalo.policy import HFPolicy  # noqa: E402
 
 log = logging.getLogger("benchmarks.step_cost")
 

@@ -37,8 +37,8 @@ from rich.table import Table  # noqa: E402
 from benchmarks import common  # noqa: E402
 from mahalo.api import guided_generate  # noqa: E402
 from mahalo.config import STRATEGIES  # noqa: E402
-from mahalo.models.policy import as_policy  # noqa: E402
-from mahalo.models.prm import as_reward  # noqa: E402
+from mahalo.policy import as_policy  # noqa: E402
+from mahalo.rewards import as_reward  # noqa: E402
 
 log = logging.getLogger("benchmarks.sweep")
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from mahalo.chat import Messages, as_messages
 from mahalo.config import GuideConfig, config_from_options
-from mahalo.models.chat import Messages, as_messages
-from mahalo.models.policy import as_policy
-from mahalo.models.prm import as_reward
+from mahalo.engine.controller import Controller
+from mahalo.policy import as_policy
 from mahalo.result import GuidedResult
-from mahalo.search.controller import Controller
+from mahalo.rewards import as_reward
 
 
 def guided_generate(
@@ -24,8 +24,8 @@ def guided_generate(
     """Answer ``prompt`` with ``policy``, guided step by step by the reward models ``prms``.
 
     Args:
-        policy: a :class:`mahalo.models.policy.Policy` or a ``(causal LM, tokenizer)`` pair.
-        prms: objective name -> reward model: a :class:`mahalo.models.prm.RewardModel`, a
+        policy: a :class:`mahalo.policy.Policy` or a ``(causal LM, tokenizer)`` pair.
+        prms: objective name -> reward model: a :class:`mahalo.rewards.RewardModel`, a
             ``(sequence-classification model, tokenizer)`` pair, or a callable
             ``(prompt, response) -> float``. Empty or None: unguided decoding.
         prompt: a user message, or a list of chat messages; the policy's chat template is applied.

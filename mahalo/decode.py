@@ -23,17 +23,22 @@ from hydra.errors import HydraException
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 from mahalo.api import guided_generate
-from mahalo.config import RunConfig
-from mahalo.io import PromptItem, ResultWriter, done_keys, pending, read_prompts
-from mahalo.models.policy import as_policy
-from mahalo.models.prm import as_reward
-from mahalo.models.registry import load_models
+from mahalo.app.config import RunConfig
+from mahalo.app.io import PromptItem, ResultWriter, done_keys, pending, read_prompts
+from mahalo.app.registry import load_models
+from mahalo.policy import as_policy
 from mahalo.result import GuidedResult
-from mahalo.rewards import PROGRAMMATIC
+from mahalo.rewards import PROGRAMMATIC, as_reward
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 GROUPS = ("models", "objective", "search")

@@ -4,7 +4,7 @@
 The reward model is the embedded GGUF backbone as ``LlamaForSequenceClassification`` with
 ``num_labels=1``; its score is ``h_last @ w`` where ``h_last`` is the final-layer hidden state
 (after the final norm) at the last token of ``prefix + answer + suffix`` (the ``<|im_end|>``
-end-of-turn token, see :func:`mahalo.models.chat.conversation_parts`). The backbone is frozen,
+end-of-turn token, see :func:`mahalo.chat.conversation_parts`). The backbone is frozen,
 so the head is a linear probe on those features:
 
 1. extract ``h_last`` once for every distinct (question, answer) of the train and dev files,
@@ -48,13 +48,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mahalo.models.chat import conversation_parts  # noqa: E402
-from mahalo.models.load import (  # noqa: E402
+from mahalo.app.load import (  # noqa: E402
     find_embedded_gguf,
     gguf_cache_dir,
     load_causal_lm,
     load_reward_model,
 )
+from mahalo.chat import conversation_parts  # noqa: E402
 
 log = logging.getLogger("train_truth_head")
 

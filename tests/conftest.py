@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from mahalo.models.tiny import tiny_policy, tiny_reward
+from mahalo.app.tiny import tiny_policy, tiny_reward
 
 # Tiny models gain nothing from threads, and OpenMP spin-waits are slow on a busy 2-core box.
 torch.set_num_threads(1)

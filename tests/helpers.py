@@ -2,7 +2,7 @@
 
 import torch
 
-from mahalo.models.chat import as_messages, conversation_parts, generation_prompt_ids
+from mahalo.chat import as_messages, conversation_parts, generation_prompt_ids
 
 
 def full_logprobs(model, ids: list[int]) -> torch.Tensor:

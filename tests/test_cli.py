@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from mahalo import decode
-from mahalo.config import RunConfig
+from mahalo.app.config import RunConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 

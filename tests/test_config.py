@@ -31,7 +31,7 @@ def test_bad_options(policy, reward, options, message):
 
 
 def test_prompt_longer_than_context(reward):
-    from mahalo.models.tiny import tiny_policy
+    from mahalo.app.tiny import tiny_policy
     short = tiny_policy(max_position_embeddings=64)
     with pytest.raises(ValueError, match="exceeds the policy's context \\(64 tokens\\)"):
         guided_generate(short, {"truth": reward}, "word " * 200, max_new_tokens=8)

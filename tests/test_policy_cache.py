@@ -3,7 +3,7 @@
 import torch
 
 from mahalo import guided_generate
-from mahalo.models.policy import HFPolicy
+from mahalo.policy import HFPolicy
 from tests.helpers import full_logprobs, prompt_ids, response_ids_of
 
 TOL = 1e-5

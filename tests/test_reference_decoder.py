@@ -21,7 +21,7 @@ from transformers import (  # noqa: E402
 )
 
 import benchmarks.reference_decoder as rd  # noqa: E402
-from mahalo.models.chat import conversation_ids, generation_prompt_ids  # noqa: E402
+from mahalo.chat import conversation_ids, generation_prompt_ids  # noqa: E402
 from mahalo.steps import SentenceBoundary  # noqa: E402
 
 PROMPT = "Is the answer correct?"
@@ -308,7 +308,7 @@ def test_sample_token_filters():
 
 def test_end_of_turn_ids_match_mahalo(tok):
     """Both engines stop on the same tokens, so their response lengths are comparable."""
-    from mahalo.models.policy import end_of_turn_ids
+    from mahalo.policy import end_of_turn_ids
 
     ids = rd.end_of_turn_ids(tok)
     assert tok.convert_tokens_to_ids("<|im_end|>") in ids

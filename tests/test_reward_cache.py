@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from mahalo import guided_generate
-from mahalo.models.chat import as_messages, conversation_parts
-from mahalo.models.prm import SequenceClassifierReward
-from mahalo.models.tiny import tiny_reward
+from mahalo.app.tiny import tiny_reward
+from mahalo.chat import as_messages, conversation_parts
+from mahalo.rewards import SequenceClassifierReward
 from tests.helpers import full_reward, response_ids_of
 
 TOL = 1e-5
@@ -76,7 +76,7 @@ def test_cache_after_keep_holds_prefix_and_accepted_only(policy, reward):
     res = guided_generate(policy, {"truth": rm}, PROMPT, **{**OPTS, "beam_width": 1})
     assert res.stats.steps >= 2
     state = rm.start(as_messages(PROMPT), tok)
-    from mahalo.models.prm import Candidates
+    from mahalo.rewards import Candidates
     ids = [[10, 11, 12], [13, 14]]
     rm.score(state, Candidates(as_messages(PROMPT), torch.tensor([0, 0]), ids, ["", ""]))
     rm.keep(state, torch.tensor([1]))

@@ -1,6 +1,6 @@
 """Search strategies: how many beams and candidates, what a step is, and a pure selection rule.
 
-Every strategy runs in the one controller loop (:mod:`mahalo.search.controller`); they differ
+Every strategy runs in the one controller loop (:mod:`mahalo.engine.controller`); they differ
 only by the numbers in :class:`Strategy` and by :func:`select_top`.
 """
 

@@ -6,8 +6,8 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from mahalo.config import ModelConfig, ModelsConfig
-from mahalo.models import load, tiny
+from mahalo.app import load, tiny
+from mahalo.app.config import ModelConfig, ModelsConfig
 
 log = logging.getLogger(__name__)
 

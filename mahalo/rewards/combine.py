@@ -1,4 +1,4 @@
-"""Multi-objective rewards: per-objective normalisation, weighting and aggregation."""
+"""Multi-objective rewards: per-objective normalisation and weighting into one number per candidate."""
 
 from __future__ import annotations
 
@@ -37,12 +37,3 @@ def combine(
         term = weights[name] * normalize(scores.double(), how)
         total = term if total is None else total + term
     return total
-
-
-def concise(prompt: str, response: str) -> float:
-    """A programmatic length reward: minus the response's words / 50 (0 for an empty answer)."""
-    return -len(response.split()) / 50.0
-
-
-# Programmatic objectives the CLI can name without a model: name -> fn(prompt, response).
-PROGRAMMATIC = {"concise": concise}

@@ -1,19 +1,14 @@
-"""Policy adapters: the model that proposes tokens, behind a small protocol.
-
-The controller only talks to :class:`Policy`. :class:`HFPolicy` adapts any transformers causal
-LM: it prefills the prompt once, then forwards one token per row for a batch of rows that share
-or fork that prefix, with holes for rows that are idle (see :mod:`mahalo.kv`).
-"""
+"""A transformers causal LM as a :class:`~mahalo.policy.protocol.Policy`."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import torch
 
+from mahalo.chat import Messages, generation_prompt_ids
 from mahalo.kv import KVRows, empty_rows
-from mahalo.models.chat import Messages, generation_prompt_ids
+from mahalo.policy.protocol import Policy, PolicyState
 
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|endoftext|>", "</s>")
 
@@ -25,58 +20,6 @@ END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|endoftex
 PLAIN_HEAD_ARCHITECTURES = frozenset(
     {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"}
 )
-
-
-@dataclass
-class PolicyState:
-    """The policy's rows: their cache and each row's next-token logits."""
-
-    kv: KVRows
-    logits: torch.Tensor  # (R, V) float32: next-token logits of each row
-
-    @property
-    def rows(self) -> int:
-        return self.kv.rows
-
-    def select(self, index: torch.Tensor) -> None:
-        """Keep (or fan out to) rows ``index`` (R',)."""
-        self.kv.select(index)
-        self.logits = self.logits[index.to(self.logits.device)]
-
-
-@runtime_checkable
-class Policy(Protocol):
-    """What the controller needs from a policy."""
-
-    tokenizer: Any
-    eos_ids: frozenset[int]
-    max_context: int | None
-
-    def prompt_ids(self, messages: Messages) -> list[int]:
-        """Token ids of the chat prompt to continue."""
-        ...
-
-    def prefill(self, ids: list[int]) -> PolicyState:
-        """Forward the prompt once.
-
-        Returns:
-            a one-row state whose logits predict the first response token.
-        """
-        ...
-
-    def forward(self, state: PolicyState, tokens: torch.Tensor, feed: torch.Tensor) -> None:
-        """Forward one token per row and update the fed rows' logits in place.
-
-        Args:
-            state: R rows.
-            tokens: (R,) token ids; the value at an unfed row is ignored.
-            feed: (R,) bool; False rows get a hole and keep their previous logits.
-        """
-        ...
-
-    def decode(self, ids: list[int]) -> str:
-        """Text of token ids (special tokens skipped)."""
-        ...
 
 
 def end_of_turn_ids(tokenizer: Any) -> frozenset[int]:

@@ -300,7 +300,7 @@ def load_reward_model(
     its ``score.weight`` (shape ``(num_labels, hidden)``) is read from ``head_file``
     (safetensors or a torch file holding ``{"score.weight": tensor}``).
 
-    The score of ``prefix + response + suffix`` (see :mod:`mahalo.models.chat`) is
+    The score of ``prefix + response + suffix`` (see :mod:`mahalo.chat`) is
     ``model.score(model.model(ids).last_hidden_state[:, -1])``: read it at the last token
     yourself. ``model(ids).logits`` finds "the last non-pad token" through
     ``config.pad_token_id``, which for SmolLM2 equals the end-of-turn token ``<|im_end|>``.

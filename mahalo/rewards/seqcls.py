@@ -1,73 +1,15 @@
-"""Reward-model adapters behind one small protocol.
-
-The controller calls, per objective: ``start`` once per prompt, then per step ``score`` (all
-candidates of all beams at once) and ``keep`` (the candidates that survive). An adapter owns
-whatever it caches between calls in the state object it returns, so other reward families fit
-without touching the controller:
-
-* sequence classifiers (Bradley-Terry reward models such as MAHALO's truthfulness model, or
-  value heads): :class:`SequenceClassifierReward` below;
-* step-token PRMs (Qwen2.5-Math-PRM style): ``score`` forwards the new step plus the separator
-  token and reads the positive-class probability there; the state keeps earlier steps' scores
-  to aggregate (last / min / prod / mean);
-* generative yes/no judges: ``score`` forwards the new tokens plus the judge question and reads
-  the yes/no logits;
-* programmatic rewards: :class:`CallableReward`.
-"""
+"""Sequence-classification reward models (Bradley-Terry logits, 2-label probabilities)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol, runtime_checkable
+from typing import Any
 
 import torch
 
+from mahalo.chat import ConversationParts, Messages, conversation_parts
 from mahalo.kv import KVRows, empty_rows
-from mahalo.models.chat import ConversationParts, Messages, conversation_parts
-
-
-@dataclass
-class Candidates:
-    """One step's candidates, one row each (all beams together)."""
-
-    messages: Messages
-    parents: torch.Tensor  # (R,) index of the beam each candidate extends
-    token_ids: list[list[int]]  # policy ids of the whole response so far (no end-of-turn)
-    texts: list[str]  # text of the whole response so far
-
-
-@dataclass
-class RewardCounters:
-    """Tokens a reward model forwarded (real, padded) and what full rescoring would cost."""
-
-    tokens: int = 0
-    padded_tokens: int = 0
-    full_rescore_tokens: int = 0
-
-
-@runtime_checkable
-class RewardModel(Protocol):
-    """What the controller needs from a reward model."""
-
-    def start(self, messages: Messages, policy_tokenizer: Any) -> Any:
-        """Begin a prompt.
-
-        Args:
-            messages: the chat prompt.
-            policy_tokenizer: the policy's tokenizer (to decide whether ids can be shared).
-
-        Returns:
-            an opaque state, with a ``counters`` attribute (:class:`RewardCounters`).
-        """
-        ...
-
-    def score(self, state: Any, candidates: Candidates) -> torch.Tensor:
-        """Raw scores (R,) float64 of the whole response of every candidate."""
-        ...
-
-    def keep(self, state: Any, rows: torch.Tensor) -> None:
-        """Continue from candidates ``rows`` (B',) of the last ``score`` call."""
-        ...
+from mahalo.rewards.protocol import Candidates, RewardCounters
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
@@ -224,54 +166,3 @@ class SequenceClassifierReward:
                 f"the reward model's input ({length} tokens) exceeds its context "
                 f"({self.max_context}): lower max_new_tokens or shorten the prompt"
             )
-
-
-@dataclass
-class _CallableState:
-    prompt: str
-    counters: RewardCounters = field(default_factory=RewardCounters)
-
-
-class CallableReward:
-    """A programmatic reward ``fn(prompt: str, response: str) -> float`` (no tokens forwarded)."""
-
-    def __init__(self, fn: Callable[[str, str], float]) -> None:
-        self.fn = fn
-
-    def start(self, messages: Messages, policy_tokenizer: Any) -> _CallableState:
-        users = [m["content"] for m in messages if m["role"] == "user"]
-        return _CallableState(users[-1] if users else messages[-1]["content"])
-
-    def score(self, state: _CallableState, candidates: Candidates) -> torch.Tensor:
-        return torch.tensor([float(self.fn(state.prompt, t)) for t in candidates.texts], dtype=torch.float64)
-
-    def keep(self, state: _CallableState, rows: torch.Tensor) -> None:
-        return None
-
-
-# Adapters for (model, tokenizer) pairs, tried in order; each has ``accepts(model)``.
-REWARD_ADAPTERS: list[type] = [SequenceClassifierReward]
-
-
-def as_reward(obj: Any, name: str) -> RewardModel:
-    """Accept a :class:`RewardModel`, a ``(model, tokenizer)`` pair or a callable.
-
-    Raises:
-        ValueError: nothing fits (the message names the objective).
-    """
-    if isinstance(obj, RewardModel):
-        return obj
-    if isinstance(obj, tuple) and len(obj) == 2:
-        for adapter in REWARD_ADAPTERS:
-            if adapter.accepts(obj[0]):
-                return adapter(*obj)
-        raise ValueError(
-            f"objective {name!r}: no reward adapter accepts {type(obj[0]).__name__} "
-            "(expected a sequence-classification model with num_labels 1 or 2)"
-        )
-    if callable(obj):
-        return CallableReward(obj)
-    raise ValueError(
-        f"objective {name!r}: expected a reward model, a (model, tokenizer) pair or a "
-        f"callable (prompt, response) -> float, got {type(obj).__name__}"
-    )

@@ -20,14 +20,14 @@ from typing import Any
 
 import torch
 
+from mahalo.chat import Messages
 from mahalo.config import GuideConfig
-from mahalo.models.chat import Messages
-from mahalo.models.policy import Policy, PolicyState
-from mahalo.models.prm import Candidates, RewardModel
+from mahalo.engine.strategies import Strategy, select_top, strategy_for
+from mahalo.policy import Policy, PolicyState
 from mahalo.result import Candidate, GuidedResult, Stats, Step
-from mahalo.rewards import combine
+from mahalo.rewards import Candidates, RewardModel
+from mahalo.rewards.combine import combine
 from mahalo.sampling import sample_tokens
-from mahalo.search.strategies import Strategy, select_top, strategy_for
 from mahalo.steps import NoBoundary, StepBoundary, make_boundary
 
 log = logging.getLogger(__name__)

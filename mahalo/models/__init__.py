@@ -1,1 +1,0 @@
-"""Model adapters: policies and reward models behind small protocols."""

@@ -1,0 +1,68 @@
+"""The policy protocol: what the controller needs from the model that proposes tokens.
+
+The controller only talks to :class:`Policy`; :mod:`mahalo.policy.hf` adapts transformers causal
+LMs. A policy prefills the prompt once, then forwards one token per row for a batch of rows that
+share or fork that prefix, with holes for rows that are idle (see :mod:`mahalo.kv`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+from mahalo.chat import Messages
+from mahalo.kv import KVRows
+
+
+@dataclass
+class PolicyState:
+    """The policy's rows: their cache and each row's next-token logits."""
+
+    kv: KVRows
+    logits: torch.Tensor  # (R, V) float32: next-token logits of each row
+
+    @property
+    def rows(self) -> int:
+        return self.kv.rows
+
+    def select(self, index: torch.Tensor) -> None:
+        """Keep (or fan out to) rows ``index`` (R',)."""
+        self.kv.select(index)
+        self.logits = self.logits[index.to(self.logits.device)]
+
+
+@runtime_checkable
+class Policy(Protocol):
+    """What the controller needs from a policy."""
+
+    tokenizer: Any
+    eos_ids: frozenset[int]
+    max_context: int | None
+
+    def prompt_ids(self, messages: Messages) -> list[int]:
+        """Token ids of the chat prompt to continue."""
+        ...
+
+    def prefill(self, ids: list[int]) -> PolicyState:
+        """Forward the prompt once.
+
+        Returns:
+            a one-row state whose logits predict the first response token.
+        """
+        ...
+
+    def forward(self, state: PolicyState, tokens: torch.Tensor, feed: torch.Tensor) -> None:
+        """Forward one token per row and update the fed rows' logits in place.
+
+        Args:
+            state: R rows.
+            tokens: (R,) token ids; the value at an unfed row is ignored.
+            feed: (R,) bool; False rows get a hole and keep their previous logits.
+        """
+        ...
+
+    def decode(self, ids: list[int]) -> str:
+        """Text of token ids (special tokens skipped)."""
+        ...
