@@ -111,10 +111,11 @@ def out_stem(name: str, tag: str) -> str:
 
 @dataclass
 class BenchModels:
-    """The loaded policy and truth reward model, as ``(model, tokenizer)`` pairs."""
+    """The loaded policy, a ``(model, tokenizer)`` pair, and the truth reward model's adapter
+    (``.model``, ``.tokenizer``, ``.score_at``)."""
 
     policy: tuple[Any, Any]
-    truth: tuple[Any, Any]
+    truth: Any
     device: torch.device
     load_s: float
     description: dict[str, Any] = field(default_factory=dict)
@@ -156,7 +157,8 @@ def load_bench_models(kind: str, device: str = "cpu", dtype: str = "float32", tr
         "models": kind,
         "policy": type(loaded.policy[0]).__name__,
         "policy_params": sum(p.numel() for p in loaded.policy[0].parameters()),
-        "truth_rm": type(loaded.rewards["truth"][0]).__name__,
+        "truth_rm": type(loaded.rewards["truth"].model).__name__,
+        "truth_score_at": loaded.rewards["truth"].score_at,
         "truth_head": truth_head or ("embedded default" if kind == "embedded" else "random"),
         "dtype": dtype if kind == "embedded" else "float32",
         "device": str(dev),

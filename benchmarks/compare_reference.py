@@ -111,16 +111,17 @@ def _per_token(row: dict[str, Any]) -> dict[str, Any]:
 
 def run_reference(models: common.BenchModels, prompt: str, length: int, args: argparse.Namespace) -> dict[str, Any]:
     """Decode ``prompt`` with the reference decoder; score its final text with the truth RM."""
-    (pm, pt), (rm, rt) = models.policy, models.truth
+    (pm, pt), truth_rm = models.policy, models.truth
+    rm, rt, score_at = truth_rm.model, truth_rm.tokenizer, truth_rm.score_at
     t0 = time.perf_counter()
     res = reference_decode(
         pm, pt, rm, rt, prompt, num_candidates=args.num_candidates, max_new_tokens=length,
         temperature=args.temperature, top_k=args.top_k, seed=args.seed,
-        min_step_tokens=args.min_step_tokens, max_step_tokens=args.max_step_tokens,
+        min_step_tokens=args.min_step_tokens, max_step_tokens=args.max_step_tokens, score_at=score_at,
     )
     wall = time.perf_counter() - t0
     with torch.inference_mode():
-        truth, _ = score_response(rm, rt, [{"role": "user", "content": prompt}], res.text)
+        truth, _ = score_response(rm, rt, [{"role": "user", "content": prompt}], res.text, score_at)
     return _per_token({
         "engine": "reference", "wall_s": wall, "engine_wall_s": res.wall_s,
         "policy_tokens": res.policy_tokens, "rm_tokens": res.rm_tokens,
@@ -147,9 +148,10 @@ def run_mahalo(engine: tuple[Any, dict[str, Any]], models: common.BenchModels, p
         max_new_tokens=length, seed=args.seed, temperature=args.temperature, top_k=args.top_k,
     )
     wall = time.perf_counter() - t0
-    rm, rt = models.truth
+    truth_rm = models.truth
     with torch.inference_mode():
-        rescored, _ = score_response(rm, rt, [{"role": "user", "content": prompt}], res.text)
+        rescored, _ = score_response(truth_rm.model, truth_rm.tokenizer, [{"role": "user", "content": prompt}],
+                                     res.text, truth_rm.score_at)
     s = res.stats
     return _per_token({
         "engine": "mahalo" if guided else "unguided", "wall_s": wall, "engine_wall_s": s.wall_s,

@@ -48,27 +48,28 @@ How the reference runs (and what this module reproduces)
 
 Where the reference differs, and what we aligned with mahalo for a fair comparison
 -----------------------------------------------------------------------------------
-* **Boundary rule.** The reference tests the chunk text alone (no context) with its own
-  rules: at least ``min_tokens_per_chunk`` = 8 tokens, then either a paragraph break (chunk
+* **Boundary rule.** Kept as the paper's own (it is the baseline): the chunk text alone (no
+  context) after at least ``min_tokens_per_chunk`` = 8 tokens, either a paragraph break (chunk
   matches ``\\n{2,}$``, non-blank, and the last completed line is not a bare list marker) or
-  sentence-final punctuation (``[.!?](?:["'\\)\\]]+)?\\s*$`` -- note ``\\s*`` lets any trailing
-  whitespace, newlines included, follow), unless the last 8 characters of the right-stripped
-  chunk end with one of ``e.g. i.e. etc. vs. cf. et al. Dr. Mr. Mrs. Ms. Prof.``
-  (case-sensitive) or the text after the last newline is a bare list marker (bullet ``-*\u2022``,
-  ``\\d+[.)]``, ``[A-Za-z][.)]``, ``(Step|Stage)\\s*\\d+[:.]``). **Aligned:** we use mahalo's
-  :class:`mahalo.steps.SentenceBoundary` (``min_tokens=min_step_tokens``, default 8), called
-  with the accepted text as context, so both engines cut steps at the same places.
+  sentence-final punctuation (``[.!?](?:["'\\)\\]]+)?\\s*$``), unless the last 8 characters of
+  the right-stripped chunk end with one of ``e.g. i.e. etc. vs. cf. et al. Dr. Mr. Mrs. Ms.
+  Prof.`` (case-sensitive) or the chunk's last line is a bare list marker (bullet ``-*\\u2022``,
+  ``\\d+[.)]``, ``[A-Za-z][.)]``, ``(Step|Stage)\\s*\\d+[:.]``). :class:`PaperBoundary`. It runs on
+  every token prefix, so it cuts inside "3.14" (at "3."), "e.g." (at "e.") or "U.S." (at "U.").
+  mahalo's :class:`mahalo.steps.SentenceBoundary` confirms a boundary with the next token first
+  (see ``benchmarks/README.md``), so the two engines may cut steps at different places.
 * **Policy prompt.** The reference tokenises the rendered template with the tokenizer's
   default ``add_special_tokens=True`` (a second BOS for Llama 3). **Aligned:** we use
   :func:`mahalo.chat.generation_prompt_ids`.
 * **Reward-model input.** The reference renders the full conversation, strips BOS from the
   text and lets the pipeline re-add it, so the score is read at the template's final token
-  (``<|eot_id|>`` for Llama 3, but the ``\\n`` after ``<|im_end|>`` for ChatML), and the
+  (``<|eot_id|>`` for Llama 3, but the ``\n`` after ``<|im_end|>`` for ChatML), and the
   sequence-classification head pools at the last non-pad token (if the pad token equals the
   end-of-turn token it would read one token earlier). Templates that ``trim`` message
   content (Llama 3's) also strip the response's outer whitespace there. **Aligned:** ids come from
-  :func:`mahalo.chat.conversation_ids` and the reward is ``score(h[:, -1])`` on the
-  unpadded batch-1 sequence, exactly mahalo's scoring format.
+  :func:`mahalo.chat.conversation_ids` with the same ``score_at`` as mahalo's reward model
+  (``last_token`` is the paper's point; the embedded truth head reads ``end_of_turn``) and the
+  reward is ``score(h[:, -1])`` on the unpadded batch-1 sequence.
 * **Seeding.** The reference seeds a fresh generator per candidate with
   ``seed + 10007 * counter`` where the counter lives on the decoder object (it keeps growing
   across prompts). We draw every sample from one ``torch.Generator`` seeded with ``seed``:
@@ -86,6 +87,7 @@ import copy
 import functools
 import logging
 import math
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -93,14 +95,44 @@ from typing import Any, Callable
 import torch
 
 from mahalo.chat import Messages, conversation_ids, generation_prompt_ids
-from mahalo.policy import end_of_turn_ids  # the same stop tokens as mahalo
-from mahalo.steps import SentenceBoundary, StepBoundary
+from mahalo.policy import stop_token_ids  # the same stop tokens as mahalo
 
 logger = logging.getLogger(__name__)
 
 REFERENCE_MAX_STEP_TOKENS = 256  # the reference's max_tokens_per_sentence
 REFERENCE_MAX_STEPS = 100  # the reference's max_sentences
 ATTEMPTS_PER_CANDIDATE = 3  # the reference tries at most 3 * N samples per step
+
+# The paper's boundary rule (see the module docstring), re-implemented.
+_PAPER_LIST_MARKER = re.compile(r"^\s*(?:[-*\u2022]|\d+[.)]|[A-Za-z][.)]|(?:Step|Stage)\s*\d+[:.])\s*$")
+_PAPER_SENTENCE_END = re.compile(r"[.!?](?:[\"'\)\]]+)?\s*$")
+_PAPER_PARAGRAPH = re.compile(r"\n{2,}$")
+PAPER_ABBREVIATIONS = ("e.g.", "i.e.", "etc.", "vs.", "cf.", "et al.", "Dr.", "Mr.", "Mrs.", "Ms.", "Prof.")
+
+
+@dataclass(frozen=True)
+class PaperBoundary:
+    """The paper's step rule on the chunk's text alone, tested after every token."""
+
+    min_tokens: int = 8
+
+    def __call__(self, chunk: str, n_tokens: int) -> bool:
+        if n_tokens < self.min_tokens:
+            return False
+        return self._paragraph(chunk) or self._sentence(chunk)
+
+    @staticmethod
+    def _paragraph(chunk: str) -> bool:
+        body = chunk.rstrip("\n")
+        if not chunk.strip() or not _PAPER_PARAGRAPH.search(chunk) or not body:
+            return False
+        return not _PAPER_LIST_MARKER.match(body.rsplit("\n", 1)[-1])
+
+    @staticmethod
+    def _sentence(chunk: str) -> bool:
+        if not _PAPER_SENTENCE_END.search(chunk) or chunk.rstrip()[-8:].endswith(PAPER_ABBREVIATIONS):
+            return False
+        return not _PAPER_LIST_MARKER.match(chunk.rsplit("\n", 1)[-1].rstrip())
 
 
 @dataclass
@@ -200,7 +232,7 @@ class _SampleSpec:
 
     generator: torch.Generator
     eot_ids: frozenset[int]
-    boundary: StepBoundary
+    boundary: Callable[[str, int], bool]  # (chunk text, chunk tokens) -> the step ends
     temperature: float
     top_k: int | None
     top_p: float | None
@@ -212,7 +244,6 @@ def sample_candidate(
     policy_tokenizer: Any,
     start_cache: Any,
     start_logits: torch.Tensor,
-    context: str,
     budget_left: int,
     spec: _SampleSpec,
 ) -> _Candidate:
@@ -241,7 +272,7 @@ def sample_candidate(
         cache, logits = _forward_one(policy_model, token, cache)
         forwarded += 1
         text = policy_tokenizer.decode(ids, skip_special_tokens=True)
-        if spec.boundary(context, text, len(ids)):
+        if spec.boundary(text, len(ids)):
             finish = "boundary"
             break
     text = policy_tokenizer.decode(ids, skip_special_tokens=True)
@@ -249,7 +280,7 @@ def sample_candidate(
 
 
 def score_response(
-    rm_model: Any, rm_tokenizer: Any, messages: Messages, response: str
+    rm_model: Any, rm_tokenizer: Any, messages: Messages, response: str, score_at: str = "last_token"
 ) -> tuple[float, int]:
     """Score ``response`` from scratch: full conversation, batch 1, no cache.
 
@@ -258,7 +289,7 @@ def score_response(
         last token (``score(last_hidden_state[:, -1])``), or the model's own pooled logits when
         it has no ``score`` head.
     """
-    ids = conversation_ids(rm_tokenizer, messages, response)
+    ids = conversation_ids(rm_tokenizer, messages, response, score_at)
     x = torch.tensor([ids], device=_model_device(rm_model))
     base = getattr(rm_model, getattr(rm_model, "base_model_prefix", ""), None)
     head = getattr(rm_model, "score", None)
@@ -293,7 +324,7 @@ def _collect_candidates(
 
 def _score_candidates(
     rm_model: Any, rm_tokenizer: Any, messages: Messages, accepted: str,
-    cands: list[_Candidate],
+    cands: list[_Candidate], score_at: str,
 ) -> tuple[list[float], int]:
     """Score ``accepted + chunk`` for each candidate, one full conversation at a time.
 
@@ -302,7 +333,7 @@ def _score_candidates(
     """
     scores, n_tokens = [], 0
     for cand in cands:
-        reward, n = score_response(rm_model, rm_tokenizer, messages, accepted + cand.text)
+        reward, n = score_response(rm_model, rm_tokenizer, messages, accepted + cand.text, score_at)
         scores.append(reward)
         n_tokens += n
     return scores, n_tokens
@@ -342,6 +373,7 @@ def reference_decode(
     top_p: float = 1.0,
     max_step_tokens: int = REFERENCE_MAX_STEP_TOKENS,
     max_steps: int = REFERENCE_MAX_STEPS,
+    score_at: str = "last_token",
 ) -> ReferenceResult:
     """Decode ``prompt`` with the reference's best-of-N step loop (see the module docstring).
 
@@ -356,6 +388,8 @@ def reference_decode(
         min_step_tokens: minimum tokens before a sentence boundary may end a step.
         max_step_tokens: per-step cap (the reference's ``max_tokens_per_sentence``).
         max_steps: cap on non-empty chunks (the reference's ``max_sentences``).
+        score_at: where the reward model reads the conversation (:mod:`mahalo.chat`): the
+            paper's ``last_token``, or ``end_of_turn`` to match a reward model trained there.
     """
     if num_candidates < 1:
         raise ValueError(f"num_candidates must be >= 1, got {num_candidates}")
@@ -370,8 +404,8 @@ def reference_decode(
         generator.manual_seed(seed)
         spec = _SampleSpec(
             generator=generator,
-            eot_ids=end_of_turn_ids(policy_tokenizer),
-            boundary=SentenceBoundary(min_tokens=min_step_tokens),
+            eot_ids=stop_token_ids(policy_model, policy_tokenizer),
+            boundary=PaperBoundary(min_tokens=min_step_tokens),
             temperature=temperature,
             top_k=top_k,
             top_p=top_p,
@@ -379,7 +413,7 @@ def reference_decode(
         )
         result.stop_reason = _step_loop(
             policy_model, policy_tokenizer, rm_model, rm_tokenizer, messages,
-            num_candidates, max_new_tokens, max_steps, spec, cache, logits, result,
+            num_candidates, max_new_tokens, max_steps, spec, cache, logits, result, score_at,
         )
     result.wall_s = time.perf_counter() - start
     logger.info(
@@ -403,6 +437,7 @@ def _step_loop(
     cache: Any,
     logits: torch.Tensor,
     result: ReferenceResult,
+    score_at: str,
 ) -> str:
     """Run steps until a stop condition; fill ``result`` and return the stop reason."""
     chunks = 0
@@ -416,7 +451,7 @@ def _step_loop(
             num_candidates,
             functools.partial(
                 sample_candidate,
-                policy_model, policy_tokenizer, cache, logits, result.text, budget_left, spec,
+                policy_model, policy_tokenizer, cache, logits, budget_left, spec,
             ),
         )
         result.policy_tokens += forwarded
@@ -430,7 +465,7 @@ def _step_loop(
             scores, best = [math.nan], 0
         else:
             scores, rm_tokens = _score_candidates(
-                rm_model, rm_tokenizer, messages, result.text, cands
+                rm_model, rm_tokenizer, messages, result.text, cands, score_at
             )
             result.rm_tokens += rm_tokens
             best = _first_argmax(scores)

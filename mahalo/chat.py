@@ -1,11 +1,20 @@
 """Chat formatting shared by policies and reward models.
 
-A reward model reads ``prefix + response + suffix`` where ``prefix`` is the chat template
-rendered up to the first character of the assistant's content and ``suffix`` is what the
-template writes after it (its end-of-turn marker), with trailing whitespace removed so that the
-score is read at the end-of-turn token itself (``<|im_end|>`` for ChatML, ``<|eot_id|>`` for
-Llama 3). Splitting the rendering at a placeholder keeps the response tokens separate, so a
-cached prefix can be reused and only the response's new tokens are forwarded.
+The policy continues ``apply_chat_template(messages, add_generation_prompt=True)``.
+
+A reward model scores what its trainer saw: ``apply_chat_template(messages + [assistant],
+tokenize=True)``, read at its last token (``score_at="last_token"``: the ``\\n`` after
+``<|im_end|>`` for ChatML, ``<|eot_id|>`` for Llama 3), as RLHFlow-style Bradley-Terry training and
+``pipeline("text-classification")`` do. ``score_at="end_of_turn"`` drops the template's trailing
+whitespace instead, so the score is read at the end-of-turn token itself.
+
+To score many candidate responses incrementally, :class:`ScoringFormat` splits that rendering at
+the assistant's content: ``prefix + content(response) + suffix``. The prefix is cut once more at
+its last special token (the *anchor*): tokenisers never merge across special tokens, so
+``tokenize(head) + tokenize(anchor + content + suffix)`` is the tokenisation of the whole
+conversation, without re-tokenising the whole prompt for every candidate. The split is checked
+against the template on a probe response when it is built; a template for which the shortcut does
+not hold falls back to tokenising the whole prefix.
 """
 
 from __future__ import annotations
@@ -15,7 +24,11 @@ from typing import Any
 
 Messages = list[dict[str, str]]
 
+SCORE_AT = ("last_token", "end_of_turn")
+
 _PLACEHOLDER = "\u2063MAHALO_RESPONSE\u2063"
+_PAD = " \n"  # whitespace around the placeholder: tells whether the template trims the content
+_PROBE = "Probe answer. It has 2 sentences."
 
 
 def as_messages(prompt: str | Messages) -> Messages:
@@ -38,9 +51,7 @@ def as_messages(prompt: str | Messages) -> Messages:
 
 def _render(tokenizer: Any, messages: Messages, add_generation_prompt: bool) -> str:
     if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=add_generation_prompt
-        )
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
     # Plain fallback for tokenizers without a template: "role: content" lines.
     text = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
     return text + ("assistant: " if add_generation_prompt else "")
@@ -55,27 +66,98 @@ def generation_prompt_ids(tokenizer: Any, messages: Messages) -> list[int]:
     return _encode(tokenizer, _render(tokenizer, messages, add_generation_prompt=True))
 
 
+def conversation_text(tokenizer: Any, messages: Messages, response: str) -> str:
+    """The chat rendering of ``messages`` followed by the assistant's ``response``."""
+    return _render(tokenizer, [*messages, {"role": "assistant", "content": response}], False)
+
+
+def _added_token_texts(tokenizer: Any) -> list[str]:
+    """Texts of the tokens the tokenizer splits out before tokenising (special and added)."""
+    texts = {t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values()}
+    texts.update(getattr(tokenizer, "all_special_tokens", []))
+    return [t for t in texts if t]
+
+
 @dataclass(frozen=True)
-class ConversationParts:
-    """Token ids around the assistant response: ``prefix_ids + response + suffix_ids``."""
+class ScoringFormat:
+    """How one prompt's conversations are tokenised for a reward model.
 
-    prefix_ids: list[int]
-    suffix_ids: list[int]
+    A response's scoring ids are ``head_ids + tokenize(anchor + content(response) + suffix)``,
+    equal to ``apply_chat_template(messages + [assistant response], tokenize=True)``; for
+    ``score_at="end_of_turn"`` the rendering's trailing whitespace is removed before tokenising.
+    """
+
+    head_ids: list[int]  # the prefix up to its last special token, tokenised once
+    anchor: str  # the rest of the prefix: from its last special token to the content
+    suffix: str  # what the template writes after the content (end of turn ...)
+    strip_left: bool  # the template trims the content's leading whitespace
+    strip_right: bool  # ... and its trailing whitespace
+    rstrip: bool = False  # end_of_turn: the conversation's trailing whitespace is not scored
+
+    def content(self, response: str) -> str:
+        """The response as the template writes it (trimmed where the template trims)."""
+        if self.strip_left:
+            response = response.lstrip()
+        return response.rstrip() if self.strip_right else response
+
+    def ids(self, tokenizer: Any, responses: list[str]) -> list[list[int]]:
+        """Scoring ids of each response, one batched tokeniser call."""
+        texts = [self.anchor + self.content(r) + self.suffix for r in responses]
+        texts = [t.rstrip() for t in texts] if self.rstrip else texts
+        return [self.head_ids + list(e) for e in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+    def prefix_ids(self, tokenizer: Any) -> list[int]:
+        """Ids of the conversation before the response (what a reward model prefills)."""
+        return self.head_ids + _encode(tokenizer, self.anchor)
 
 
-def conversation_parts(tokenizer: Any, messages: Messages) -> ConversationParts:
-    """Split the chat rendering of ``messages + [assistant]`` around the assistant's content."""
-    full = _render(
-        tokenizer, [*messages, {"role": "assistant", "content": _PLACEHOLDER}], False
-    )
+def scoring_format(tokenizer: Any, messages: Messages, score_at: str = "last_token") -> ScoringFormat:
+    """The :class:`ScoringFormat` of ``messages`` under ``tokenizer``'s chat template.
+
+    Raises:
+        ValueError: an unknown ``score_at``, or a template that does not write the assistant's
+            content verbatim (apart from trimming its outer whitespace).
+    """
+    if score_at not in SCORE_AT:
+        raise ValueError(f"unknown score_at {score_at!r}: choose one of {list(SCORE_AT)}")
+    full = conversation_text(tokenizer, messages, _PAD + _PLACEHOLDER + _PAD)
     if full.count(_PLACEHOLDER) != 1:
         raise ValueError("the chat template does not render the assistant content verbatim")
-    prefix, suffix = full.split(_PLACEHOLDER)
-    suffix = suffix.rstrip()
-    return ConversationParts(_encode(tokenizer, prefix), _encode(tokenizer, suffix))
+    before, after = full.split(_PLACEHOLDER)
+    strip_left, strip_right = not before.endswith(_PAD), not after.startswith(_PAD)
+    prefix = before if strip_left else before[: -len(_PAD)]
+    template_suffix = after if strip_right else after[len(_PAD):]
+    at_eot = score_at == "end_of_turn"
+    suffix = template_suffix.rstrip() if at_eot else template_suffix
+    cut = max((prefix.rfind(t) for t in _added_token_texts(tokenizer)), default=-1)
+    fmt = ScoringFormat(_encode(tokenizer, prefix[:cut]) if cut > 0 else [], prefix[max(cut, 0):], suffix,
+                        strip_left, strip_right, at_eot)
+    # The probe must tokenise exactly like the whole conversation; else tokenise the whole prefix.
+    rendered = conversation_text(tokenizer, messages, _PROBE)
+    if rendered != prefix + fmt.content(_PROBE) + template_suffix:
+        raise ValueError("the chat template does not render the assistant content verbatim")
+    expected = _encode(tokenizer, prefix + fmt.content(_PROBE) + suffix)
+    if fmt.head_ids and fmt.ids(tokenizer, [_PROBE])[0] != expected:
+        fmt = ScoringFormat([], prefix, suffix, strip_left, strip_right, at_eot)
+    return fmt
 
 
-def conversation_ids(tokenizer: Any, messages: Messages, response: str) -> list[int]:
-    """The full token sequence a reward model scores for ``response`` (re-tokenised text)."""
-    parts = conversation_parts(tokenizer, messages)
-    return parts.prefix_ids + _encode(tokenizer, response) + parts.suffix_ids
+def conversation_ids(tokenizer: Any, messages: Messages, response: str, score_at: str = "last_token") -> list[int]:
+    """The token ids a reward model scores for ``response`` (see :class:`ScoringFormat`)."""
+    return scoring_format(tokenizer, messages, score_at).ids(tokenizer, [response])[0]
+
+
+def template_end_of_turn_ids(tokenizer: Any) -> list[int]:
+    """The special token the chat template writes right after an assistant's content, if any.
+
+    ``<|im_end|>`` for ChatML, ``<|eot_id|>`` for Llama 3, ``<end_of_turn>`` for Gemma, ``<|end|>``
+    for Phi-3, ``</s>`` for Llama 2 / Mistral; nothing for a tokenizer without a chat template.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        return []
+    suffix = scoring_format(tokenizer, [{"role": "user", "content": "Hi"}], "end_of_turn").suffix
+    ids = _encode(tokenizer, suffix.lstrip())
+    special = set(getattr(tokenizer, "all_special_ids", [])) | {
+        i for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items() if t.special
+    }
+    return ids[:1] if ids and ids[0] in special else []

@@ -7,13 +7,17 @@ prompts, output) live in :mod:`mahalo.app.config`; library code only ever sees t
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 
 from mahalo.steps import BOUNDARIES
 
-STRATEGIES = ("sample", "step_best_of_n", "step_beam", "best_of_n")
+STRATEGIES = ("sample", "step_best_of_n", "step_beam", "dvts", "best_of_n")
 NORMALIZERS = ("none", "zscore")
+MIN_TEMPERATURE = 0.01  # below this (and above 0) logits / T overflow: clamped, with a warning
+
+log = logging.getLogger(__name__)
 
 
 def _check(ok: bool, message: str) -> None:
@@ -34,18 +38,33 @@ class SamplingConfig:
     """How one token is drawn from the policy's logits."""
 
     temperature: float = 1.0
-    """Softmax temperature, >= 0. 0 means greedy (argmax); 1 leaves the logits unchanged."""
+    """Softmax temperature, >= 0. 0 means greedy (argmax); 1 leaves the logits unchanged. A value
+    in (0, 0.01) is raised to 0.01 with a warning (smaller ones overflow to inf/NaN probabilities).
+    Greedy decoding makes every candidate the same, so it needs N = B = 1 (or ``sample``)."""
     top_k: int = 50
     """Keep only the k most likely tokens, >= 0. 0 disables top-k."""
     top_p: float = 1.0
     """Nucleus sampling: keep the smallest set of tokens with mass >= top_p, in (0, 1].
     1.0 disables it."""
+    stop_token_ids: list[int] = field(default_factory=list)
+    """Extra token ids that end a response, on top of the model's own: its
+    ``generation_config.eos_token_id`` (one or several), the tokenizer's EOS and the token its chat
+    template writes after an assistant turn."""
 
     def __post_init__(self) -> None:
         _check(
             _is_number(self.temperature) and math.isfinite(self.temperature) and self.temperature >= 0,
             f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature}",
         )
+        if 0 < self.temperature < MIN_TEMPERATURE:
+            log.warning("temperature %g is below %g: using %g (0 means greedy)", self.temperature,
+                        MIN_TEMPERATURE, MIN_TEMPERATURE)
+            self.temperature = MIN_TEMPERATURE
+        _check(
+            isinstance(self.stop_token_ids, (list, tuple)) and all(_is_int(i) and i >= 0 for i in self.stop_token_ids),
+            f"stop_token_ids must be a list of token ids (integers >= 0), got {self.stop_token_ids!r}",
+        )
+        self.stop_token_ids = list(self.stop_token_ids)
         _check(_is_int(self.top_k) and self.top_k >= 0, f"top_k must be an integer >= 0 (0 disables it), got {self.top_k!r}")
         _check(_is_number(self.top_p) and 0 < self.top_p <= 1, f"top_p must be in (0, 1] (1 disables it), got {self.top_p}")
 
@@ -82,17 +101,39 @@ class SearchConfig:
     """The search over candidates: which strategy, how wide, how long."""
 
     strategy: str = "step_best_of_n"
-    """``sample`` (no reward), ``step_best_of_n`` (MAHALO: best of N per step), ``step_beam``
-    (B beams x N candidates per step) or ``best_of_n`` (N whole responses, best at the end)."""
+    """How candidates compete. All run in one step loop and differ only by their selection rule:
+
+    * ``sample``: plain sampling, no reward (greedy at temperature 0);
+    * ``step_best_of_n``: MAHALO: N candidates per step, the best is kept;
+    * ``step_beam``: B beams x N candidates per step, the top B of all of them are kept; a beam
+      that ends is set aside and the search goes on with fewer beams;
+    * ``dvts``: diverse verifier tree search (search-and-learn): B independent subtrees, each
+      expanding its one beam into N candidates per step and keeping its own best; subtrees never
+      compete, and the answer is the best leaf. search-and-learn's ``n`` / ``beam_width`` are
+      B*N / N here;
+    * ``best_of_n``: N whole responses in one batch, the best at the end.
+
+    The answer is picked among the ended responses (the *finished pool*: B of them for
+    ``step_beam`` and ``dvts``, N for ``best_of_n``) by the rule every step ranks by: the weighted
+    sum of per-objective scores normalised (``objective.normalize``) over the pool, divided by
+    ``len ** length_penalty``. Ties go to the response that ended first."""
     num_candidates: int = 5
     """N: candidates sampled per beam per step (whole responses for ``best_of_n``), >= 1.
     Ignored by ``sample``."""
     beam_width: int = 1
-    """B: beams kept per step, >= 1. Only ``step_beam`` uses B > 1."""
+    """B: beams kept per step (``step_beam``) or independent subtrees (``dvts``), >= 1. Ignored by
+    the other strategies."""
     max_new_tokens: int = 128
     """Response token budget, >= 1."""
     seed: int = 0
     """Seed of the sampling generator: the same seed gives the same output."""
+    dedupe: bool = True
+    """Candidates of a step with the same token ids (and the same end) compete once: the first is
+    eligible, its copies are never kept, so B beams are B different texts."""
+    length_penalty: float = 0.0
+    """Final pick only (vLLM's definition): the pool's combined reward is divided by
+    ``response_tokens ** length_penalty``. 0 disables it; > 0 favours longer answers when rewards
+    are negative, as with log-probabilities."""
 
     def __post_init__(self) -> None:
         _check(
@@ -103,6 +144,19 @@ class SearchConfig:
         _check(_is_int(self.beam_width) and self.beam_width >= 1, f"beam_width (B) must be an integer >= 1, got {self.beam_width!r}")
         _check(_is_int(self.max_new_tokens) and self.max_new_tokens >= 1, f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
         _check(_is_int(self.seed), f"seed must be an integer, got {self.seed!r}")
+        _check(isinstance(self.dedupe, bool), f"dedupe must be true or false, got {self.dedupe!r}")
+        _check(
+            _is_number(self.length_penalty) and math.isfinite(self.length_penalty),
+            f"length_penalty must be a finite number (0 disables it), got {self.length_penalty!r}",
+        )
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(B, N) as the strategy uses them: ``sample`` (1, 1), ``step_best_of_n`` and ``best_of_n``
+        (1, N), ``step_beam`` and ``dvts`` (B, N)."""
+        n = 1 if self.strategy == "sample" else self.num_candidates
+        b = self.beam_width if self.strategy in ("step_beam", "dvts") else 1
+        return b, n
 
 
 @dataclass
@@ -113,8 +167,13 @@ class ObjectiveConfig:
     """Objective name -> weight (finite, >= 0). An objective missing here gets weight 1.
     Combined reward = sum_k w_k * norm_k(r_k)."""
     normalize: str = "none"
-    """``none`` (raw scores) or ``zscore`` (standardised across the candidates of a step; a
-    zero-variance objective contributes 0)."""
+    """``none`` (raw scores) or ``zscore`` (standardised across the candidates that compete: a
+    step's candidates, a DVTS subtree's, or the finished pool at the final pick; a zero-variance
+    objective contributes 0).
+
+    Non-finite scores: ``-inf`` is a veto (the candidate is never kept while a candidate without a
+    veto competes, and the mean and spread are taken over the other candidates); NaN or ``+inf``
+    is a fault of that reward model and raises ``ValueError`` naming it and the step."""
 
     def __post_init__(self) -> None:
         _check(self.normalize in NORMALIZERS, f"normalize must be one of {list(NORMALIZERS)}, got {self.normalize!r}")
@@ -133,6 +192,15 @@ class GuideConfig:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     step: StepConfig = field(default_factory=StepConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+
+    def __post_init__(self) -> None:
+        b, n = self.search.shape
+        _check(
+            self.sampling.temperature > 0 or (b == 1 and n == 1),
+            f"temperature=0 (greedy) makes all {b * n} candidates of {self.search.strategy} the same token for "
+            f"token, at {b * n}x the cost of one: use temperature > 0, or strategy=sample, or "
+            "num_candidates=1 and beam_width=1",
+        )
 
     def check_objectives(self, names: list[str]) -> None:
         """Weights may only name objectives that have a reward model.
@@ -158,6 +226,9 @@ OPTIONS: dict[str, tuple[str, str]] = {
     "beam_width": ("search", "beam_width"),
     "max_new_tokens": ("search", "max_new_tokens"),
     "seed": ("search", "seed"),
+    "dedupe": ("search", "dedupe"),
+    "length_penalty": ("search", "length_penalty"),
+    "stop_token_ids": ("sampling", "stop_token_ids"),
     "temperature": ("sampling", "temperature"),
     "top_k": ("sampling", "top_k"),
     "top_p": ("sampling", "top_p"),

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,14 +33,32 @@ from rich.progress import (
 from rich.table import Table
 
 from mahalo.api import guided_generate
-from mahalo.app.config import RunConfig
-from mahalo.app.io import PromptItem, ResultWriter, done_keys, pending, read_prompts
+from mahalo.app.config import RESUMABLE_KEYS, RunConfig
+from mahalo.app.io import (
+    Existing,
+    PromptItem,
+    ResultWriter,
+    check_output,
+    config_changes,
+    existing,
+    pending,
+    read_prompts,
+)
 from mahalo.app.registry import load_models
 from mahalo.policy import as_policy
 from mahalo.result import GuidedResult
 from mahalo.rewards import PROGRAMMATIC, as_reward
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+def _conf_dir() -> Path:
+    """``conf/``: shipped inside the package by a wheel (``mahalo/conf``), at the repository's top
+    level in a checkout or an editable install."""
+    package = Path(__file__).resolve().parent
+    shipped = package / "conf"
+    return shipped if (shipped / "decode.yaml").is_file() else package.parent / "conf"
+
+
+CONF_DIR = _conf_dir()
 GROUPS = ("models", "objective", "search")
 USAGE = __doc__.split("\n\n")[1]
 log = logging.getLogger("mahalo")
@@ -109,48 +127,85 @@ def _resolve_objectives(cfg: RunConfig) -> list[str]:
                 f"objective {name!r} needs a reward model that models={cfg.models.name} does not provide "
                 f"(it has {sorted(cfg.models.rewards)}; programmatic: {sorted(PROGRAMMATIC)})"
             )
-    if not names and cfg.search.strategy != "sample":
-        log.info("no objective: unguided sampling (add +objective=truth to guide)")
-        cfg.search.strategy = "sample"
     return names
 
 
-def _record(item: PromptItem, res: GuidedResult, cfg: RunConfig) -> dict[str, Any]:
+def _record(item: PromptItem, res: GuidedResult, config: dict[str, Any]) -> dict[str, Any]:
     return {
         "index": item.index,
         "prompt": item.prompt,
+        **item.input_fields(),
         "text": res.text,
         "stop_reason": res.stop_reason,
         "scores": res.scores,
         "stats": {**asdict(res.stats), "tokens_per_s": res.stats.tokens_per_s},
         "steps": [asdict(s) for s in res.steps],
-        "config": OmegaConf.to_container(OmegaConf.structured(cfg)),
+        "config": config,
     }
 
 
-def run(cfg: RunConfig, console: Console) -> list[GuidedResult]:
-    """Answer every pending prompt of ``cfg``; returns the new results."""
+def _error_record(item: PromptItem, error: str, config: dict[str, Any]) -> dict[str, Any]:
+    return {"index": item.index, "prompt": item.prompt, **item.input_fields(), "error": error, "config": config}
+
+
+@dataclass
+class Outcome:
+    """What one CLI run did: the new results and the prompts that failed (index, message)."""
+
+    results: list[GuidedResult] = field(default_factory=list)
+    errors: list[tuple[int, str]] = field(default_factory=list)
+
+
+def _check_resume(cfg: RunConfig, found: Existing, config: dict[str, Any]) -> None:
+    if found.config is None or cfg.resume == "force":
+        return
+    changes = config_changes(found.config, config, RESUMABLE_KEYS)
+    if changes:
+        shown = "; ".join(changes[:4]) + (f"; and {len(changes) - 4} more" if len(changes) > 4 else "")
+        raise ValueError(
+            f"{cfg.output} was written with another config ({shown}): use another output file, "
+            "or add resume=force to append to it anyway"
+        )
+
+
+def run(cfg: RunConfig, console: Console) -> Outcome:
+    """Answer every pending prompt of ``cfg``.
+
+    A prompt whose decode raises ``ValueError`` (a reward model's NaN, a prompt longer than the
+    context) gets an error record and the run goes on.
+    """
     objectives = _resolve_objectives(cfg)
+    check_output(cfg.output)
     items = [PromptItem(0, cfg.prompt)] if cfg.prompt is not None else read_prompts(cfg.prompts, cfg.prompt_field)
-    todo = list(pending(items, done_keys(cfg.output)))
+    config = OmegaConf.to_container(OmegaConf.structured(cfg))
+    found = existing(cfg.output)
+    _check_resume(cfg, found, config)
+    todo = list(pending(items, found.keys))
     if len(todo) < len(items):
         console.print(f"resuming: {len(items) - len(todo)} of {len(items)} prompts already in {cfg.output}", style="dim")
+    outcome = Outcome()
     if not todo:
-        return []
+        return outcome
     t0 = time.perf_counter()
     models = load_models(cfg.models, objectives)
     console.print(f"models loaded in {time.perf_counter() - t0:.1f} s", style="dim")
     policy = as_policy(models.policy)
     prms = {n: as_reward(models.rewards.get(n) or PROGRAMMATIC[n], n) for n in objectives}
-    guide, results = cfg.guide(), []
+    guide = cfg.guide()
     with ResultWriter(cfg.output) as writer, _progress(console, len(todo) > 1) as bar:
         task = bar.add_task("decoding", total=len(todo))
         for item in todo:
-            res = guided_generate(policy, prms, item.prompt, config=guide)
-            writer.write(_record(item, res, cfg))
-            results.append(res)
+            try:
+                res = guided_generate(policy, prms, item.prompt, config=guide)
+            except ValueError as err:
+                print(f"mahalo: error: prompt {item.index}: {err}", file=sys.stderr)
+                writer.write(_error_record(item, str(err), config))
+                outcome.errors.append((item.index, str(err)))
+            else:
+                writer.write(_record(item, res, config))
+                outcome.results.append(res)
             bar.advance(task)
-    return results
+    return outcome
 
 
 def _progress(console: Console, show: bool) -> Progress:
@@ -193,12 +248,17 @@ def _steps_table(res: GuidedResult) -> Table:
     return table
 
 
-def show_summary(results: list[GuidedResult], console: Console) -> None:
-    """A table over all prompts: count, mean reward per objective, tokens/s, time."""
+def show_summary(results: list[GuidedResult], console: Console, errors: int = 0) -> None:
+    """A table over all prompts: count, errors, mean reward per objective, tokens/s, time."""
     table = Table(title="summary")
     table.add_column("metric")
     table.add_column("value", justify="right")
-    table.add_row("prompts", str(len(results)))
+    table.add_row("prompts", str(len(results) + errors))
+    if errors:
+        table.add_row("errors (records with \"error\")", str(errors))
+    if not results:
+        console.print(table)
+        return
     for name in results[0].scores:
         mean = sum(r.scores[name] for r in results) / len(results)
         table.add_row(f"mean {name}", f"{mean:.3f}")
@@ -214,7 +274,8 @@ def show_summary(results: list[GuidedResult], console: Console) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the CLI; returns the exit code (2 for bad input)."""
+    """Run the CLI; returns the exit code: 0, 1 when some prompts failed (their records say why),
+    2 for bad input (nothing decoded, nothing written), 130 when interrupted."""
     argv = sys.argv[1:] if argv is None else argv
     if any(a in ("-h", "--help") for a in argv):
         print(USAGE + "\n\ngroups: " + "; ".join(f"{g}: {group_options(g)}" for g in GROUPS))
@@ -223,17 +284,22 @@ def main(argv: list[str] | None = None) -> int:
     console = Console()
     try:
         cfg = compose_config(argv)
-        results = run(cfg, console)
+        outcome = run(cfg, console)
     except ValueError as e:
         print(f"mahalo: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("mahalo: interrupted; finished prompts are saved, re-run the same command to resume", file=sys.stderr)
         return 130
-    if cfg.prompt is not None and results:
-        show_single(results[0], console, cfg.verbose)
-    elif results:
-        show_summary(results, console)
+    if cfg.prompt is not None and outcome.results:
+        show_single(outcome.results[0], console, cfg.verbose)
+    elif outcome.results or outcome.errors:
+        show_summary(outcome.results, console, len(outcome.errors))
+    if outcome.errors:
+        where = f" (records with an \"error\" field in {cfg.output}; delete them to retry)" if cfg.output else ""
+        print(f"mahalo: {len(outcome.errors)} of {len(outcome.errors) + len(outcome.results)} prompts failed{where}",
+              file=sys.stderr)
+        return 1
     return 0
 
 

@@ -4,7 +4,7 @@
 The reward model is the embedded GGUF backbone as ``LlamaForSequenceClassification`` with
 ``num_labels=1``; its score is ``h_last @ w`` where ``h_last`` is the final-layer hidden state
 (after the final norm) at the last token of ``prefix + answer + suffix`` (the ``<|im_end|>``
-end-of-turn token, see :func:`mahalo.chat.conversation_parts`). The backbone is frozen,
+end-of-turn token: ``score_at="end_of_turn"``, see :func:`mahalo.chat.scoring_format`). The backbone is frozen,
 so the head is a linear probe on those features:
 
 1. extract ``h_last`` once for every distinct (question, answer) of the train and dev files,
@@ -54,7 +54,7 @@ from mahalo.app.load import (  # noqa: E402
     load_causal_lm,
     load_reward_model,
 )
-from mahalo.chat import conversation_parts  # noqa: E402
+from mahalo.chat import scoring_format  # noqa: E402
 
 log = logging.getLogger("train_truth_head")
 
@@ -149,6 +149,18 @@ def build_dev(data_dir: Path, index: FeatureIndex) -> Labelled:
 # --------------------------------------------------------------------------- features
 
 
+@dataclass(frozen=True)
+class _Parts:
+    prefix_ids: list[int]
+    suffix_ids: list[int]
+
+
+def _parts(tokenizer, question: str) -> _Parts:
+    """The chat prefix and the end-of-turn suffix around an answer (the head reads <|im_end|>)."""
+    fmt = scoring_format(tokenizer, [{"role": "user", "content": question}], "end_of_turn")
+    return _Parts(fmt.prefix_ids(tokenizer), tokenizer(fmt.suffix, add_special_tokens=False).input_ids)
+
+
 @torch.inference_mode()
 def extract_features(model, tokenizer, items: list[tuple[str, str]], batch_size: int) -> np.ndarray:
     """Final hidden state at the last token of ``prefix + answer + suffix`` for every item.
@@ -166,7 +178,7 @@ def extract_features(model, tokenizer, items: list[tuple[str, str]], batch_size:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     start, done = time.time(), 0
     for qi, (question, rows) in enumerate(by_q.items()):
-        parts = conversation_parts(tokenizer, [{"role": "user", "content": question}])
+        parts = _parts(tokenizer, question)
         prefix = torch.tensor([parts.prefix_ids])
         cache = base(input_ids=prefix, use_cache=True).cache
         seqs = [
@@ -333,7 +345,7 @@ def verify(head_file: Path, dev: Labelled, items, X, w, n: int) -> dict:
     diffs, logits_diffs = [], []
     for key in sorted(set(dev.key))[:n]:
         q, a = items[key]
-        parts = conversation_parts(tok, [{"role": "user", "content": q}])
+        parts = _parts(tok, q)
         ids = torch.tensor([parts.prefix_ids + tok(a, add_special_tokens=False).input_ids
                             + parts.suffix_ids])
         h = rm.model(input_ids=ids).last_hidden_state[:, -1]

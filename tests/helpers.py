@@ -2,7 +2,7 @@
 
 import torch
 
-from mahalo.chat import as_messages, conversation_parts, generation_prompt_ids
+from mahalo.chat import as_messages, generation_prompt_ids
 
 
 def full_logprobs(model, ids: list[int]) -> torch.Tensor:
@@ -10,15 +10,6 @@ def full_logprobs(model, ids: list[int]) -> torch.Tensor:
     with torch.inference_mode():
         logits = model(input_ids=torch.tensor([ids])).logits[0].float()
     return torch.log_softmax(logits, -1)
-
-
-def full_reward(model, tokenizer, prompt, response_ids: list[int]) -> float:
-    """The classifier's own forward over prefix + response + suffix (no padding, no cache)."""
-    parts = conversation_parts(tokenizer, as_messages(prompt))
-    ids = parts.prefix_ids + response_ids + parts.suffix_ids
-    with torch.inference_mode():
-        out = model(input_ids=torch.tensor([ids])).logits[0].double()
-    return float(out[0]) if out.numel() == 1 else float(torch.softmax(out, -1)[1])
 
 
 def prompt_ids(tokenizer, prompt) -> list[int]:
@@ -34,3 +25,58 @@ def response_ids_of(result, step_index: int, cand_index: int) -> list[int]:
         chain.append(cand.token_ids)
         s, c = s - 1, cand.parent
     return [t for chunk in reversed(chain) for t in chunk]
+
+
+def plain_score(model, tokenizer, prompt, response: str, score_at: str = "last_token") -> float:
+    """The reward a user gets from a plain transformers forward of the conversation.
+
+    ``apply_chat_template(messages + [assistant], tokenize=True)`` (for ``end_of_turn``: the
+    rendering with its trailing whitespace removed, tokenised), then ``model(ids).logits``.
+    """
+    messages = [*as_messages(prompt), {"role": "assistant", "content": response}]
+    if score_at == "last_token":
+        ids = tokenizer.apply_chat_template(messages, tokenize=True)["input_ids"]
+    else:
+        ids = tokenizer(tokenizer.apply_chat_template(messages, tokenize=False).rstrip(), add_special_tokens=False)[
+            "input_ids"]
+    with torch.inference_mode():
+        out = model(input_ids=torch.tensor([ids])).logits[0].double()
+    return float(out[0]) if out.numel() == 1 else float(torch.softmax(out, -1)[1])
+
+
+def response_text_of(result, tokenizer, step_index: int, cand_index: int) -> str:
+    """A candidate's whole response text, decoded as a user decodes ids."""
+    return tokenizer.decode(response_ids_of(result, step_index, cand_index), skip_special_tokens=True)
+
+
+class ScriptedPolicy:
+    """Builds an :class:`~mahalo.policy.hf.HFPolicy` on a real tiny Llama sized to ``tokenizer``,
+    whose logits are replaced by a script: every row's i-th response token is ``script[i]``, then
+    end of turn. Boundary tests replay a real tokenisation through the real controller with it."""
+
+    def __new__(cls, tokenizer, script: list[int], generation_eos: list[int] | None = None):
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        from mahalo.policy import HFPolicy
+
+        eos = tokenizer.eos_token_id
+        config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                             num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=4096,
+                             eos_token_id=generation_eos or eos, attn_implementation="sdpa")
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(config).eval().requires_grad_(False)
+
+        class _Scripted(HFPolicy):
+            def prefill(self, ids):
+                self.prompt_len = len(ids)
+                return super().prefill(ids)
+
+            def _forward(self, kv, input_ids, new_mask):
+                logits = super()._forward(kv, input_ids, new_mask)
+                fed = (kv.valid_counts() - self.prompt_len).tolist()  # (R,) response tokens fed so far
+                nxt = torch.tensor([script[p] if p < len(script) else eos for p in fed])
+                out = torch.full_like(logits, -1e4)
+                out[torch.arange(len(nxt)), nxt] = 0.0
+                return out
+
+        return _Scripted(model, tokenizer)

@@ -29,7 +29,7 @@ def test_every_config_composes_and_validates(models, objective, search):
     if objective:
         overrides.append(f"+objective={objective}")
     cfg = decode.compose_config(overrides)  # no model is loaded, nothing is downloaded
-    assert isinstance(cfg, RunConfig) and cfg.search.strategy == search
+    assert isinstance(cfg, RunConfig) and cfg.search.strategy == (search if objective else "sample")
     names = list(cfg.objective.weights)
     if all(n in cfg.models.rewards or n == "concise" for n in names):
         assert decode._resolve_objectives(cfg) == names
@@ -153,3 +153,95 @@ def test_single_prompt_prints_answer(capsys):
 
 def test_help():
     assert decode.main(["--help"]) == 0
+
+
+# --------------------------------------------------------------------------- the CLI's edges
+
+
+def test_output_directory_is_one_line_and_exit_2(tmp_path, capsys):
+    assert decode.main(["models=tiny", "+objective=truth", "prompt=hi", f"output={tmp_path}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"mahalo: error: output={tmp_path} is a directory: give a file, e.g. output={tmp_path}/answers.jsonl"
+
+
+def test_resume_with_another_config_names_the_keys(tmp_path, capsys):
+    prompts, out = tmp_path / "p.jsonl", tmp_path / "out.jsonl"
+    _write_prompts(prompts, 3)
+    assert decode.main(_run_args(prompts, out)[:-1] + ["step.min_step_tokens=2"]) == 0
+    prompts.write_text(prompts.read_text() + json.dumps({"prompt": "One more?"}) + "\n")
+    before = out.read_text()
+    args = _run_args(prompts, out) + ["search.num_candidates=3", "sampling.top_k=20"]
+    assert decode.main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and f"{out} was written with another config" in err
+    assert "sampling.top_k: 50 -> 20" in err and "search.num_candidates: 2 -> 3" in err and "resume=force" in err
+    assert out.read_text() == before
+    # resume=force appends the missing prompt with the new config; run-only options never block
+    assert decode.main(args + ["resume=force", "verbose=true"]) == 0
+    recs = _lines(out)
+    assert [r["index"] for r in recs] == [0, 1, 2, 3] and recs[3]["config"]["search"]["num_candidates"] == 3
+
+
+def test_input_fields_are_copied_into_records(tmp_path):
+    prompts, out = tmp_path / "p.jsonl", tmp_path / "out.jsonl"
+    rows = [{"id": "q-7", "question": "Why?", "meta": {"split": "dev"}, "text": "gold"},
+            {"id": "q-8", "question": "How?", "prompt": "unused"}]
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert decode.main(["models=tiny", "+objective=truth", f"prompts={prompts}", "prompt_field=question",
+                        f"output={out}", "search.max_new_tokens=6", "search.num_candidates=2"]) == 0
+    a, b = _lines(out)
+    assert (a["id"], a["question"], a["meta"], a["input_text"], a["prompt"]) == ("q-7", "Why?", {"split": "dev"}, "gold", "Why?")
+    assert a["text"] != "gold" and "steps" in a
+    assert (b["id"], b["prompt"], b["input_prompt"]) == ("q-8", "How?", "unused")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["models=embedded", "models.policy.path=/data/llama"],
+     "models.policy.path='/data/llama' is not used by kind 'embedded': remove it \\(it is read by kind 'hf'\\)"),
+    (["models=embedded", "models.rewards.truth.seed=3"], "models.rewards.truth.seed=3 is not used by kind 'embedded'"),
+    (["models=tiny", "models.policy.head_file=h.safetensors"],
+     "models.policy.head_file='h.safetensors' applies to reward models only"),
+    (["models=tiny", "models.policy.score_at=end_of_turn"], "models.policy.score_at='end_of_turn' applies to reward"),
+    (["models=tiny", "models.rewards.truth.gguf_file=x.gguf"], "gguf_file='x.gguf' is not used by kind 'tiny'"),
+    (["models=llama3_8b", "models.policy.seed=4"], "models.policy.seed=4 is not used by kind 'hf'"),
+])
+def test_options_the_preset_ignores_are_errors(capsys, args, message):
+    assert decode.main([*args, "+objective=truth", "prompt=hi"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and re.search(message, err), err
+
+
+def test_failing_prompts_get_error_records_and_exit_1(tmp_path, monkeypatch, capsys):
+    """A reward model's NaN and a prompt longer than the context fail their prompt only."""
+    prompts, out = tmp_path / "p.jsonl", tmp_path / "out.jsonl"
+    texts = ["First?", "Second 3?", "word " * 1500, "Fourth?"]
+    prompts.write_text("".join(json.dumps({"prompt": t, "id": i}) + "\n" for i, t in enumerate(texts)))
+
+    def concise_nan_on_3(prompt: str, response: str) -> float:
+        return float("nan") if "3" in prompt else -len(response) / 50
+
+    monkeypatch.setitem(decode.PROGRAMMATIC, "concise", concise_nan_on_3)
+    assert decode.main(_run_args(prompts, out)) == 1
+    captured = capsys.readouterr()
+    errors = [ln for ln in captured.err.splitlines() if ln.startswith("mahalo: error: prompt")]
+    assert len(errors) == 2
+    assert "prompt 1: objective 'concise' returned nan for candidate" in errors[0]
+    assert "prompt 2: prompt (" in errors[1] and "exceeds the policy's context" in errors[1]
+    assert "mahalo: 2 of 4 prompts failed" in captured.err
+    recs = _lines(out)
+    assert [r["index"] for r in recs] == [0, 1, 2, 3] and [r["id"] for r in recs] == [0, 1, 2, 3]
+    assert "error" in recs[1] and "error" in recs[2] and "text" in recs[0] and "text" in recs[3]
+    # a re-run counts error records as done and writes nothing
+    assert decode.main(_run_args(prompts, out)) == 0 and len(_lines(out)) == 4
+
+
+def test_greedy_with_several_candidates_is_exit_2_before_loading(capsys):
+    assert decode.main(["models=embedded", "+objective=truth", "prompt=hi", "sampling.temperature=0"]) == 2
+    assert "temperature=0 (greedy) makes all 5 candidates" in capsys.readouterr().err
+    # unguided greedy is plain sampling: allowed
+    assert decode.main(["models=tiny", "prompt=hi", "sampling.temperature=0", "search.max_new_tokens=4"]) == 0
+
+
+def test_dvts_preset_runs(capsys):
+    assert decode.main(["models=tiny", "+objective=truth", "search=dvts", "prompt=hi", "search.max_new_tokens=8",
+                        "search.beam_width=2", "search.num_candidates=2"]) == 0

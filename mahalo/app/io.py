@@ -1,8 +1,10 @@
 """Prompts in, JSONL results out, resume.
 
 Each output line is one prompt's record, written with a single ``write`` and flushed, so an
-interrupted run loses at most the prompt in flight. A re-run with the same output skips the
-prompts already written (matched by their index and text) and appends the rest.
+interrupted run loses at most the prompt in flight. Every field of the input record is copied into
+its output record. A re-run with the same output skips the prompts already written (matched by
+their index and text) and appends the rest; :func:`config_changes` tells a re-run that the file
+was written with another config.
 """
 
 from __future__ import annotations
@@ -10,19 +12,34 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
 log = logging.getLogger(__name__)
 
 
+# Keys of mahalo's own output records; an input field of the same name is kept as ``input_<name>``.
+RECORD_KEYS = ("index", "prompt", "text", "stop_reason", "scores", "stats", "steps", "config", "error")
+
+
 @dataclass(frozen=True)
 class PromptItem:
-    """One prompt to answer: its position in the input and its text."""
+    """One prompt to answer: its position in the input, its text and the input record's fields."""
 
     index: int
     prompt: str
+    fields: dict[str, Any] = field(default_factory=dict)
+
+    def input_fields(self) -> dict[str, Any]:
+        """The input record's fields for the output record (``input_<name>`` where mahalo's own
+        record uses the name; the prompt field itself when it is ``prompt`` is the record's own)."""
+        out = {}
+        for key, value in self.fields.items():
+            if key == "prompt" and value == self.prompt:
+                continue
+            out[f"input_{key}" if key in RECORD_KEYS else key] = value
+        return out
 
 
 def read_prompts(path: str, field: str) -> list[PromptItem]:
@@ -39,19 +56,24 @@ def read_prompts(path: str, field: str) -> list[PromptItem]:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
-            items.append(PromptItem(len(items), _prompt_of(line, field, f"{path}:{lineno}")))
+            obj = _object_of(line, f"{path}:{lineno}")
+            items.append(PromptItem(len(items), _prompt_of(obj, field, f"{path}:{lineno}"), obj))
     if not items:
         raise ValueError(f"prompts file {path} has no prompts")
     return items
 
 
-def _prompt_of(line: str, field: str, where: str) -> str:
+def _object_of(line: str, where: str) -> dict[str, Any]:
     try:
         obj = json.loads(line)
     except json.JSONDecodeError as err:
         raise ValueError(f"{where}: malformed JSON ({err.msg}); each line must be one JSON object") from None
     if not isinstance(obj, dict):
         raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def _prompt_of(obj: dict[str, Any], field: str, where: str) -> str:
     if field not in obj:
         raise ValueError(f"{where}: no field {field!r} (set prompt_field=NAME to the field holding the prompt)")
     value = obj[field]
@@ -60,30 +82,84 @@ def _prompt_of(line: str, field: str, where: str) -> str:
     return value
 
 
-def done_keys(path: str | None) -> set[tuple[int, str]]:
-    """(index, prompt) of every complete record already in the output file.
+def check_output(path: str | None) -> None:
+    """An output path must name a file that can be created or appended to.
+
+    Raises:
+        ValueError: the path is a directory, or its parent is a file.
+    """
+    if path is None:
+        return
+    file = Path(path).expanduser()
+    if file.is_dir():
+        raise ValueError(f"output={path} is a directory: give a file, e.g. output={file / 'answers.jsonl'}")
+    parent = next((p for p in file.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise ValueError(f"output={path}: {parent} is a file, not a directory")
+
+
+@dataclass
+class Existing:
+    """What an output file already holds."""
+
+    keys: set[tuple[int, str]] = field(default_factory=set)  # (index, prompt) of every record
+    config: dict[str, Any] | None = None  # the config of its first record
+    errors: int = 0  # records of prompts that failed
+
+
+def existing(path: str | None) -> Existing:
+    """The complete records already in the output file.
 
     A torn last line (a run killed mid-write) is cut off so appending stays valid JSONL.
 
     Raises:
         ValueError: a complete line that is not a mahalo record (the file is not ours).
     """
+    found = Existing()
     if path is None or not Path(path).is_file():
-        return set()
+        return found
     _drop_torn_tail(Path(path))
-    keys = set()
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
                 rec = json.loads(line)
-                keys.add((int(rec["index"]), str(rec["prompt"])))
+                found.keys.add((int(rec["index"]), str(rec["prompt"])))
             except (json.JSONDecodeError, KeyError, TypeError, ValueError):
                 raise ValueError(
                     f"{path}:{lineno}: not a mahalo result record; choose another output file"
                 ) from None
-    return keys
+            if found.config is None and isinstance(rec.get("config"), dict):
+                found.config = rec["config"]
+            found.errors += "error" in rec
+    return found
+
+
+def done_keys(path: str | None) -> set[tuple[int, str]]:
+    """(index, prompt) of every complete record already in the output file (see :func:`existing`)."""
+    return existing(path).keys
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        flat.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return flat
+
+
+def config_changes(old: dict[str, Any], new: dict[str, Any], ignore: tuple[str, ...] = ()) -> list[str]:
+    """``key: old -> new`` for every config key that differs (top-level keys in ``ignore`` skipped)."""
+    a = {k: v for k, v in _flatten(old).items() if k.split(".")[0] not in ignore}
+    b = {k: v for k, v in _flatten(new).items() if k.split(".")[0] not in ignore}
+    missing = object()
+    return [
+        f"{k}: {a.get(k, '(absent)')!r} -> {b.get(k, '(absent)')!r}"
+        for k in sorted(set(a) | set(b))
+        if a.get(k, missing) != b.get(k, missing)
+    ]
 
 
 def _drop_torn_tail(file: Path) -> None:

@@ -1,13 +1,21 @@
-"""Build the models a :class:`~mahalo.config.ModelsConfig` names, by kind, from a registry."""
+"""Build the models a :class:`~mahalo.app.config.ModelsConfig` names, by kind, from a registry.
+
+The policy comes back as a ``(model, tokenizer)`` pair; each reward model as a ready
+:class:`~mahalo.rewards.RewardModel` adapter that reads the conversation where its checkpoint was
+trained to (``score_at``).
+"""
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 from mahalo.app import load, tiny
 from mahalo.app.config import ModelConfig, ModelsConfig
+from mahalo.rewards import RewardModel, SequenceClassifierReward
 
 log = logging.getLogger(__name__)
 
@@ -33,12 +41,19 @@ def _embedded_reward(cfg: ModelConfig) -> Pair:
     return load.load_reward_model(str(gguf.parent), gguf.name, head, cfg.num_labels, cfg.dtype, cfg.device)
 
 
+def _placed(pair: Pair, cfg: ModelConfig) -> Pair:
+    """A tiny model on ``cfg``'s device and dtype (``auto``: its own float32)."""
+    dtype = load.resolve_dtype(cfg.dtype)
+    model = pair[0].to(load.resolve_device(cfg.device))
+    return (model if dtype == "auto" else model.to(dtype)), pair[1]
+
+
 def _tiny_policy(cfg: ModelConfig) -> Pair:
-    return tiny.tiny_policy(seed=cfg.seed)
+    return _placed(tiny.tiny_policy(seed=cfg.seed), cfg)
 
 
 def _tiny_reward(cfg: ModelConfig) -> Pair:
-    return tiny.tiny_reward(seed=cfg.seed, num_labels=cfg.num_labels)
+    return _placed(tiny.tiny_reward(seed=cfg.seed, num_labels=cfg.num_labels), cfg)
 
 
 POLICY_LOADERS: dict[str, Callable[[ModelConfig], Pair]] = {
@@ -53,12 +68,32 @@ REWARD_LOADERS: dict[str, Callable[[ModelConfig], Pair]] = {
 }
 
 
+def head_score_at(head_file: str | Path) -> str | None:
+    """The ``score_at`` a head file's metadata (``<head>.json`` beside it) declares, if any."""
+    meta = Path(head_file).with_suffix(".json")
+    if not meta.is_file():
+        return None
+    try:
+        return json.loads(meta.read_text()).get("score_at")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return None
+
+
+def score_at_of(cfg: ModelConfig) -> str:
+    """Where a reward model reads the conversation: the config's choice, else its head file's
+    declared point (the embedded truth head: ``end_of_turn``), else ``last_token``."""
+    if cfg.score_at is not None:
+        return cfg.score_at
+    head = cfg.head_file or (str(load.EMBEDDED_TRUTH_HEAD) if cfg.kind == "embedded" else None)
+    return (head_score_at(head) if head else None) or "last_token"
+
+
 @dataclass
 class LoadedModels:
-    """The policy pair and one reward pair per model-backed objective."""
+    """The policy pair and one reward adapter per model-backed objective."""
 
     policy: Pair
-    rewards: dict[str, Pair]
+    rewards: dict[str, RewardModel]
 
 
 def load_models(cfg: ModelsConfig, objectives: list[str]) -> LoadedModels:
@@ -68,8 +103,8 @@ def load_models(cfg: ModelsConfig, objectives: list[str]) -> LoadedModels:
     Identical reward configs are loaded once and shared.
     """
     policy = POLICY_LOADERS[cfg.policy.kind](cfg.policy)
-    rewards: dict[str, Pair] = {}
-    loaded: dict[str, Pair] = {}
+    rewards: dict[str, RewardModel] = {}
+    loaded: dict[str, RewardModel] = {}
     for name in objectives:
         if name not in cfg.rewards:
             continue
@@ -77,6 +112,6 @@ def load_models(cfg: ModelsConfig, objectives: list[str]) -> LoadedModels:
         key = repr(rcfg)
         if key not in loaded:
             log.info("loading reward model %r (%s)", name, rcfg.kind)
-            loaded[key] = REWARD_LOADERS[rcfg.kind](rcfg)
+            loaded[key] = SequenceClassifierReward(*REWARD_LOADERS[rcfg.kind](rcfg), score_at=score_at_of(rcfg))
         rewards[name] = loaded[key]
     return LoadedModels(policy, rewards)

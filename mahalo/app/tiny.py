@@ -1,12 +1,14 @@
 """Tiny random models built in code: for tests, CI and offline smoke runs (no download).
 
-The tokenizer is a byte-level BPE trained deterministically on a few sentences, with ChatML
-special tokens and chat template, so every text round-trips and chat formatting is real.
+The tokenizers are trained deterministically on a few sentences and carry real special tokens and
+chat templates (ChatML by default; Llama 3, Gemma, Phi-3 and a SentencePiece-style Llama 2 on
+request), so every text round-trips and chat formatting is real.
 """
 
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -22,7 +24,57 @@ CHATML = (
     " + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}"
     "{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
-SPECIALS = ["<|pad|>", "<|im_start|>", "<|im_end|>"]
+# Llama 3: BOS in the text, headers, content trimmed, <|eot_id|> ends a turn.
+LLAMA3 = (
+    "{{ bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + "
+    "'<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+# Gemma: "model" turns, content trimmed, <end_of_turn> ends a turn, <eos> is the tokenizer's EOS.
+GEMMA = (
+    "{{ bos_token }}{% for message in messages %}{{ '<start_of_turn>' + ('model' if message['role'] == "
+    "'assistant' else message['role']) + '\n' + message['content'] | trim + '<end_of_turn>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+)
+# Phi-3: <|end|> ends a turn; without a generation prompt the text ends with the EOS token.
+PHI3 = (
+    "{% for message in messages %}{{ '<|' + message['role'] + '|>\n' + message['content'] + '<|end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}"
+)
+# Llama 2 / Mistral on a SentencePiece-style (Metaspace) tokenizer: [INST] ... [/INST] answer</s>.
+LLAMA2 = (
+    "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}"
+    "{{ '[INST] ' + message['content'] | trim + ' [/INST]' }}{% else %}"
+    "{{ ' ' + message['content'] | trim + eos_token }}{% endif %}{% endfor %}"
+)
+
+
+@dataclass(frozen=True)
+class ChatStyle:
+    """A tokenizer family: its special tokens, chat template and which tokens end a turn."""
+
+    specials: tuple[str, ...]
+    template: str
+    eos: str  # the tokenizer's EOS token
+    pad: str
+    bos: str | None
+    generation_eos: tuple[str, ...]  # the model's generation_config.eos_token_id
+    metaspace: bool = False  # SentencePiece-style pre-tokenisation instead of byte-level BPE
+
+
+STYLES: dict[str, ChatStyle] = {
+    "chatml": ChatStyle(("<|pad|>", "<|im_start|>", "<|im_end|>"), CHATML, "<|im_end|>", "<|pad|>",
+                        "<|im_start|>", ("<|im_end|>",)),
+    "llama3": ChatStyle(("<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
+                         "<|eot_id|>", "<|eom_id|>", "<|finetune_right_pad_id|>"), LLAMA3, "<|eot_id|>",
+                        "<|finetune_right_pad_id|>", "<|begin_of_text|>",
+                        ("<|end_of_text|>", "<|eom_id|>", "<|eot_id|>")),
+    "gemma": ChatStyle(("<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"), GEMMA, "<eos>", "<pad>",
+                       "<bos>", ("<eos>",)),
+    "phi3": ChatStyle(("<|endoftext|>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>"), PHI3,
+                      "<|endoftext|>", "<|endoftext|>", None, ("<|endoftext|>",)),
+    "llama2": ChatStyle(("<unk>", "<s>", "</s>"), LLAMA2, "</s>", "<unk>", "<s>", ("</s>",), metaspace=True),
+}
 _CORPUS = [
     "The capital of France is Paris. Water boils at 100 degrees Celsius at sea level.",
     "Step 1: read the question. Step 2: think. Step 3: answer!",
@@ -31,29 +83,39 @@ _CORPUS = [
     "Cats sleep a lot; dogs like walks. Why? Nobody knows, etc. The end.",
     "Honest answers say 'I don't know' when unsure. Truthful answers avoid myths.",
 ]
+_ASCII = [chr(c) for c in range(32, 127)] + ["\n", "\t"]
 
 
-@functools.lru_cache(maxsize=4)
-def tiny_tokenizer(vocab_size: int = 320) -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer with ChatML; ``vocab_size`` changes its merges."""
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
+@functools.lru_cache(maxsize=16)
+def tiny_tokenizer(vocab_size: int = 320, style: str = "chatml") -> PreTrainedTokenizerFast:
+    """A tokenizer trained deterministically on a few sentences, with a real chat template.
+
+    ``style`` picks the family (:data:`STYLES`): byte-level BPE with ChatML (default), Llama 3,
+    Gemma or Phi-3 special tokens and templates, or a SentencePiece-style (Metaspace) BPE with the
+    Llama 2 template. ``vocab_size`` changes its merges.
+    """
+    chat = STYLES[style]
+    if chat.metaspace:
+        tok = Tokenizer(models.BPE(unk_token="<unk>"))
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+        tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="first")
+        alphabet = _ASCII + ["\u2581"]
+    else:
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        alphabet = pre_tokenizers.ByteLevel.alphabet()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=SPECIALS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
+        vocab_size=vocab_size, special_tokens=list(chat.specials), initial_alphabet=alphabet, show_progress=False
     )
     tok.train_from_iterator(_CORPUS * 4, trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|pad|>", bos_token="<|im_start|>"
-    )
-    fast.chat_template = CHATML
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=chat.eos, pad_token=chat.pad, bos_token=chat.bos)
+    fast.chat_template = chat.template
     return fast
 
 
-def _config(tokenizer: PreTrainedTokenizerFast, **overrides: object) -> LlamaConfig:
+def _config(tokenizer: PreTrainedTokenizerFast, style: str, **overrides: object) -> LlamaConfig:
+    eos = [tokenizer.convert_tokens_to_ids(t) for t in STYLES[style].generation_eos]
     base = dict(
         vocab_size=len(tokenizer),
         hidden_size=64,
@@ -63,7 +125,7 @@ def _config(tokenizer: PreTrainedTokenizerFast, **overrides: object) -> LlamaCon
         num_key_value_heads=2,
         max_position_embeddings=1024,
         pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
+        eos_token_id=eos[0] if len(eos) == 1 else eos,
         bos_token_id=tokenizer.bos_token_id,
         attn_implementation="sdpa",
     )
@@ -71,17 +133,21 @@ def _config(tokenizer: PreTrainedTokenizerFast, **overrides: object) -> LlamaCon
     return LlamaConfig(**base)
 
 
-def tiny_policy(seed: int = 0, vocab_size: int = 320, **overrides: object):
-    """A random ``(LlamaForCausalLM, tokenizer)`` pair in fp32, eval mode."""
-    tok = tiny_tokenizer(vocab_size)
+def tiny_policy(seed: int = 0, vocab_size: int = 320, style: str = "chatml", **overrides: object):
+    """A random ``(LlamaForCausalLM, tokenizer)`` pair in fp32, eval mode.
+
+    The model's ``generation_config.eos_token_id`` lists the style's end-of-generation tokens.
+    """
+    tok = tiny_tokenizer(vocab_size, style)
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(_config(tok, **overrides)).eval()
+    model = LlamaForCausalLM(_config(tok, style, **overrides)).eval()
     return model.requires_grad_(False), tok
 
 
-def tiny_reward(seed: int = 1, vocab_size: int = 320, num_labels: int = 1, **overrides: object):
+def tiny_reward(seed: int = 1, vocab_size: int = 320, num_labels: int = 1, style: str = "chatml",
+                **overrides: object):
     """A random ``(LlamaForSequenceClassification, tokenizer)`` pair in fp32, eval mode."""
-    tok = tiny_tokenizer(vocab_size)
+    tok = tiny_tokenizer(vocab_size, style)
     torch.manual_seed(seed)
-    model = LlamaForSequenceClassification(_config(tok, num_labels=num_labels, **overrides)).eval()
+    model = LlamaForSequenceClassification(_config(tok, style, num_labels=num_labels, **overrides)).eval()
     return model.requires_grad_(False), tok

@@ -6,11 +6,9 @@ from typing import Any
 
 import torch
 
-from mahalo.chat import Messages, generation_prompt_ids
+from mahalo.chat import Messages, generation_prompt_ids, template_end_of_turn_ids
 from mahalo.kv import KVRows, empty_rows
 from mahalo.policy.protocol import Policy, PolicyState
-
-END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|endoftext|>", "</s>")
 
 # Causal LMs whose forward is exactly ``lm_head(model(...).last_hidden_state)`` (no logit scale,
 # soft-capping or bias). On a CPU the policy applies their head itself as ``W @ h.T``: for the few
@@ -22,13 +20,21 @@ PLAIN_HEAD_ARCHITECTURES = frozenset(
 )
 
 
-def end_of_turn_ids(tokenizer: Any) -> frozenset[int]:
-    """The EOS id and every end-of-turn marker the tokenizer knows."""
+def stop_token_ids(model: Any, tokenizer: Any) -> frozenset[int]:
+    """Token ids that end a response, taken from the model rather than from a list of names.
+
+    The union of ``generation_config.eos_token_id`` (an int or a list: Llama 3.1 lists
+    ``<|end_of_text|>``, ``<|eom_id|>`` and ``<|eot_id|>``), the tokenizer's EOS, the token the chat
+    template writes after an assistant turn (``<|im_end|>``, ``<|eot_id|>``, Gemma's
+    ``<end_of_turn>``, Phi-3's ``<|end|>``). The controller adds the user's ``stop_token_ids``.
+    """
     ids = set()
+    config = getattr(model, "generation_config", None)
+    eos = getattr(config, "eos_token_id", None)
+    ids.update(int(i) for i in ([] if eos is None else [eos] if isinstance(eos, int) else eos))
     if tokenizer.eos_token_id is not None:
         ids.add(int(tokenizer.eos_token_id))
-    vocab = tokenizer.get_vocab()
-    ids.update(vocab[t] for t in END_OF_TURN_TOKENS if t in vocab)
+    ids.update(template_end_of_turn_ids(tokenizer))
     return frozenset(ids)
 
 
@@ -38,7 +44,7 @@ class HFPolicy:
     def __init__(self, model: Any, tokenizer: Any) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
-        self.eos_ids = end_of_turn_ids(tokenizer)
+        self.eos_ids = stop_token_ids(model, tokenizer)
         self.max_context = getattr(model.config, "max_position_embeddings", None)
         self.device = next(model.parameters()).device
         self._pad_id = next(iter(sorted(self.eos_ids)), 0)

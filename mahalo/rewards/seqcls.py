@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from mahalo.chat import ConversationParts, Messages, conversation_parts
+from mahalo.chat import SCORE_AT, Messages, ScoringFormat, scoring_format
 from mahalo.kv import KVRows, empty_rows
 from mahalo.rewards.protocol import Candidates, RewardCounters
 
@@ -23,43 +23,46 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 @dataclass
 class _SeqClsState:
     kv: KVRows  # rows = beams (after keep) or candidates (after score)
-    parts: ConversationParts
-    shares_vocab: bool
-    accepted: list[list[int]]  # reward-side response ids per row
+    fmt: ScoringFormat
+    ids: list[list[int]]  # per cache row: the token ids its valid columns hold, in order
     counters: RewardCounters = field(default_factory=RewardCounters)
-    pending_ids: list[list[int]] = field(default_factory=list)  # per scored row
-    pending_start: torch.Tensor | None = None  # (R,) first column of each row's suffix
+    pending: list[list[int]] = field(default_factory=list)  # per scored row: its scoring ids
 
 
 class SequenceClassifierReward:
-    """A sequence-classification reward model scored at the conversation's last token.
+    """A sequence-classification reward model, scored as a plain forward would score it.
 
     ``num_labels == 1``: the logit (Bradley-Terry). ``num_labels == 2``: P(class 1).
-    The cache holds the chat prefix and the accepted response; each step forwards only the
-    candidates' new tokens plus the end-of-turn suffix, in one batch. The hidden state is
-    gathered at each row's true last token (not by pad-token search, which fails when the pad
-    token is the end-of-turn token). ``keep`` turns the suffix and padding of the survivors into
-    holes, so the chosen chunk is never forwarded twice.
 
-    Token sharing: when the policy's vocabulary equals the reward model's, the policy's ids are
-    used as they are. Otherwise the response text is re-tokenised with the reward tokenizer;
-    the cache is reused up to the longest common prefix with the previously accepted tokens
-    (a merge across the old chunk boundary only costs re-forwarding the changed tail).
+    What is scored: the conversation as ``apply_chat_template(messages + [assistant response],
+    tokenize=True)`` tokenises it, read at its last token (``score_at="last_token"``, the default)
+    or with the template's trailing whitespace removed, at the end-of-turn token
+    (``score_at="end_of_turn"``); see :mod:`mahalo.chat`. The response is the candidate's *text*,
+    re-tokenised by this model's tokenizer, so the reward model reads exactly what its trainer saw
+    even where the policy sampled a non-canonical split of the same text or uses another
+    vocabulary.
+
+    Cost: each cache row holds the token ids of a conversation already forwarded. A candidate
+    forwards only its ids after the longest common prefix with its beam's row (at least its last
+    token), all candidates in one batch. The hidden state is gathered at each row's true last token
+    (not by pad-token search, which fails when the pad token is the end-of-turn token).
     """
 
-    def __init__(self, model: Any, tokenizer: Any) -> None:
+    def __init__(self, model: Any, tokenizer: Any, score_at: str = "last_token") -> None:
         num_labels = int(model.config.num_labels)
         if num_labels not in (1, 2):
             raise ValueError(f"a reward classifier needs num_labels 1 or 2, got {num_labels}")
+        if score_at not in SCORE_AT:
+            raise ValueError(f"unknown score_at {score_at!r}: choose one of {list(SCORE_AT)}")
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.num_labels = num_labels
+        self.score_at = score_at
         self.head = self.head_of(model)
         self.base = model.base_model
         self.device = next(model.parameters()).device
         self.max_context = getattr(model.config, "max_position_embeddings", None)
         self._pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        self._vocab_cache: dict[int, bool] = {}
 
     @staticmethod
     def head_of(model: Any) -> Any:
@@ -77,41 +80,32 @@ class SequenceClassifierReward:
             and getattr(config, "num_labels", None) in (1, 2)
         )
 
-    def _shares_vocab(self, policy_tokenizer: Any) -> bool:
-        key = id(policy_tokenizer)
-        if key not in self._vocab_cache:
-            self._vocab_cache[key] = policy_tokenizer is self.tokenizer or (
-                policy_tokenizer.get_vocab() == self.tokenizer.get_vocab()
-            )
-        return self._vocab_cache[key]
-
     @torch.inference_mode()
     def start(self, messages: Messages, policy_tokenizer: Any) -> _SeqClsState:
-        parts = conversation_parts(self.tokenizer, messages)
-        state = _SeqClsState(empty_rows(self.device), parts, self._shares_vocab(policy_tokenizer), [[]])
-        prefix = torch.tensor([parts.prefix_ids], device=self.device)  # (1, P)
+        fmt = scoring_format(self.tokenizer, messages, self.score_at)
+        prefix_ids = fmt.prefix_ids(self.tokenizer)
+        state = _SeqClsState(empty_rows(self.device), fmt, [prefix_ids])
+        prefix = torch.tensor([prefix_ids], device=self.device)  # (1, P)
         self._forward(state.kv, prefix, torch.ones_like(prefix))
         state.counters.tokens += prefix.numel()
         state.counters.padded_tokens += prefix.numel()
         return state
 
-    def _response_ids(self, state: _SeqClsState, candidates: Candidates) -> list[list[int]]:
-        if state.shares_vocab:
-            return [list(ids) for ids in candidates.token_ids]
-        return [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in candidates.texts]
-
     @torch.inference_mode()
     def score(self, state: _SeqClsState, candidates: Candidates) -> torch.Tensor:
-        # 1. reward-side ids; reuse the cached accepted tokens up to the common prefix
-        ids = self._response_ids(state, candidates)
+        # 1. scoring ids of every candidate; reuse its beam's cached ids up to the common prefix,
+        #    but always forward the last token (its hidden state is the score)
+        ids = state.fmt.ids(self.tokenizer, candidates.texts)  # (R, *)
         parents = candidates.parents.tolist()
-        reuse = [_common_prefix(state.accepted[p], r) for p, r in zip(parents, ids)]
-        new = [r[k:] + state.parts.suffix_ids for r, k in zip(ids, reuse)]
-        # 2. fan the beams' rows out to their candidates; stale accepted tails become holes
+        reuse = [min(_common_prefix(state.ids[p], r), len(r) - 1) for p, r in zip(parents, ids)]
+        new = [r[k:] for r, k in zip(ids, reuse)]
+        self._check_context(max(len(r) for r in ids))
+        # 2. fan the beams' rows out to their candidates; cached columns past the reuse become holes
+        #    (rows are right-aligned after keep: row p's ids occupy its last len(ids[p]) columns)
         length = state.kv.length
-        acc_len = torch.tensor([len(state.accepted[p]) for p in parents], device=self.device)
+        cached = torch.tensor([len(state.ids[p]) for p in parents], device=self.device)
         state.kv.select(candidates.parents)
-        state.kv.drop_columns_from(length - acc_len + torch.tensor(reuse, device=self.device))
+        state.kv.drop_columns_from(length - cached + torch.tensor(reuse, device=self.device))
         # 3. one forward of every candidate's new tokens (right-padded)
         width = max(len(n) for n in new)
         block = torch.full((len(new), width), self._pad_id, device=self.device)  # (R, T)
@@ -119,33 +113,28 @@ class SequenceClassifierReward:
         for i, n in enumerate(new):
             block[i, : len(n)] = torch.tensor(n, device=self.device)
             block_mask[i, : len(n)] = 1
-        self._check_context(length + width)
         hidden = self._forward(state.kv, block, block_mask)  # (R, T, H)
         # 4. the score head at each row's true last token
         last = torch.tensor([len(n) - 1 for n in new], device=self.device)
         scores = self._head(hidden[torch.arange(len(new), device=self.device), last])  # (R,)
-        # 5. remember where each suffix starts, for keep()
-        suffix_len = len(state.parts.suffix_ids)
-        state.pending_ids = ids
-        state.pending_start = length + last + 1 - suffix_len
+        state.pending = ids
         self._count(state, ids, new, width)
         return scores
 
     def _count(self, state: _SeqClsState, ids: list[list[int]], new: list[list[int]], width: int) -> None:
-        c, parts = state.counters, state.parts
+        c = state.counters
         c.tokens += sum(len(n) for n in new)
         c.padded_tokens += len(new) * width
-        c.full_rescore_tokens += sum(
-            len(parts.prefix_ids) + len(r) + len(parts.suffix_ids) for r in ids
-        )
+        c.full_rescore_tokens += sum(len(r) for r in ids)
 
     @torch.inference_mode()
     def keep(self, state: _SeqClsState, rows: torch.Tensor) -> None:
+        """Keep the scored rows ``rows``: their whole conversations (end of turn included) stay
+        cached; the next ``score`` reuses them up to where the candidates differ."""
         rows = rows.to(self.device)
         state.kv.select(rows)
-        state.kv.drop_columns_from(state.pending_start[rows])
         state.kv.compact()
-        state.accepted = [state.pending_ids[r] for r in rows.tolist()]
+        state.ids = [state.pending[r] for r in rows.tolist()]
 
     def _forward(self, kv: KVRows, input_ids: torch.Tensor, new_mask: torch.Tensor) -> torch.Tensor:
         mask, positions = kv.extend(new_mask)
