@@ -57,7 +57,7 @@ def time_step(policy: HFPolicy, ids: list[int], rows: int, steps: int, repeats: 
     """Median milliseconds of one decode step of ``rows`` rows (a fresh fan-out per block)."""
     times = []
     for _ in range(repeats + 1):  # the first block warms up and is dropped
-        state = policy.prefill(ids)
+        state = policy.prefill([ids])
         state.select(torch.zeros(rows, dtype=torch.long))  # (R,) rows forked from the prompt
         tokens, feed = torch.full((rows,), 100), torch.ones(rows, dtype=torch.bool)  # (R,)
         t0 = time.perf_counter()

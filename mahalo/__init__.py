@@ -1,8 +1,8 @@
 """mahalo: PRM-guided, batched step-level decoding with two-sided KV-cache reuse."""
 
-from mahalo.api import guided_generate
+from mahalo.api import guided_generate, guided_generate_many
 from mahalo.config import GuideConfig
 from mahalo.result import Candidate, GuidedResult, Stats, Step
 
-__all__ = ["guided_generate", "GuideConfig", "GuidedResult", "Step", "Candidate", "Stats"]
+__all__ = ["guided_generate", "guided_generate_many", "GuideConfig", "GuidedResult", "Step", "Candidate", "Stats"]
 __version__ = "0.1.0"

@@ -1,16 +1,61 @@
-"""The public library entry: :func:`guided_generate`."""
+"""The public library entry: :func:`guided_generate` and :func:`guided_generate_many`."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
-from mahalo.chat import Messages, as_messages
+from mahalo.chat import Messages
 from mahalo.config import GuideConfig, config_from_options
 from mahalo.engine.controller import Controller
+from mahalo.engine.scheduler import max_prompts_for, schedule
 from mahalo.policy import as_policy
 from mahalo.result import GuidedResult
 from mahalo.rewards import as_reward
+
+ERRORS = ("raise", "return")
+
+
+def guided_generate_many(
+    policy: Any,
+    prms: Mapping[str, Any] | None,
+    prompts: Iterable[str | Messages],
+    *,
+    config: GuideConfig | None = None,
+    errors: str = "raise",
+    **options: Any,
+) -> Iterator[tuple[int, GuidedResult]]:
+    """Answer many prompts, several in flight at once, guided by the reward models ``prms``.
+
+    Prompts in flight decode in lockstep (one policy batch, one reward-model batch per step); a
+    finished prompt's rows go to the next prompt at the following step. A prompt gets the same
+    answer as it would alone: each row samples from its own seeded stream.
+
+    Args:
+        policy, prms: as for :func:`guided_generate`.
+        prompts: user messages or chat message lists, read lazily.
+        config, **options: as for :func:`guided_generate`, plus ``max_prompts`` (prompts in
+            flight; 0 picks for the device) and ``max_rows`` (a bound on policy rows).
+        errors: ``raise`` (a failing prompt raises its ``ValueError``) or ``return`` (it is
+            yielded as ``(index, ValueError)`` and the others go on).
+
+    Yields:
+        ``(input index, GuidedResult)`` as each prompt finishes (not in input order).
+
+    Raises:
+        ValueError: an invalid option or model (before anything is decoded), or a failing prompt
+            with ``errors="raise"``.
+    """
+    if errors not in ERRORS:
+        raise ValueError(f"errors must be one of {list(ERRORS)}, got {errors!r}")
+    cfg = config_from_options(config, **options)
+    rewards = {name: as_reward(obj, name) for name, obj in dict(prms or {}).items()}
+    controller = Controller(as_policy(policy), rewards, cfg)
+    limit = max_prompts_for(controller, cfg.batch.max_prompts)
+    for index, out in schedule(controller, prompts, limit, cfg.batch.max_rows):
+        if isinstance(out, ValueError) and errors == "raise":
+            raise out
+        yield index, out
 
 
 def guided_generate(
@@ -32,8 +77,9 @@ def guided_generate(
         config: a base :class:`GuideConfig` (defaults: MAHALO's step best-of-5); ``options``
             override its fields.
         **options: ``strategy``, ``num_candidates``, ``beam_width``, ``weights``, ``normalize``,
-            ``temperature``, ``top_k``, ``top_p``, ``step``, ``min_step_tokens``,
-            ``max_step_tokens``, ``max_new_tokens``, ``seed`` (see :mod:`mahalo.config`).
+            ``temperature``, ``top_k``, ``top_p``, ``stop_token_ids``, ``step``,
+            ``min_step_tokens``, ``max_step_tokens``, ``max_new_tokens``, ``seed``, ``dedupe``,
+            ``length_penalty`` (see :mod:`mahalo.config`).
 
     Returns:
         a :class:`GuidedResult`: the text, every step's candidates and scores, and the cost.
@@ -41,8 +87,5 @@ def guided_generate(
     Raises:
         ValueError: an invalid option, prompt, model or weight; the message says which.
     """
-    cfg = config_from_options(config, **options)
-    prms = dict(prms or {})
-    rewards = {name: as_reward(obj, name) for name, obj in prms.items()}
-    controller = Controller(as_policy(policy), rewards, cfg)
-    return controller.run(as_messages(prompt))
+    ((_, result),) = guided_generate_many(policy, prms, [prompt], config=config, **options)
+    return result

@@ -100,15 +100,24 @@ class ScoringFormat:
             response = response.lstrip()
         return response.rstrip() if self.strip_right else response
 
+    def text(self, response: str) -> str:
+        """What is tokenised after ``head_ids`` for ``response``."""
+        text = self.anchor + self.content(response) + self.suffix
+        return text.rstrip() if self.rstrip else text
+
     def ids(self, tokenizer: Any, responses: list[str]) -> list[list[int]]:
         """Scoring ids of each response, one batched tokeniser call."""
-        texts = [self.anchor + self.content(r) + self.suffix for r in responses]
-        texts = [t.rstrip() for t in texts] if self.rstrip else texts
-        return [self.head_ids + list(e) for e in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+        return scoring_ids(tokenizer, [self] * len(responses), responses)
 
     def prefix_ids(self, tokenizer: Any) -> list[int]:
         """Ids of the conversation before the response (what a reward model prefills)."""
         return self.head_ids + _encode(tokenizer, self.anchor)
+
+
+def scoring_ids(tokenizer: Any, formats: list[ScoringFormat], responses: list[str]) -> list[list[int]]:
+    """Scoring ids of each response under its own prompt's format, one batched tokeniser call."""
+    encoded = tokenizer([f.text(r) for f, r in zip(formats, responses)], add_special_tokens=False)["input_ids"]
+    return [f.head_ids + list(e) for f, e in zip(formats, encoded)]
 
 
 def scoring_format(tokenizer: Any, messages: Messages, score_at: str = "last_token") -> ScoringFormat:

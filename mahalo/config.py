@@ -185,6 +185,30 @@ class ObjectiveConfig:
 
 
 @dataclass
+class BatchConfig:
+    """How many prompts decode together (:func:`mahalo.guided_generate_many`, prompt files).
+
+    Prompts in flight decode in lockstep: their rows share every policy forward and every reward
+    model forward, and a prompt that finishes makes room for the next at the following step. A
+    prompt's answer does not depend on which prompts share its batch.
+    """
+
+    max_prompts: int = 0
+    """Prompts in flight at once, >= 0. 0 picks for the policy's device: 8 on a CPU (the best of
+    1-16 in benchmarks/throughput.py on a 2-core CPU), 32 on a GPU (not measured yet: run
+    benchmarks/gpu_check.sh)."""
+    max_rows: int = 0
+    """At most this many policy rows in flight, >= 0 (a prompt holds up to B*N rows, at its first
+    step). 0: no limit besides ``max_prompts``. Bounds the KV memory of wide searches."""
+
+    def __post_init__(self) -> None:
+        _check(_is_int(self.max_prompts) and self.max_prompts >= 0,
+               f"max_prompts must be an integer >= 0 (0 = pick for the device), got {self.max_prompts!r}")
+        _check(_is_int(self.max_rows) and self.max_rows >= 0,
+               f"max_rows must be an integer >= 0 (0 = no limit), got {self.max_rows!r}")
+
+
+@dataclass
 class GuideConfig:
     """Everything :func:`mahalo.guided_generate` needs besides models and prompt."""
 
@@ -192,9 +216,15 @@ class GuideConfig:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     step: StepConfig = field(default_factory=StepConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    batch: BatchConfig = field(default_factory=BatchConfig)
 
     def __post_init__(self) -> None:
         b, n = self.search.shape
+        _check(
+            self.batch.max_rows == 0 or self.batch.max_rows >= b * n,
+            f"max_rows ({self.batch.max_rows}) is below the {b * n} rows one prompt needs (B*N = {b}*{n}): "
+            "raise max_rows or set it to 0",
+        )
         _check(
             self.sampling.temperature > 0 or (b == 1 and n == 1),
             f"temperature=0 (greedy) makes all {b * n} candidates of {self.search.strategy} the same token for "
@@ -237,6 +267,8 @@ OPTIONS: dict[str, tuple[str, str]] = {
     "max_step_tokens": ("step", "max_step_tokens"),
     "weights": ("objective", "weights"),
     "normalize": ("objective", "normalize"),
+    "max_prompts": ("batch", "max_prompts"),
+    "max_rows": ("batch", "max_rows"),
 }
 
 
@@ -254,6 +286,7 @@ def config_from_options(base: GuideConfig | None = None, **options: object) -> G
         "sampling": dict(vars(base.sampling)),
         "step": dict(vars(base.step)),
         "objective": dict(vars(base.objective)),
+        "batch": dict(vars(base.batch)),
     }
     for key, value in options.items():
         section, name = OPTIONS[key]
@@ -263,4 +296,5 @@ def config_from_options(base: GuideConfig | None = None, **options: object) -> G
         sampling=SamplingConfig(**sections["sampling"]),
         step=StepConfig(**sections["step"]),
         objective=ObjectiveConfig(**sections["objective"]),
+        batch=BatchConfig(**sections["batch"]),
     )

@@ -4,7 +4,7 @@
     python -m mahalo.decode +objective=truth_concise prompts=qs.jsonl output=out.jsonl
     python -m mahalo.decode +objective=human_values models=llama3_8b search=step_beam
 
-compose (Hydra) -> RunConfig (typed, validated) -> load models -> guided_generate per prompt
+compose (Hydra) -> RunConfig (typed, validated) -> load models -> guided_generate_many (prompts in flight)
 -> JSONL records -> rich summary. Bad input ends with one line on stderr and exit code 2.
 """
 
@@ -32,7 +32,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from mahalo.api import guided_generate
+from mahalo.api import guided_generate_many
 from mahalo.app.config import RESUMABLE_KEYS, RunConfig
 from mahalo.app.io import (
     Existing,
@@ -154,6 +154,7 @@ class Outcome:
 
     results: list[GuidedResult] = field(default_factory=list)
     errors: list[tuple[int, str]] = field(default_factory=list)
+    elapsed_s: float = 0.0  # decoding, models loaded
 
 
 def _check_resume(cfg: RunConfig, found: Existing, config: dict[str, Any]) -> None:
@@ -191,20 +192,21 @@ def run(cfg: RunConfig, console: Console) -> Outcome:
     console.print(f"models loaded in {time.perf_counter() - t0:.1f} s", style="dim")
     policy = as_policy(models.policy)
     prms = {n: as_reward(models.rewards.get(n) or PROGRAMMATIC[n], n) for n in objectives}
-    guide = cfg.guide()
+    t1 = time.perf_counter()
+    answers = guided_generate_many(policy, prms, [it.prompt for it in todo], config=cfg.guide(), errors="return")
     with ResultWriter(cfg.output) as writer, _progress(console, len(todo) > 1) as bar:
         task = bar.add_task("decoding", total=len(todo))
-        for item in todo:
-            try:
-                res = guided_generate(policy, prms, item.prompt, config=guide)
-            except ValueError as err:
-                print(f"mahalo: error: prompt {item.index}: {err}", file=sys.stderr)
-                writer.write(_error_record(item, str(err), config))
-                outcome.errors.append((item.index, str(err)))
+        for k, res in answers:  # as each prompt finishes
+            item = todo[k]
+            if isinstance(res, ValueError):
+                print(f"mahalo: error: prompt {item.index}: {res}", file=sys.stderr)
+                writer.write(_error_record(item, str(res), config))
+                outcome.errors.append((item.index, str(res)))
             else:
                 writer.write(_record(item, res, config))
                 outcome.results.append(res)
             bar.advance(task)
+    outcome.elapsed_s = time.perf_counter() - t1
     return outcome
 
 
@@ -248,8 +250,8 @@ def _steps_table(res: GuidedResult) -> Table:
     return table
 
 
-def show_summary(results: list[GuidedResult], console: Console, errors: int = 0) -> None:
-    """A table over all prompts: count, errors, mean reward per objective, tokens/s, time."""
+def show_summary(results: list[GuidedResult], console: Console, errors: int = 0, elapsed: float = 0.0) -> None:
+    """A table over all prompts: count, errors, mean reward per objective, throughput, time."""
     table = Table(title="summary")
     table.add_column("metric")
     table.add_column("value", justify="right")
@@ -263,10 +265,11 @@ def show_summary(results: list[GuidedResult], console: Console, errors: int = 0)
         mean = sum(r.scores[name] for r in results) / len(results)
         table.add_row(f"mean {name}", f"{mean:.3f}")
     tokens = sum(r.stats.response_tokens for r in results)
-    wall = sum(r.stats.wall_s for r in results)
-    table.add_row("response tokens/s", f"{tokens / wall:.1f}" if wall else "-")
-    table.add_row("seconds per prompt", f"{wall / len(results):.2f}")
-    table.add_row("total seconds", f"{wall:.1f}")
+    elapsed = elapsed or sum(r.stats.wall_s for r in results)
+    table.add_row("response tokens/s", f"{tokens / elapsed:.1f}" if elapsed else "-")
+    table.add_row("prompts per minute", f"{60 * (len(results) + errors) / elapsed:.1f}" if elapsed else "-")
+    table.add_row("seconds per prompt in flight (mean)", f"{sum(r.stats.wall_s for r in results) / len(results):.2f}")
+    table.add_row("total seconds", f"{elapsed:.1f}")
     console.print(table)
 
 
@@ -294,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.prompt is not None and outcome.results:
         show_single(outcome.results[0], console, cfg.verbose)
     elif outcome.results or outcome.errors:
-        show_summary(outcome.results, console, len(outcome.errors))
+        show_summary(outcome.results, console, len(outcome.errors), outcome.elapsed_s)
     if outcome.errors:
         where = f" (records with an \"error\" field in {cfg.output}; delete them to retry)" if cfg.output else ""
         print(f"mahalo: {len(outcome.errors)} of {len(outcome.errors) + len(outcome.results)} prompts failed{where}",

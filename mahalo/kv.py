@@ -6,9 +6,11 @@ that had already ended its step, or a reward model's end-of-turn suffix that is 
 wanted. Holes are invisible to attention, and position ids are ``cumsum(mask) - 1``, so a row
 with holes computes exactly what a full forward of its valid tokens computes.
 
-Rows are fanned out and selected by index (one gather per layer, never a deepcopy), and
-compacted at most once per step: valid columns are right-aligned per row, so holes become left
-padding, and columns that are padding in every row are dropped.
+Rows are fanned out and selected by index (one gather per layer, never a deepcopy). Rows of
+different prompts live side by side: :meth:`KVRows.cat` appends rows, left-padding the shorter
+cache with holes. Holes cost attention work, not correctness, so :meth:`KVRows.tidy` slices off
+columns that are holes in every row (cheap) and right-aligns rows (a gather over every layer) only
+when holes fill a large part of the cache.
 """
 
 from __future__ import annotations
@@ -61,6 +63,42 @@ class KVRows:
         cols = torch.arange(self.length, device=self.mask.device)[None, :]  # (1, L)
         self.mask = self.mask.masked_fill(cols >= start.to(self.mask.device)[:, None], 0)
 
+    def keep_valid(self, count: torch.Tensor) -> None:
+        """Keep the first ``count[r]`` valid columns of row r (R,); later valid columns become holes."""
+        seen = self.mask.cumsum(dim=1)  # (R, L) valid columns up to and including each column
+        self.mask = self.mask * (seen <= count.to(self.mask.device)[:, None]).to(self.mask.dtype)
+
+    def cat(self, other: KVRows) -> None:
+        """Append ``other``'s rows after these (the shorter cache is left-padded with holes)."""
+        if self.rows == 0 or not _filled_layers(self.cache):
+            self.cache, self.mask = other.cache, other.mask
+            return
+        length = max(self.length, other.length)
+        for mine, theirs in zip(self.cache.layers, other.cache.layers):
+            mine.keys = torch.cat([_left_pad(mine.keys, length), _left_pad(theirs.keys, length)], dim=0)
+            mine.values = torch.cat([_left_pad(mine.values, length), _left_pad(theirs.values, length)], dim=0)
+        pad = [torch.nn.functional.pad(m, (length - m.shape[1], 0)) for m in (self.mask, other.mask.to(self.mask))]
+        self.mask = torch.cat(pad, dim=0)
+
+    def tidy(self, max_hole_fraction: float = 0.25) -> None:
+        """Cheap upkeep between steps: slice off columns that are holes in every row at either
+        end; right-align rows (:meth:`compact`) only when more than ``max_hole_fraction`` of the
+        cells are still holes."""
+        if self.rows == 0 or self.length == 0:
+            return
+        any_valid = self.mask.bool().any(dim=0)  # (L,)
+        if not bool(any_valid.any()):
+            return
+        cols = any_valid.nonzero()[:, 0]
+        first, last = int(cols[0]), int(cols[-1]) + 1
+        if first > 0 or last < self.length:
+            self.mask = self.mask[:, first:last]
+            for layer in _filled_layers(self.cache):
+                layer.keys, layer.values = layer.keys[:, :, first:last], layer.values[:, :, first:last]
+        holes = 1.0 - float(self.mask.sum()) / self.mask.numel()
+        if holes > max_hole_fraction:
+            self.compact()
+
     def compact(self) -> None:
         """Right-align each row's valid columns and drop columns that are holes in all rows."""
         valid = self.mask.bool()  # (R, L)
@@ -87,6 +125,11 @@ class KVRows:
             )
 
 
+def _left_pad(x: torch.Tensor, length: int) -> torch.Tensor:
+    """Left-pad cache tensor ``x`` (R, H, L, D) with zeros to ``length`` columns."""
+    return torch.nn.functional.pad(x, (0, 0, length - x.shape[2], 0))
+
+
 def _filled_layers(cache: DynamicCache) -> list:
     """The cache layers that hold tensors."""
     return [ly for ly in cache.layers if getattr(ly, "keys", None) is not None and ly.keys.numel()]
@@ -99,6 +142,6 @@ def _is_right_aligned(valid: torch.Tensor) -> bool:
     return bool((seen == valid).all())
 
 
-def empty_rows(device: torch.device | str = "cpu") -> KVRows:
-    """A fresh single-row, zero-length cache."""
-    return KVRows(DynamicCache(), torch.ones(1, 0, dtype=torch.long, device=device))
+def empty_rows(device: torch.device | str = "cpu", rows: int = 1) -> KVRows:
+    """A fresh zero-length cache of ``rows`` rows."""
+    return KVRows(DynamicCache(), torch.ones(rows, 0, dtype=torch.long, device=device))

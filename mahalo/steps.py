@@ -234,3 +234,38 @@ def token_table(tokenizer: Any, boundary: StepBoundary) -> TokenTable:
             may_end=[boundary.may_end(t) for t in texts],
         )
     return per_tokenizer[key]
+
+
+# --------------------------------------------------------------------------- incremental text
+
+
+class ChunkText:
+    """A chunk's text as it reads after its beam's last tokens, detokenised incrementally.
+
+    Only the tokens added since the last read are decoded, with a short window of earlier tokens
+    for the spaces and merges that depend on them (vLLM's scheme); a decode that ends in an
+    incomplete character waits for the next token.
+    """
+
+    WINDOW = 4  # earlier tokens decoded with new ones
+
+    def __init__(self, decode: Any, context: list[int]) -> None:
+        self.decode = decode
+        self.ids = list(context[-self.WINDOW:])
+        self.prefix = 0  # ids[prefix:read] are the window of the last read
+        self.read = len(self.ids)  # ids before this are in ``text`` (or are context)
+        self.text = ""
+
+    def append(self, token: int) -> None:
+        self.ids.append(token)
+
+    def current(self) -> str:
+        """The chunk's text so far."""
+        if self.read < len(self.ids):
+            before = self.decode(self.ids[self.prefix:self.read])
+            full = self.decode(self.ids[self.prefix:])
+            if not full.endswith("\ufffd"):
+                self.text += full[len(before):] if full.startswith(before) else self.decode(self.ids[self.read:])
+                self.read = len(self.ids)
+                self.prefix = max(self.read - self.WINDOW, 0)
+        return self.text

@@ -67,12 +67,12 @@ class ScriptedPolicy:
         model = LlamaForCausalLM(config).eval().requires_grad_(False)
 
         class _Scripted(HFPolicy):
-            def prefill(self, ids):
-                self.prompt_len = len(ids)
-                return super().prefill(ids)
+            def prefill(self, prompts):
+                self.prompt_len = len(prompts[0])
+                return super().prefill(prompts)
 
-            def _forward(self, kv, input_ids, new_mask):
-                logits = super()._forward(kv, input_ids, new_mask)
+            def _forward(self, kv, input_ids, new_mask, last=None):
+                logits = super()._forward(kv, input_ids, new_mask, last)
                 fed = (kv.valid_counts() - self.prompt_len).tolist()  # (R,) response tokens fed so far
                 nxt = torch.tensor([script[p] if p < len(script) else eos for p in fed])
                 out = torch.full_like(logits, -1e4)

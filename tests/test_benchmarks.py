@@ -20,7 +20,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks import common, compare_reference, step_cost, sweep, truthfulqa  # noqa: E402
+from benchmarks import common, compare_reference, gpu_check, step_cost, sweep, throughput, truthfulqa  # noqa: E402
 
 HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 HAS_MINILM = importlib.util.find_spec(truthfulqa.MINILM_PACKAGE) is not None
@@ -174,6 +174,30 @@ def test_step_cost_main(tmp_path, capsys):
     assert [(r["path"], r["rows"]) for r in rows] == [(p, n) for n in ("1", "3") for p in step_cost.PATHS]
     assert all(float(r["ms_per_step"]) > 0 for r in rows)
     assert [float(r["vs_smallest_batch"]) for r in rows[:2]] == [1.0, 1.0]
+
+
+def test_throughput_main(questions_csv, tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = _common_argv(questions_csv, out) + ["--num-prompts", "2", "--max-prompts", "1,2", "--max-new-tokens", "12",
+                                               "--reference-prompts", "1", "--no-plot", "--warmup", "0"]
+    assert throughput.main(argv) == 0
+    assert "throughput" in capsys.readouterr().out
+    rows = json.loads((out / "throughput.json").read_text())["rows"]
+    assert [(r["engine"], r["max_prompts"]) for r in rows] == [("mahalo", 1), ("mahalo", 2), ("reference", 1)]
+    assert all(r["questions_per_min"] > 0 for r in rows)
+    assert [r["same_as_first"] for r in rows] == [True, True, None]  # batch composition never changes an answer
+
+
+def test_gpu_check_runs_on_a_tiny_shape(tmp_path, capsys):
+    """The GPU script is prepared on CPU: the same code on a tiny shape."""
+    assert gpu_check.main(["--shape", "tiny", "--out", str(tmp_path), "--max-prompts", "1,4", "--rows", "2,5",
+                           "--max-new-tokens", "16", "--reference-tokens", "8"]) == 0
+    out = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert [r["rows"] for r in out["decode_step"]] == [2, 5] and all(r["ms"] > 0 for r in out["decode_step"])
+    assert [r["max_prompts"] for r in out["throughput"]] == [1, 4]
+    assert out["reference"]["s_per_token"] > 0 and set(out["targets"]) == {
+        "step_160_rows_within_2x_roofline", "max_prompts_32_vs_1", "max_prompts_32_vs_reference"}
+    assert "weight-read floor" in capsys.readouterr().out
 
 
 def test_truthfulqa_paired_differences():

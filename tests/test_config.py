@@ -7,7 +7,7 @@ import torch
 
 from mahalo import guided_generate
 from mahalo.config import SamplingConfig
-from mahalo.sampling import filter_logits, sample_tokens
+from mahalo.sampling import child_stream, filter_logits, root_stream, sample_tokens
 
 
 @pytest.mark.parametrize("options, message", [
@@ -63,10 +63,10 @@ def test_top_k_top_p_filtering():
     assert torch.isinf(k2[0, 2:]).all() and torch.isfinite(k2[0, :2]).all()
     p = filter_logits(logits, SamplingConfig(top_k=0, top_p=0.8))
     assert torch.isfinite(p[0, :2]).all() and torch.isinf(p[0, 2:]).all()
-    g = torch.Generator().manual_seed(0)
-    draws = [int(sample_tokens(logits, SamplingConfig(top_k=1), g)) for _ in range(20)]
-    assert draws == [0] * 20
-    assert int(sample_tokens(logits, SamplingConfig(temperature=0), g)) == 0
+    streams, positions = torch.arange(20), torch.zeros(20, dtype=torch.long)
+    draws = sample_tokens(logits.expand(20, 4), SamplingConfig(top_k=1), streams, positions)
+    assert draws.tolist() == [0] * 20
+    assert int(sample_tokens(logits, SamplingConfig(temperature=0), streams[:1], positions[:1])) == 0
 
 
 def test_top_k_fast_path_matches_masked_distribution():
@@ -75,8 +75,32 @@ def test_top_k_fast_path_matches_masked_distribution():
     logits = torch.randn(1, 50) * 2
     cfg = SamplingConfig(temperature=0.7, top_k=5, top_p=0.9)
     expected = torch.softmax(filter_logits(logits, cfg), -1)[0]
-    g = torch.Generator().manual_seed(1)
-    draws = sample_tokens(logits.expand(20000, 50), cfg, g)
-    freq = torch.bincount(draws, minlength=50).double() / draws.numel()
-    assert set(draws.unique().tolist()) <= set(expected.nonzero()[:, 0].tolist())
-    assert (freq - expected.double()).abs().max() < 0.015
+    streams = torch.tensor([root_stream(s) for s in range(20000)])
+    for draws in (sample_tokens(logits.expand(20000, 50), cfg, streams, torch.zeros(20000, dtype=torch.long)),
+                  sample_tokens(logits.expand(20000, 50), cfg, streams[:1].expand(20000), torch.arange(20000))):
+        freq = torch.bincount(draws, minlength=50).double() / draws.numel()
+        assert set(draws.unique().tolist()) <= set(expected.nonzero()[:, 0].tolist())
+        assert (freq - expected.double()).abs().max() < 0.015
+
+
+def test_full_vocabulary_path_draws_the_same_tokens_as_top_k():
+    """The noise of a token depends on its id, not its rank: top-k on and off agree where the
+    k best hold all the mass."""
+    torch.manual_seed(0)
+    logits = torch.randn(64, 30)
+    logits[:, 5:] = float("-inf")
+    streams, positions = torch.tensor([root_stream(s) for s in range(64)]), torch.arange(64)
+    fast = sample_tokens(logits, SamplingConfig(top_k=5), streams, positions)
+    full = sample_tokens(logits, SamplingConfig(top_k=0), streams, positions)
+    assert torch.equal(fast, full) and len(set(fast.tolist())) > 1
+
+
+def test_streams_are_independent_of_the_batch():
+    torch.manual_seed(0)
+    logits = torch.randn(8, 40)
+    streams, positions = torch.tensor([child_stream(root_stream(3), c) for c in range(8)]), torch.arange(8) + 11
+    together = sample_tokens(logits, SamplingConfig(), streams, positions)
+    alone = [int(sample_tokens(logits[i:i + 1], SamplingConfig(), streams[i:i + 1], positions[i:i + 1]))
+             for i in range(8)]
+    assert together.tolist() == alone
+    assert child_stream(12345, 0) == 12345 and child_stream(12345, 1) != child_stream(12345, 2)

@@ -205,3 +205,44 @@ def test_embedded_reward_reads_where_its_head_was_trained():
                 worst = max(worst, abs(cand.scores["truth"] - float(rm.score(h)[0, 0])))
     assert worst <= 1e-4, worst
     assert ModelConfig(kind="embedded", score_at="last_token").score_at == "last_token"
+
+
+def test_attention_backend_auto(monkeypatch):
+    from mahalo.app.load import resolve_attention
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolve_attention("auto", cpu, torch.bfloat16) == "sdpa"
+    assert resolve_attention("eager", cpu, torch.float32) == "eager"
+    real = load.importlib.util.find_spec
+    monkeypatch.setattr(load.importlib.util, "find_spec", lambda name: object() if name == "flash_attn" else real(name))
+    assert resolve_attention("auto", cuda, torch.bfloat16) == "flash_attention_2"
+    assert resolve_attention("auto", cuda, torch.float16) == "flash_attention_2"
+    assert resolve_attention("auto", cuda, torch.float32) == "sdpa"
+    assert resolve_attention("auto", cpu, torch.bfloat16) == "sdpa"
+    with pytest.raises(ValueError, match="unknown attn_implementation 'flash'"):
+        resolve_attention("flash", cpu, torch.float32)
+
+
+def _flash_ready() -> bool:
+    import importlib.util
+
+    return torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
+
+
+@pytest.mark.skipif(not _flash_ready(), reason="needs CUDA and flash-attn (pip install -e '.[gpu]')")
+def test_flash_attention_matches_sdpa_on_the_decoded_path():
+    """flash_attention_2 and sdpa give the same logits on mahalo's paths (fan-out, holes), in bf16."""
+    from mahalo.app.tiny import tiny_policy
+    from mahalo.policy import HFPolicy
+    from tests.helpers import prompt_ids
+
+    logits = {}
+    for attn in ("sdpa", "flash_attention_2"):
+        model, tok = tiny_policy(attn_implementation=attn)
+        pol = HFPolicy(model.to("cuda", torch.bfloat16), tok)
+        state = pol.prefill([prompt_ids(tok, "Tell me about cats."), prompt_ids(tok, "Hi")])
+        state.select(torch.tensor([0, 0, 1]))
+        pol.forward(state, torch.tensor([5, 6, 7]), torch.tensor([True, False, True]))
+        pol.forward(state, torch.tensor([8, 9, 10]), torch.tensor([True, True, True]))
+        logits[attn] = state.logits.float()
+    assert (logits["sdpa"] - logits["flash_attention_2"]).abs().max() < 5e-2

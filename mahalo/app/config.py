@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, fields
 
 from mahalo.chat import SCORE_AT
 from mahalo.config import (
+    BatchConfig,
     GuideConfig,
     ObjectiveConfig,
     SamplingConfig,
@@ -22,17 +23,18 @@ from mahalo.config import (
 log = logging.getLogger(__name__)
 
 MODEL_KINDS = ("hf", "embedded", "tiny")
+ATTENTION = ("auto", "sdpa", "flash_attention_2", "eager")
 DTYPES = ("float32", "bfloat16", "float16", "auto")
 RESUME = ("auto", "force")
 # The fields each kind of model reads; any other field set away from its default is an error.
 KIND_FIELDS = {
-    "hf": {"path", "gguf_file", "head_file", "num_labels", "score_at", "dtype", "device"},
-    "embedded": {"head_file", "num_labels", "score_at", "dtype", "device"},
+    "hf": {"path", "gguf_file", "head_file", "num_labels", "score_at", "dtype", "device", "attn_implementation"},
+    "embedded": {"head_file", "num_labels", "score_at", "dtype", "device", "attn_implementation"},
     "tiny": {"seed", "num_labels", "score_at", "dtype", "device"},
 }
 REWARD_ONLY = ("head_file", "num_labels", "score_at")
 # Run options that may change between a run and its resumption (they do not change any answer).
-RESUMABLE_KEYS = ("prompt", "prompts", "output", "verbose", "resume")
+RESUMABLE_KEYS = ("prompt", "prompts", "output", "verbose", "resume", "batch")
 
 
 @dataclass
@@ -62,6 +64,9 @@ class ModelConfig:
     """``float32``, ``bfloat16``, ``float16`` or ``auto`` (the checkpoint's)."""
     device: str = "cpu"
     """``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (cuda when available)."""
+    attn_implementation: str = "auto"
+    """``auto`` (``flash_attention_2`` when flash-attn is installed, the device is CUDA and the
+    dtype bfloat16 or float16; else ``sdpa``), ``sdpa``, ``flash_attention_2`` or ``eager``."""
     seed: int = 0
     """``tiny`` only: the seed of the random weights."""
 
@@ -69,6 +74,8 @@ class ModelConfig:
         _check(self.kind in MODEL_KINDS, f"unknown model kind {self.kind!r}: choose one of {list(MODEL_KINDS)}")
         _check(self.kind != "hf" or bool(self.path), "a model of kind 'hf' needs a path (a local directory or hub id)")
         _check(self.dtype in DTYPES, f"unknown dtype {self.dtype!r}: choose one of {list(DTYPES)}")
+        _check(self.attn_implementation in ATTENTION,
+               f"unknown attn_implementation {self.attn_implementation!r}: choose one of {list(ATTENTION)}")
         _check(self.num_labels in (1, 2), f"num_labels must be 1 or 2, got {self.num_labels!r}")
         _check(
             self.score_at is None or self.score_at in SCORE_AT,
@@ -83,7 +90,7 @@ class ModelConfig:
         """
         defaults = {f.name: f.default for f in fields(ModelConfig)}
         used = KIND_FIELDS[self.kind] - (set() if reward else set(REWARD_ONLY))
-        for name in ("path", "gguf_file", "head_file", "num_labels", "score_at", "seed"):
+        for name in ("path", "gguf_file", "head_file", "num_labels", "score_at", "seed", "attn_implementation"):
             if name in used or getattr(self, name) == defaults[name]:
                 continue
             if not reward and name in REWARD_ONLY:
@@ -124,6 +131,7 @@ class RunConfig:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     step: StepConfig = field(default_factory=StepConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    batch: BatchConfig = field(default_factory=BatchConfig)
     prompt: str | None = None
     """One user message to answer."""
     prompts: str | None = None
@@ -153,4 +161,4 @@ class RunConfig:
 
     def guide(self) -> GuideConfig:
         """The library part of this config."""
-        return GuideConfig(self.search, self.sampling, self.step, self.objective)
+        return GuideConfig(self.search, self.sampling, self.step, self.objective, self.batch)

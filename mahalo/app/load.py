@@ -85,6 +85,25 @@ def resolve_device(device: str) -> torch.device:
     raise ValueError(f"unknown device {device!r}: use 'cpu', 'cuda', 'cuda:N' or 'auto'")
 
 
+ATTENTION = ("auto", "sdpa", "flash_attention_2", "eager")
+
+
+def resolve_attention(name: str, device: torch.device, dtype: Any) -> str:
+    """The attention backend: ``auto`` is ``flash_attention_2`` when flash-attn is installed, the
+    device is CUDA and the dtype is bfloat16 or float16; else ``sdpa``.
+
+    Raises:
+        ValueError: an unknown backend.
+    """
+    if name not in ATTENTION:
+        raise ValueError(f"unknown attn_implementation {name!r}: choose one of {list(ATTENTION)}")
+    if name != "auto":
+        return name
+    flash = importlib.util.find_spec("flash_attn") is not None
+    half = dtype in (torch.bfloat16, torch.float16)
+    return "flash_attention_2" if flash and device.type == "cuda" and half else "sdpa"
+
+
 def cache_root() -> Path:
     """Directory holding converted GGUF models: ``$MAHALO_CACHE_DIR`` or ``~/.cache/mahalo``."""
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "mahalo").expanduser()
@@ -258,7 +277,7 @@ def load_causal_lm(
     gguf_file: str | None = None,
     dtype: str = "float32",
     device: str = "cpu",
-    attn_implementation: str = "sdpa",
+    attn_implementation: str = "auto",
 ) -> tuple[Any, Any]:
     """Load a causal LM and its tokenizer, frozen and in eval mode.
 
@@ -267,7 +286,8 @@ def load_causal_lm(
         gguf_file: GGUF file name inside ``path`` (or an absolute path); converted once and cached.
         dtype: "float32", "bfloat16", "float16" or "auto" (the checkpoint's dtype).
         device: "cpu", "cuda", "cuda:N" or "auto".
-        attn_implementation: transformers attention backend ("sdpa", "eager", ...).
+        attn_implementation: ``auto`` (see :func:`resolve_attention`), ``sdpa``,
+            ``flash_attention_2`` or ``eager``.
 
     Raises:
         ValueError: bad dtype/device, missing local path, or an unreachable hub id.
@@ -275,11 +295,10 @@ def load_causal_lm(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch_dtype, torch_device = resolve_dtype(dtype), resolve_device(device)
+    attention = resolve_attention(attn_implementation, torch_device, torch_dtype)
     source = _checkpoint_dir(path, gguf_file)
     tokenizer = _from_pretrained(AutoTokenizer, source)
-    model = _from_pretrained(
-        AutoModelForCausalLM, source, dtype=torch_dtype, attn_implementation=attn_implementation
-    )
+    model = _from_pretrained(AutoModelForCausalLM, source, dtype=torch_dtype, attn_implementation=attention)
     logger.info("loaded causal LM %s (%s) on %s", path, model.dtype, torch_device)
     return _finish(model, torch_device), tokenizer
 
@@ -291,7 +310,7 @@ def load_reward_model(
     num_labels: int = 1,
     dtype: str = "float32",
     device: str = "cpu",
-    attn_implementation: str = "sdpa",
+    attn_implementation: str = "auto",
 ) -> tuple[Any, Any]:
     """Load a sequence-classification reward model and its tokenizer, frozen and in eval mode.
 
@@ -314,6 +333,7 @@ def load_reward_model(
     if num_labels < 1:
         raise ValueError(f"num_labels must be >= 1, got {num_labels}")
     torch_dtype, torch_device = resolve_dtype(dtype), resolve_device(device)
+    attention = resolve_attention(attn_implementation, torch_device, torch_dtype)
     head = _read_head(head_file, num_labels) if head_file is not None else None
     source = _checkpoint_dir(path, gguf_file)
     tokenizer = _from_pretrained(AutoTokenizer, source)
@@ -323,7 +343,7 @@ def load_reward_model(
             source,
             num_labels=num_labels,
             dtype=torch_dtype,
-            attn_implementation=attn_implementation,
+            attn_implementation=attention,
             output_loading_info=True,
         )
     _install_head(model, head, info, path)

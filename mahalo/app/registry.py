@@ -23,22 +23,24 @@ Pair = tuple[Any, Any]  # (model, tokenizer)
 
 
 def _hf_policy(cfg: ModelConfig) -> Pair:
-    return load.load_causal_lm(cfg.path, cfg.gguf_file, cfg.dtype, cfg.device)
+    return load.load_causal_lm(cfg.path, cfg.gguf_file, cfg.dtype, cfg.device, cfg.attn_implementation)
 
 
 def _hf_reward(cfg: ModelConfig) -> Pair:
-    return load.load_reward_model(cfg.path, cfg.gguf_file, cfg.head_file, cfg.num_labels, cfg.dtype, cfg.device)
+    return load.load_reward_model(cfg.path, cfg.gguf_file, cfg.head_file, cfg.num_labels, cfg.dtype, cfg.device,
+                                  cfg.attn_implementation)
 
 
 def _embedded_policy(cfg: ModelConfig) -> Pair:
     gguf = load.find_embedded_gguf()
-    return load.load_causal_lm(str(gguf.parent), gguf.name, cfg.dtype, cfg.device)
+    return load.load_causal_lm(str(gguf.parent), gguf.name, cfg.dtype, cfg.device, cfg.attn_implementation)
 
 
 def _embedded_reward(cfg: ModelConfig) -> Pair:
     gguf = load.find_embedded_gguf()
     head = cfg.head_file or str(load.EMBEDDED_TRUTH_HEAD)
-    return load.load_reward_model(str(gguf.parent), gguf.name, head, cfg.num_labels, cfg.dtype, cfg.device)
+    return load.load_reward_model(str(gguf.parent), gguf.name, head, cfg.num_labels, cfg.dtype, cfg.device,
+                                  cfg.attn_implementation)
 
 
 def _placed(pair: Pair, cfg: ModelConfig) -> Pair:

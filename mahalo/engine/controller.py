@@ -1,19 +1,25 @@
-"""The one step loop behind every strategy.
+"""The one step loop behind every strategy, for every prompt in flight at once.
 
-    prefill prompt once (policy and reward models)
-    repeat:
-      1. fan out     each beam's policy row -> N candidate rows, by index      # (B*N,)
-      2. expand      decode all B*N rows in lockstep until each ends its step
-      3. score       every objective scores every candidate (new tokens only)  # (B*N,)
-      4. combine     weighted sum of normalised per-objective scores           # (B*N,)
-      5. select      the strategy keeps the best; ended candidates set aside
-      6. keep        survivors' rows on both sides, compact the caches
-    return the best of the finished pool, ranked by the same rule
+    admit      new prompts: prefill them together on both sides, append their rows
+    repeat, all prompts in lockstep:
+      1. fan out     each beam's policy row -> N candidate rows, by index        # (sum B*N,)
+      2. expand      decode all rows together until each ends its step
+      3. score       every objective scores every candidate of every prompt      # (sum B*N,)
+      4. combine     per prompt: weighted sum of normalised per-objective scores
+      5. select      per prompt: the strategy keeps the best; ended candidates set aside
+      6. keep        survivors' rows on both sides; finished prompts leave the batch
+
+A prompt's answer never depends on its neighbours: each row samples from its own stream
+(:mod:`mahalo.sampling`), each prompt normalises and selects among its own candidates.
 
 A step ends at a confirmed boundary (:mod:`mahalo.steps`): when a sampled token starts with
 whitespace after text that may end a step, the detector decides, and if the step ends there the
 token is dropped. Its row was not fed that token, so the row's logits at the boundary seed the
 next step's candidates.
+
+Hot loop: one device-to-host transfer per token for the whole batch (tokens, log-probabilities
+and per-token flags packed together); only rows whose token can end a step (a per-vocabulary
+flag table) touch text, detokenised incrementally.
 """
 
 from __future__ import annotations
@@ -32,13 +38,14 @@ from mahalo.policy import Policy, PolicyState
 from mahalo.result import Candidate, GuidedResult, Stats, Step
 from mahalo.rewards import Candidates, RewardModel
 from mahalo.rewards.combine import check_scores, combine
-from mahalo.sampling import sample_tokens
-from mahalo.steps import NoBoundary, StepBoundary, TokenTable, make_boundary, token_table
+from mahalo.sampling import child_stream, root_stream, sample_tokens
+from mahalo.steps import ChunkText, NoBoundary, StepBoundary, TokenTable, make_boundary, token_table
 
 log = logging.getLogger(__name__)
 
 _CONTEXT_CHARS = 256  # accepted text shown to boundary detectors
-_DECODE_TAIL = 4  # accepted tokens decoded with a chunk, so leading spaces come out right
+# Bits of the per-token flag table (see _flag_table).
+_EOS, _WS_START, _WS_END, _SPACES, _MAY_END = 1, 2, 4, 8, 16
 
 
 @dataclass
@@ -48,36 +55,7 @@ class Beam:
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
     logprobs: list[float] = field(default_factory=list)
-
-
-@dataclass
-class Chunks:
-    """What step 2 produced for R candidate rows."""
-
-    tokens: list[list[int]]  # (R, *) new tokens, end-of-turn excluded
-    logprobs: list[list[float]]
-    end: list[str]  # "step" | "eos" | "length"
-    deferred: list[bool]  # the row kept a spaces-only lookahead: the next token decides the boundary
-
-
-@dataclass
-class StepBatch:
-    """Everything one step produced, row-aligned (R = B*N)."""
-
-    beams: list[Beam]  # the beams expanded this step
-    parents: torch.Tensor  # (R,) beam of each candidate row
-    chunks: Chunks
-    cands: Candidates  # whole responses, as reward models see them
-
-    def beam(self, r: int) -> Beam:
-        """Row r's whole response as a beam."""
-        parent = self.beams[int(self.parents[r])]
-        return Beam(self.cands.token_ids[r], self.cands.texts[r], parent.logprobs + self.chunks.logprobs[r])
-
-    def step_text(self, r: int) -> str:
-        """The text row r added this step."""
-        parent, full = self.beams[int(self.parents[r])].text, self.cands.texts[r]
-        return full[len(parent):] if full.startswith(parent) else full
+    stream: int = 0  # the sampling stream its candidates branch from
 
 
 @dataclass
@@ -91,8 +69,42 @@ class Finished:
     row: int
 
 
+@dataclass
+class Search:
+    """One prompt's search: its beams, finished pool, steps and cost."""
+
+    index: int  # the prompt's input index
+    messages: Messages
+    beams: list[Beam]
+    stats: Stats
+    t0: float
+    origins: list[int] = field(default_factory=lambda: [-1])  # each beam's candidate index last step
+    finished: list[Finished] = field(default_factory=list)
+    steps: list[Step] = field(default_factory=list)
+
+
+@dataclass
+class Row:
+    """One candidate row of a step."""
+
+    search: int  # index into Controller.searches
+    parent: int  # the index of the beam it extends among its prompt's beams
+    beam: Beam  # that beam
+    stream: int
+    tokens: list[int] = field(default_factory=list)  # new tokens, end-of-turn excluded
+    logprobs: list[float] = field(default_factory=list)
+    end: str = ""  # "step" | "eos" | "length"
+    deferred: bool = False  # kept a spaces-only lookahead: the next token decides the boundary
+    text: ChunkText | None = None  # created on the first boundary check
+    fed: int = 0  # tokens forwarded
+
+
 class Controller:
-    """Runs one prompt through the search described by a :class:`GuideConfig`."""
+    """Runs many prompts through the search described by a :class:`GuideConfig`, in lockstep.
+
+    :meth:`admit` adds prompts to the batch; :meth:`step` advances every prompt in flight by one
+    step and returns those that ended. :mod:`mahalo.engine.scheduler` drives it.
+    """
 
     def __init__(self, policy: Policy, rewards: dict[str, RewardModel], cfg: GuideConfig) -> None:
         cfg.check_objectives(list(rewards))
@@ -107,50 +119,61 @@ class Controller:
         self.step_cap = cfg.step.max_step_tokens if self.strategy.stepwise else cfg.search.max_new_tokens
         self.weights = {name: cfg.weight(name) for name in rewards}
         self.eos_ids = frozenset(policy.eos_ids) | frozenset(cfg.sampling.stop_token_ids)
+        self.root = root_stream(cfg.search.seed)
+        self.searches: list[Search] = []
+        self.state: PolicyState | None = None
+        self.reward_states = {name: rm.start() for name, rm in rewards.items()}
+        self.flags: torch.Tensor | None = None  # (V,) int per-token flags, on the policy's device
+        self.host_flags: list[int] = []
 
-    def run(self, messages: Messages) -> GuidedResult:
+    @property
+    def in_flight(self) -> int:
+        """Prompts in the batch."""
+        return len(self.searches)
+
+    @property
+    def rows(self) -> int:
+        """Policy rows the batch holds between steps."""
+        return 0 if self.state is None else self.state.rows
+
+    # -- admission ------------------------------------------------------------------------
+
+    def admit(self, prompts: list[tuple[int, Messages]]) -> list[tuple[int, ValueError]]:
+        """Prefill ``prompts`` ((input index, messages) pairs) together and add them to the batch.
+
+        Returns:
+            the prompts that could not join, with the reason (a prompt longer than the context).
+        """
+        ok, failed = [], []
+        for index, messages in prompts:
+            try:
+                ok.append((index, messages, self._prompt_ids(messages)))
+            except ValueError as err:
+                failed.append((index, err))
+        if not ok:
+            return failed
         t0 = time.perf_counter()
-        self.stats = Stats()
-        self.generator = torch.Generator().manual_seed(self.cfg.search.seed)
-        # 0. prefill the prompt once on both sides
-        state = self._prefill(messages)
-        reward_states = {name: rm.start(messages, self.policy.tokenizer) for name, rm in self.rewards.items()}
-        beams, finished, steps = [Beam()], [], []
-        origins = [-1]  # each beam's candidate index in the previous step
-        n = self.strategy.candidates
-        while beams:
-            # 1. fan out: beam b -> rows b*N .. b*N+N-1 (the prompt alone -> B*N rows at first)
-            fan = n * (1 if steps else self.strategy.beams)
-            parents = torch.arange(len(beams)).repeat_interleave(fan)  # (B*N,)
-            groups = torch.arange(len(parents)) // n  # (B*N,) the beam (dvts: subtree) of each row
-            state.select(parents)
-            # 2. expand all candidates of all beams in lockstep
-            chunks = self._expand(state, beams, parents)
-            batch = StepBatch(beams, parents, chunks, self._candidates(messages, beams, parents, chunks))
-            # 3-4. score and combine
-            raw = self._score(reward_states, batch.cands, len(steps))
-            combined = self._combine(raw, groups)
-            # 5. select
-            ended = torch.tensor([e != "step" for e in chunks.end])
-            eligible = self._eligible(batch, groups)
-            selection = select(self.strategy, combined, ended, groups, eligible, len(finished))
-            steps.append(self._record(batch, raw, combined, selection, origins))
-            finished += [self._finish(batch, raw, r, len(steps) - 1) for r in selection.finished]
-            beams = [batch.beam(r) for r in selection.active]
-            origins = selection.active
-            if not beams or (not self.strategy.per_beam and len(finished) >= self.strategy.beams):
-                break
-            # 6. keep the survivors' rows on both sides
-            keep = torch.tensor(selection.active)
-            state.select(keep)
-            state.kv.compact()
-            for name, rm in self.rewards.items():
-                rm.keep(reward_states[name], keep)
-        return self._result(finished, steps, reward_states, t0)
+        new = self.policy.prefill([ids for _, _, ids in ok])
+        if self.state is None:
+            self.state = new
+            self._check_vocab(new.logits.shape[-1])
+        else:
+            self.state.cat(new)
+        policy_s = time.perf_counter() - t0
+        costs = {}
+        t1 = time.perf_counter()
+        for name, rm in self.rewards.items():
+            rm.add(self.reward_states[name], [m for _, m, _ in ok])
+            costs[name] = getattr(self.reward_states[name], "cost", None)
+        prm_s = time.perf_counter() - t1
+        width = max(len(ids) for _, _, ids in ok)
+        for i, (index, messages, ids) in enumerate(ok):
+            stats = Stats(policy_tokens=len(ids), policy_tokens_padded=width, policy_s=policy_s, prm_s=prm_s)
+            self._charge(stats, costs, [i])
+            self.searches.append(Search(index, messages, [Beam(stream=self.root)], stats, t0))
+        return failed
 
-    # -- phases ---------------------------------------------------------------------------
-
-    def _prefill(self, messages: Messages) -> PolicyState:
+    def _prompt_ids(self, messages: Messages) -> list[int]:
         ids = self.policy.prompt_ids(messages)
         ctx, budget = self.policy.max_context, self.cfg.search.max_new_tokens
         if ctx is not None and len(ids) + budget > ctx:
@@ -158,154 +181,277 @@ class Controller:
                 f"prompt ({len(ids)} tokens) + max_new_tokens ({budget}) exceeds the policy's "
                 f"context ({ctx} tokens): shorten the prompt or lower max_new_tokens"
             )
-        t = time.perf_counter()
-        state = self.policy.prefill(ids)
-        self.stats.policy_s += time.perf_counter() - t
-        self.stats.policy_tokens += len(ids)
-        self.stats.policy_tokens_padded += len(ids)
-        vocab = state.logits.shape[-1]
+        return ids
+
+    def _check_vocab(self, vocab: int) -> None:
         outside = sorted(i for i in self.cfg.sampling.stop_token_ids if i >= vocab)
         if outside:
             raise ValueError(f"stop_token_ids {outside} are outside the policy's vocabulary ({vocab} tokens)")
-        return state
+        self.host_flags = _flag_table(self.table, self.eos_ids, vocab)
+        self.flags = torch.tensor(self.host_flags, device=self.state.logits.device)
 
-    def _expand(self, state: PolicyState, beams: list[Beam], parents: torch.Tensor) -> Chunks:
-        """Decode one step for every row (R = B*N) in lockstep; ended rows become holes."""
+    # -- one step for every prompt in flight ----------------------------------------------
+
+    def step(self) -> list[tuple[int, GuidedResult | ValueError]]:
+        """Advance every prompt in flight by one step.
+
+        Returns:
+            the prompts whose search ended: (input index, result), or (input index, ValueError)
+            for a prompt whose reward model returned NaN or +inf.
+        """
+        # 1. fan out: beam b of a prompt -> its rows b*N .. b*N+N-1 (a new prompt -> B*N rows)
+        rows, parents, spans = self._fan_out()
+        self.state.select(torch.tensor(parents))
+        # 2. expand every row of every prompt in lockstep
+        self._expand(rows)
+        # 3. score every candidate of every prompt, one batch per objective
+        cands = self._candidates(rows, parents)
+        raw = self._score(cands, spans)
+        # 4-5. per prompt: combine, select, record
+        keep, done, survivors = [], [], []
+        for s, (a, b) in zip(self.searches, spans):
+            try:
+                active = self._select(s, rows[a:b], cands, {k: v[a:b] for k, v in raw.items()}, a)
+            except ValueError as err:
+                done.append((s.index, err))
+                continue
+            if active is None:
+                done.append((s.index, self._result(s)))
+            else:
+                keep += [a + r for r in active]
+                survivors.append(s)
+        # 6. keep the survivors' rows on both sides; finished prompts leave the batch
+        self.searches = survivors
+        index = torch.tensor(keep, dtype=torch.long)
+        self.state.select(index)
+        self.state.kv.tidy()
+        for name, rm in self.rewards.items():
+            rm.keep(self.reward_states[name], index)
+        return done
+
+    def _fan_out(self) -> tuple[list[Row], list[int], list[tuple[int, int]]]:
+        """Candidate rows of every prompt, the policy row each extends, and each prompt's span."""
+        rows, parents, spans, offset = [], [], [], 0
+        for si, s in enumerate(self.searches):
+            fan = self.strategy.candidates * (1 if s.steps else self.strategy.beams)
+            start = len(rows)
+            for b, beam in enumerate(s.beams):
+                for c in range(fan):
+                    rows.append(Row(si, b, beam, child_stream(beam.stream, c)))
+                    parents.append(offset + b)
+            spans.append((start, len(rows)))
+            offset += len(s.beams)
+        return rows, parents, spans
+
+    def _expand(self, rows: list[Row]) -> None:
+        """Decode one step for every row in lockstep; ended rows become holes."""
         t = time.perf_counter()
-        rows = parents.tolist()
-        chunks = Chunks([[] for _ in rows], [[] for _ in rows], ["" for _ in rows], [False for _ in rows])
-        active = torch.ones(len(rows), dtype=torch.bool)
-        while active.any():
-            idx = active.nonzero().squeeze(1)  # (A,)
-            logits = state.logits[idx]  # (A, V)
-            tokens = sample_tokens(logits, self.cfg.sampling, self.generator)  # (A,)
-            logprobs = torch.log_softmax(logits, -1).gather(1, tokens[:, None].to(logits.device))[:, 0]
-            feed = torch.zeros(len(rows), dtype=torch.bool)
-            fed_tokens = torch.zeros(len(rows), dtype=torch.long)
-            for r, token, logprob in zip(idx.tolist(), tokens.tolist(), logprobs.tolist()):
-                end = self._advance(chunks, r, token, logprob, beams[rows[r]])
-                if end:
-                    active[r] = False
-                    chunks.end[r] = "step" if end == "cut" else end
+        device = self.state.logits.device
+        streams = torch.tensor([r.stream for r in rows], device=device)  # (R,)
+        positions = torch.tensor([len(r.beam.token_ids) for r in rows], device=device)  # (R,)
+        active = list(range(len(rows)))
+        forwards = 0
+        while active:
+            idx = torch.tensor(active, device=device)  # (A,)
+            logits = self.state.logits[idx]  # (A, V)
+            tokens = sample_tokens(logits, self.cfg.sampling, streams[idx], positions[idx])  # (A,)
+            logprobs = torch.log_softmax(logits.float(), -1).gather(1, tokens[:, None])[:, 0]  # (A,)
+            packed = torch.stack([tokens.double(), logprobs.double(), self.flags[tokens].double()])  # (3, A)
+            positions[idx] += 1
+            feed, still = [], []
+            for r, token, logprob, flags in zip(active, *packed.tolist()):  # the one transfer of this token
+                row, token = rows[r], int(token)
+                end = self._advance(row, token, logprob, int(flags))
                 if end in ("", "step"):  # the token was kept and the row goes on: its next logits are needed
-                    feed[r], fed_tokens[r] = True, token
-            if feed.any():
-                self.policy.forward(state, fed_tokens, feed)
-                self.stats.policy_tokens += int(feed.sum())
-                self.stats.policy_tokens_padded += len(rows)
-        self.stats.policy_s += time.perf_counter() - t
-        return chunks
+                    feed.append((r, token))
+                    row.fed += 1
+                if end:
+                    row.end = "step" if end == "cut" else end
+                else:
+                    still.append(r)
+            if feed:
+                fed_rows, fed_tokens = zip(*feed)
+                mask = torch.zeros(len(rows), dtype=torch.bool)
+                mask[list(fed_rows)] = True
+                tokens_in = torch.zeros(len(rows), dtype=torch.long)
+                tokens_in[list(fed_rows)] = torch.tensor(fed_tokens)
+                self.policy.forward(self.state, tokens_in, mask)
+                forwards += 1
+            active = still
+        elapsed = time.perf_counter() - t
+        for s in self.searches:
+            s.stats.policy_s += elapsed
+        for row in rows:
+            stats = self.searches[row.search].stats
+            stats.policy_tokens += row.fed
+            stats.policy_tokens_padded += forwards
 
-    def _advance(self, chunks: Chunks, r: int, token: int, logprob: float, beam: Beam) -> str:
-        """Row r sampled ``token``: keep it or end the step. Returns why the row's step ends:
+    def _advance(self, row: Row, token: int, logprob: float, flags: int) -> str:
+        """Row sampled ``token``: keep it or end the step. Returns why the row's step ends:
         ``cut`` (a boundary before ``token``, which is dropped), ``step``, ``eos``, ``length``, or ''."""
-        if token in self.eos_ids:
+        if flags & _EOS:
             return "eos"
-        chunk = chunks.tokens[r]
-        if self._boundary_before(chunks, r, token, beam):
+        if self._boundary_before(row, token, flags):
             return "cut"
-        chunk.append(token)
-        chunks.logprobs[r].append(logprob)
-        if len(beam.token_ids) + len(chunk) >= self.cfg.search.max_new_tokens:
+        row.tokens.append(token)
+        row.logprobs.append(logprob)
+        if row.text is not None:
+            row.text.append(token)
+        n = len(row.tokens)
+        if len(row.beam.token_ids) + n >= self.cfg.search.max_new_tokens:
             return "length"
-        if len(chunk) >= self.step_cap:
+        if n >= self.step_cap:
             return "step"
-        tb = self.table
         if (
-            tb is not None and len(chunk) >= self.boundary.min_tokens and token < len(tb.text)
-            and tb.may_end[token] and tb.ws_end[token] and not chunks.deferred[r]
-            and self.boundary.ends_after(beam.text[-_CONTEXT_CHARS:], self._chunk_text(beam, chunk))
+            flags & _MAY_END and flags & _WS_END and not row.deferred and n >= self.boundary.min_tokens
+            and self.boundary.ends_after(row.beam.text[-_CONTEXT_CHARS:], self._text(row))
         ):
             return "step"
         return ""
 
-    def _boundary_before(self, chunks: Chunks, r: int, token: int, beam: Beam) -> bool:
+    def _boundary_before(self, row: Row, token: int, flags: int) -> bool:
         """Does the step end before ``token``? May set or clear the row's deferral instead."""
-        tb, chunk = self.table, chunks.tokens[r]
-        if tb is None or not chunk or len(chunk) < self.boundary.min_tokens or token >= len(tb.text):
+        if not row.tokens or len(row.tokens) < self.boundary.min_tokens or self.table is None:
             return False
-        last = chunk[-1]
-        if chunks.deferred[r]:  # kept spaces after a possible end: this token decides
-            chunks.deferred[r] = tb.spaces[token]
-            if tb.spaces[token]:
+        last = self.host_flags[row.tokens[-1]]
+        if row.deferred:  # kept spaces after a possible end: this token decides
+            row.deferred = bool(flags & _SPACES)
+            if row.deferred:
                 return False
-        elif not (tb.ws_start[token] and tb.may_end[last] and not tb.ws_end[last]):
+        elif not (flags & _WS_START and last & _MAY_END and not last & _WS_END):
             return False
-        elif tb.spaces[token]:  # " " says nothing yet ("No. 5" vs "No. It"): keep it, decide on the next
-            chunks.deferred[r] = True
+        elif flags & _SPACES:  # " " says nothing yet ("No. 5" vs "No. It"): keep it, decide on the next
+            row.deferred = True
             return False
-        text = self._chunk_text(beam, chunk)
+        text = self._text(row)
         body = text.rstrip(" \t")
-        return self.boundary.ends_before(beam.text[-_CONTEXT_CHARS:], body, text[len(body):] + tb.text[token])
+        following = text[len(body):] + self.table.text[token]
+        return self.boundary.ends_before(row.beam.text[-_CONTEXT_CHARS:], body, following)
 
-    def _chunk_text(self, beam: Beam, chunk: list[int]) -> str:
-        """Text of ``chunk`` as it reads after the beam's accepted tokens."""
-        tail = beam.token_ids[-_DECODE_TAIL:]
-        head, full = self.policy.decode(tail), self.policy.decode(tail + chunk)
-        return full[len(head):] if full.startswith(head) else self.policy.decode(chunk)
+    def _text(self, row: Row) -> str:
+        """The row's chunk text as it reads after its beam, detokenised incrementally."""
+        if row.text is None:
+            row.text = ChunkText(self.policy.decode, row.beam.token_ids)
+            for t in row.tokens:
+                row.text.append(t)
+        return row.text.current()
 
-    def _candidates(self, messages: Messages, beams: list[Beam], parents: torch.Tensor, chunks: Chunks) -> Candidates:
-        ids = [beams[p].token_ids + c for p, c in zip(parents.tolist(), chunks.tokens)]
-        return Candidates(messages, parents, ids, [self.policy.decode(i) for i in ids])
+    def _candidates(self, rows: list[Row], parents: list[int]) -> Candidates:
+        ids = [row.beam.token_ids + row.tokens for row in rows]
+        return Candidates(torch.tensor(parents), ids, [self.policy.decode(i) for i in ids])
 
-    def _score(self, reward_states: dict[str, Any], cands: Candidates, step: int) -> dict[str, torch.Tensor]:
+    def _score(self, cands: Candidates, spans: list[tuple[int, int]]) -> dict[str, torch.Tensor]:
         t = time.perf_counter()
-        raw = {name: rm.score(reward_states[name], cands).double().cpu() for name, rm in self.rewards.items()}
-        self.stats.prm_s += time.perf_counter() - t
-        check_scores(raw, step)
+        raw, costs = {}, {}
+        for name, rm in self.rewards.items():
+            raw[name] = rm.score(self.reward_states[name], cands).double().cpu()
+            costs[name] = getattr(self.reward_states[name], "cost", None)
+        elapsed = time.perf_counter() - t
+        for s, (a, b) in zip(self.searches, spans):
+            s.stats.prm_s += elapsed
+            self._charge(s.stats, costs, range(a, b))
         return raw
+
+    @staticmethod
+    def _charge(stats: Stats, costs: dict[str, Any], rows: Any) -> None:
+        """Add the reward models' per-row cost of ``rows`` to a prompt's stats."""
+        for cost in costs.values():
+            if cost is None:
+                continue
+            stats.prm_tokens += sum(cost.tokens[r] for r in rows)
+            stats.prm_tokens_padded += sum(cost.padded[r] for r in rows)
+            stats.prm_full_rescore_tokens += sum(cost.full[r] for r in rows)
+
+    # -- per prompt -----------------------------------------------------------------------
+
+    def _select(
+        self, s: Search, rows: list[Row], cands: Candidates, raw: dict[str, torch.Tensor], offset: int
+    ) -> list[int] | None:
+        """Combine, select and record one prompt's step. Returns the rows (local) that go on, or
+        None when its search ended."""
+        step = len(s.steps)
+        check_scores(raw, step)
+        groups = torch.arange(len(rows)) // self.strategy.candidates  # (R_s,) the beam (dvts: subtree)
+        combined = self._combine(raw, groups)
+        ended = torch.tensor([row.end != "step" for row in rows])
+        eligible = self._eligible(rows, groups)
+        selection = select(self.strategy, combined, ended, groups, eligible, len(s.finished))
+        texts = cands.texts[offset:offset + len(rows)]
+        s.steps.append(self._record(rows, texts, raw, combined, selection, s.origins))
+        s.stats.steps += 1
+        s.finished += [
+            Finished(self._beam(rows[r], texts[r]), rows[r].end, {k: float(v[r]) for k, v in raw.items()}, step, r)
+            for r in selection.finished
+        ]
+        s.beams = [self._beam(rows[r], texts[r]) for r in selection.active]
+        s.origins = selection.active
+        if not s.beams or (not self.strategy.per_beam and len(s.finished) >= self.strategy.beams):
+            return None
+        return selection.active
+
+    @staticmethod
+    def _beam(row: Row, text: str) -> Beam:
+        return Beam(row.beam.token_ids + row.tokens, text, row.beam.logprobs + row.logprobs, row.stream)
 
     def _combine(self, raw: dict[str, torch.Tensor], groups: torch.Tensor) -> torch.Tensor:
         if not raw:  # unguided: every candidate ties, the first wins
             return torch.zeros(len(groups), dtype=torch.float64)
         return combine(raw, self.weights, self.cfg.objective.normalize, groups if self.strategy.per_beam else None)
 
-    def _eligible(self, batch: StepBatch, groups: torch.Tensor) -> torch.Tensor:
+    def _eligible(self, rows: list[Row], groups: torch.Tensor) -> torch.Tensor:
         """(R,) False for a candidate identical to an earlier one it competes with (``dedupe``)."""
         if not self.cfg.search.dedupe:
-            return torch.ones(len(groups), dtype=torch.bool)
-        keys = [(tuple(ids), end) for ids, end in zip(batch.cands.token_ids, batch.chunks.end)]
+            return torch.ones(len(rows), dtype=torch.bool)
+        keys = [(tuple(row.beam.token_ids + row.tokens), row.end) for row in rows]
         return first_copies(keys, groups if self.strategy.per_beam else torch.zeros_like(groups))
 
-    # -- bookkeeping ----------------------------------------------------------------------
-
-    def _finish(self, batch: StepBatch, raw: dict[str, torch.Tensor], r: int, step: int) -> Finished:
-        return Finished(batch.beam(r), batch.chunks.end[r], {k: float(v[r]) for k, v in raw.items()}, step, r)
-
-    def _record(self, batch: StepBatch, raw, combined: torch.Tensor, selection: Selection, origins: list[int]) -> Step:
-        self.stats.steps += 1
-        chunks = batch.chunks
+    def _record(
+        self, rows: list[Row], texts: list[str], raw, combined: torch.Tensor, selection: Selection,
+        origins: list[int],
+    ) -> Step:
         records = [
             Candidate(
-                text=batch.step_text(r),
-                token_ids=list(chunks.tokens[r]),
+                text=_step_text(row.beam.text, texts[r]),
+                token_ids=list(row.tokens),
                 scores={k: float(v[r]) for k, v in raw.items()},
                 combined=float(combined[r]),
-                parent=origins[p],
-                end=chunks.end[r],
-                logprobs=list(chunks.logprobs[r]),
+                parent=origins[row.parent],
+                end=row.end,
+                logprobs=list(row.logprobs),
             )
-            for r, p in enumerate(batch.parents.tolist())
+            for r, row in enumerate(rows)
         ]
         kept = selection.active + selection.finished
         return Step(records, kept[0] if self.strategy.beams == 1 else sorted(kept))
 
-    def _result(self, finished: list[Finished], steps: list[Step], reward_states, t0: float) -> GuidedResult:
-        raw = {k: torch.tensor([f.scores[k] for f in finished], dtype=torch.float64) for k in self.rewards}
-        best = finished[final_pick(raw, [len(f.beam.token_ids) for f in finished], self.cfg, self.weights)]
+    def _result(self, s: Search) -> GuidedResult:
+        raw = {k: torch.tensor([f.scores[k] for f in s.finished], dtype=torch.float64) for k in self.rewards}
+        best = s.finished[final_pick(raw, [len(f.beam.token_ids) for f in s.finished], self.cfg, self.weights)]
         if self.strategy.beams == 1:  # the step that ended the search records the answer it gave
-            steps[best.step].chosen = best.row
-        for st in reward_states.values():
-            self.stats.prm_tokens += st.counters.tokens
-            self.stats.prm_tokens_padded += st.counters.padded_tokens
-            self.stats.prm_full_rescore_tokens += st.counters.full_rescore_tokens
-        self.stats.response_tokens = len(best.beam.token_ids)
-        self.stats.wall_s = time.perf_counter() - t0
+            s.steps[best.step].chosen = best.row
+        s.stats.response_tokens = len(best.beam.token_ids)
+        s.stats.wall_s = time.perf_counter() - s.t0
         return GuidedResult(
-            text=best.beam.text,
-            token_ids=best.beam.token_ids,
-            stop_reason=best.reason,
-            steps=steps,
-            stats=self.stats,
-            scores=best.scores,
+            text=best.beam.text, token_ids=best.beam.token_ids, stop_reason=best.reason, steps=s.steps,
+            stats=s.stats, scores=best.scores,
         )
+
+
+def _step_text(parent: str, full: str) -> str:
+    """The text a candidate added to its beam's text."""
+    return full[len(parent):] if full.startswith(parent) else full
+
+
+def _flag_table(table: TokenTable | None, eos_ids: frozenset[int], vocab: int) -> list[int]:
+    """Per-token flags for the hot loop: end of turn, and what the step rules need to know."""
+    flags = [0] * vocab
+    if table is not None:
+        for i in range(min(vocab, len(table.text))):
+            flags[i] = (
+                _WS_START * table.ws_start[i] | _WS_END * table.ws_end[i] | _SPACES * table.spaces[i]
+                | _MAY_END * table.may_end[i]
+            )
+    for i in eos_ids:
+        if 0 <= i < vocab:
+            flags[i] |= _EOS
+    return flags

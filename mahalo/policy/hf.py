@@ -54,11 +54,17 @@ class HFPolicy:
         return generation_prompt_ids(self.tokenizer, messages)
 
     @torch.inference_mode()
-    def prefill(self, ids: list[int]) -> PolicyState:
-        kv = empty_rows(self.device)
-        input_ids = torch.tensor([ids], device=self.device)  # (1, P)
-        logits = self._forward(kv, input_ids, torch.ones_like(input_ids))
-        return PolicyState(kv, logits)
+    def prefill(self, prompts: list[list[int]]) -> PolicyState:
+        """Right-padded prefill: every prompt starts at column 0, shorter ones end in holes."""
+        width = max(len(ids) for ids in prompts)
+        input_ids = torch.full((len(prompts), width), self._pad_id, device=self.device)  # (P, T)
+        new_mask = torch.zeros_like(input_ids)
+        for i, ids in enumerate(prompts):
+            input_ids[i, : len(ids)] = torch.tensor(ids, device=self.device)
+            new_mask[i, : len(ids)] = 1
+        kv = empty_rows(self.device, len(prompts))
+        last = torch.tensor([len(ids) - 1 for ids in prompts], device=self.device)  # (P,)
+        return PolicyState(kv, self._forward(kv, input_ids, new_mask, last))
 
     @torch.inference_mode()
     def forward(self, state: PolicyState, tokens: torch.Tensor, feed: torch.Tensor) -> None:
@@ -67,12 +73,21 @@ class HFPolicy:
         logits = self._forward(state.kv, tokens, feed.long()[:, None])  # (R, V)
         state.logits = torch.where(feed[:, None], logits, state.logits)
 
-    def _forward(self, kv: KVRows, input_ids: torch.Tensor, new_mask: torch.Tensor) -> torch.Tensor:
+    def _forward(
+        self, kv: KVRows, input_ids: torch.Tensor, new_mask: torch.Tensor, last: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Forward ``input_ids`` (R, T) on ``kv``; the logits (R, V) at column ``last[r]`` of the
+        block (default: its last column)."""
         mask, positions = kv.extend(new_mask)
         inputs = dict(input_ids=input_ids, attention_mask=mask, position_ids=positions, cache=kv.cache, use_cache=True)
+        rows = torch.arange(input_ids.shape[0], device=self.device)
         if self._head is None:
-            return self.model(**inputs, logits_to_keep=1).logits[:, -1].float()  # (R, V)
-        hidden = self.model.model(**inputs).last_hidden_state[:, -1]  # (R, H)
+            if last is None:
+                return self.model(**inputs, logits_to_keep=1).logits[:, -1].float()  # (R, V)
+            keep, where = torch.unique(last, return_inverse=True)  # the columns some row reads
+            return self.model(**inputs, logits_to_keep=keep).logits[rows, where].float()  # (R, V)
+        hidden = self.model.model(**inputs).last_hidden_state  # (R, T, H)
+        hidden = hidden[:, -1] if last is None else hidden[rows, last]  # (R, H)
         return torch.mm(self._head, hidden.T).T.float()  # (R, V)
 
     def decode(self, ids: list[int]) -> str:

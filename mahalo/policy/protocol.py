@@ -32,6 +32,11 @@ class PolicyState:
         self.kv.select(index)
         self.logits = self.logits[index.to(self.logits.device)]
 
+    def cat(self, other: PolicyState) -> None:
+        """Append ``other``'s rows (another batch of prompts) after these."""
+        self.logits = other.logits if self.rows == 0 else torch.cat([self.logits, other.logits.to(self.logits)])
+        self.kv.cat(other.kv)
+
 
 @runtime_checkable
 class Policy(Protocol):
@@ -45,11 +50,12 @@ class Policy(Protocol):
         """Token ids of the chat prompt to continue."""
         ...
 
-    def prefill(self, ids: list[int]) -> PolicyState:
-        """Forward the prompt once.
+    def prefill(self, prompts: list[list[int]]) -> PolicyState:
+        """Forward several prompts once, together.
 
         Returns:
-            a one-row state whose logits predict the first response token.
+            a state with one row per prompt, in order, whose logits predict each prompt's first
+            response token.
         """
         ...
 

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from mahalo.rewards.callable import PROGRAMMATIC, CallableReward, concise
 from mahalo.rewards.combine import combine, normalize
-from mahalo.rewards.protocol import Candidates, RewardCounters, RewardModel
+from mahalo.rewards.protocol import Candidates, RewardModel, RowCost
 from mahalo.rewards.registry import REWARD_ADAPTERS, as_reward
 from mahalo.rewards.seqcls import SequenceClassifierReward
 
 __all__ = [
-    "Candidates", "RewardCounters", "RewardModel", "SequenceClassifierReward", "CallableReward",
+    "Candidates", "RowCost", "RewardModel", "SequenceClassifierReward", "CallableReward",
     "PROGRAMMATIC", "concise", "combine", "normalize", "as_reward", "REWARD_ADAPTERS",
 ]

@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 
 from mahalo.chat import Messages
-from mahalo.rewards.protocol import Candidates, RewardCounters
+from mahalo.rewards.protocol import Candidates, RowCost
 
 
 @dataclass
 class _CallableState:
-    prompt: str
-    counters: RewardCounters = field(default_factory=RewardCounters)
+    prompts: list[str] = field(default_factory=list)  # per row: the last user message
+    cost: RowCost = field(default_factory=RowCost)
 
 
 class CallableReward:
@@ -23,15 +23,23 @@ class CallableReward:
     def __init__(self, fn: Callable[[str, str], float]) -> None:
         self.fn = fn
 
-    def start(self, messages: Messages, policy_tokenizer: Any) -> _CallableState:
-        users = [m["content"] for m in messages if m["role"] == "user"]
-        return _CallableState(users[-1] if users else messages[-1]["content"])
+    def start(self) -> _CallableState:
+        return _CallableState()
+
+    def add(self, state: _CallableState, prompts: list[Messages]) -> None:
+        for messages in prompts:
+            users = [m["content"] for m in messages if m["role"] == "user"]
+            state.prompts.append(users[-1] if users else messages[-1]["content"])
+        state.cost = RowCost.free(len(prompts))
 
     def score(self, state: _CallableState, candidates: Candidates) -> torch.Tensor:
-        return torch.tensor([float(self.fn(state.prompt, t)) for t in candidates.texts], dtype=torch.float64)
+        prompts = [state.prompts[p] for p in candidates.parents.tolist()]
+        state.prompts = prompts
+        state.cost = RowCost.free(len(prompts))
+        return torch.tensor([float(self.fn(p, t)) for p, t in zip(prompts, candidates.texts)], dtype=torch.float64)
 
     def keep(self, state: _CallableState, rows: torch.Tensor) -> None:
-        return None
+        state.prompts = [state.prompts[r] for r in rows.tolist()]
 
 
 def concise(prompt: str, response: str) -> float:

@@ -1,9 +1,11 @@
 """The reward-model protocol: what the controller needs from a reward model.
 
-The controller calls, per objective: ``start`` once per prompt, then per step ``score`` (all
-candidates of all beams at once) and ``keep`` (the candidates that survive). An adapter owns
-whatever it caches between calls in the state object it returns, so other reward families fit
-without touching the controller:
+One state holds the rows of every prompt in flight, so a step scores all candidates of all
+prompts in one batch. The controller calls, per objective: ``start`` once (an empty state),
+``add`` when prompts join the batch (one row each, appended), then per step ``score`` (every
+candidate, each extending a row of the state) and ``keep`` (the candidates that survive, in the
+new row order; rows of finished prompts are simply not kept). An adapter owns whatever it caches
+between calls in its state, so other reward families fit without touching the controller:
 
 * sequence classifiers (Bradley-Terry reward models such as MAHALO's truthfulness model, or
   value heads): :class:`~mahalo.rewards.seqcls.SequenceClassifierReward`;
@@ -17,7 +19,7 @@ without touching the controller:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -27,37 +29,39 @@ from mahalo.chat import Messages
 
 @dataclass
 class Candidates:
-    """One step's candidates, one row each (all beams together)."""
+    """One step's candidates of every prompt in flight, one row each."""
 
-    messages: Messages
-    parents: torch.Tensor  # (R,) index of the beam each candidate extends
+    parents: torch.Tensor  # (R,) the state row (beam) each candidate extends
     token_ids: list[list[int]]  # policy ids of the whole response so far (no end-of-turn)
     texts: list[str]  # text of the whole response so far
 
 
 @dataclass
-class RewardCounters:
-    """Tokens a reward model forwarded (real, padded) and what full rescoring would cost."""
+class RowCost:
+    """What one ``add`` or ``score`` call cost, per row: tokens forwarded, padded slots, and what
+    forwarding each whole conversation from scratch would have cost."""
 
-    tokens: int = 0
-    padded_tokens: int = 0
-    full_rescore_tokens: int = 0
+    tokens: list[int] = field(default_factory=list)
+    padded: list[int] = field(default_factory=list)
+    full: list[int] = field(default_factory=list)
+
+    @classmethod
+    def free(cls, rows: int) -> RowCost:
+        """No tokens forwarded (programmatic rewards)."""
+        return cls([0] * rows, [0] * rows, [0] * rows)
 
 
 @runtime_checkable
 class RewardModel(Protocol):
-    """What the controller needs from a reward model."""
+    """What the controller needs from a reward model. A state may set ``cost``
+    (:class:`RowCost`) after each ``add`` and ``score``; the controller reports it per prompt."""
 
-    def start(self, messages: Messages, policy_tokenizer: Any) -> Any:
-        """Begin a prompt.
+    def start(self) -> Any:
+        """An empty state (no rows)."""
+        ...
 
-        Args:
-            messages: the chat prompt.
-            policy_tokenizer: the policy's tokenizer (to decide whether ids can be shared).
-
-        Returns:
-            an opaque state, with a ``counters`` attribute (:class:`RewardCounters`).
-        """
+    def add(self, state: Any, prompts: list[Messages]) -> None:
+        """Prompts join: one row each, appended to the state's rows in order."""
         ...
 
     def score(self, state: Any, candidates: Candidates) -> torch.Tensor:
@@ -65,5 +69,5 @@ class RewardModel(Protocol):
         ...
 
     def keep(self, state: Any, rows: torch.Tensor) -> None:
-        """Continue from candidates ``rows`` (B',) of the last ``score`` call."""
+        """Continue from candidates ``rows`` (B',) of the last ``score`` call, in that order."""
         ...

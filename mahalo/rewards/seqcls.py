@@ -7,9 +7,9 @@ from typing import Any
 
 import torch
 
-from mahalo.chat import SCORE_AT, Messages, ScoringFormat, scoring_format
+from mahalo.chat import SCORE_AT, Messages, ScoringFormat, scoring_format, scoring_ids
 from mahalo.kv import KVRows, empty_rows
-from mahalo.rewards.protocol import Candidates, RewardCounters
+from mahalo.rewards.protocol import Candidates, RowCost
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
@@ -22,10 +22,10 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 
 @dataclass
 class _SeqClsState:
-    kv: KVRows  # rows = beams (after keep) or candidates (after score)
-    fmt: ScoringFormat
-    ids: list[list[int]]  # per cache row: the token ids its valid columns hold, in order
-    counters: RewardCounters = field(default_factory=RewardCounters)
+    kv: KVRows  # rows = beams of every prompt (after keep) or candidates (after score)
+    formats: list[ScoringFormat] = field(default_factory=list)  # per row: its prompt's scoring format
+    ids: list[list[int]] = field(default_factory=list)  # per row: the ids its valid columns hold, in order
+    cost: RowCost = field(default_factory=RowCost)  # of the last add / score, per row
     pending: list[list[int]] = field(default_factory=list)  # per scored row: its scoring ids
 
 
@@ -42,9 +42,10 @@ class SequenceClassifierReward:
     even where the policy sampled a non-canonical split of the same text or uses another
     vocabulary.
 
-    Cost: each cache row holds the token ids of a conversation already forwarded. A candidate
-    forwards only its ids after the longest common prefix with its beam's row (at least its last
-    token), all candidates in one batch. The hidden state is gathered at each row's true last token
+    Cost: each cache row holds the token ids of a conversation already forwarded; rows of all the
+    prompts in flight share one cache. A candidate forwards only its ids after the longest common
+    prefix with its beam's row (at least its last token), all candidates of all prompts in one
+    batch. The hidden state is gathered at each row's true last token
     (not by pad-token search, which fails when the pad token is the end-of-turn token).
     """
 
@@ -80,52 +81,47 @@ class SequenceClassifierReward:
             and getattr(config, "num_labels", None) in (1, 2)
         )
 
+    def start(self) -> _SeqClsState:
+        return _SeqClsState(empty_rows(self.device, 0))
+
     @torch.inference_mode()
-    def start(self, messages: Messages, policy_tokenizer: Any) -> _SeqClsState:
-        fmt = scoring_format(self.tokenizer, messages, self.score_at)
-        prefix_ids = fmt.prefix_ids(self.tokenizer)
-        state = _SeqClsState(empty_rows(self.device), fmt, [prefix_ids])
-        prefix = torch.tensor([prefix_ids], device=self.device)  # (1, P)
-        self._forward(state.kv, prefix, torch.ones_like(prefix))
-        state.counters.tokens += prefix.numel()
-        state.counters.padded_tokens += prefix.numel()
-        return state
+    def add(self, state: _SeqClsState, prompts: list[Messages]) -> None:
+        """Prefill each prompt's conversation prefix (right-padded, one forward) as new rows."""
+        formats = [scoring_format(self.tokenizer, messages, self.score_at) for messages in prompts]
+        prefixes = [f.prefix_ids(self.tokenizer) for f in formats]
+        self._check_context(max(len(p) for p in prefixes))
+        rows = empty_rows(self.device, len(prompts))
+        block, block_mask = self._block(prefixes)  # (P, T)
+        self._forward(rows, block, block_mask)
+        state.kv.cat(rows)
+        state.formats += formats
+        state.ids += prefixes
+        width = block.shape[1]
+        state.cost = RowCost([len(p) for p in prefixes], [width] * len(prefixes), [0] * len(prefixes))
 
     @torch.inference_mode()
     def score(self, state: _SeqClsState, candidates: Candidates) -> torch.Tensor:
-        # 1. scoring ids of every candidate; reuse its beam's cached ids up to the common prefix,
-        #    but always forward the last token (its hidden state is the score)
-        ids = state.fmt.ids(self.tokenizer, candidates.texts)  # (R, *)
+        # 1. scoring ids of every candidate under its prompt's format; reuse its beam's cached ids
+        #    up to the common prefix, but always forward the last token (its hidden state is the score)
         parents = candidates.parents.tolist()
+        formats = [state.formats[p] for p in parents]
+        ids = scoring_ids(self.tokenizer, formats, candidates.texts)  # (R, *)
         reuse = [min(_common_prefix(state.ids[p], r), len(r) - 1) for p, r in zip(parents, ids)]
         new = [r[k:] for r, k in zip(ids, reuse)]
         self._check_context(max(len(r) for r in ids))
-        # 2. fan the beams' rows out to their candidates; cached columns past the reuse become holes
-        #    (rows are right-aligned after keep: row p's ids occupy its last len(ids[p]) columns)
-        length = state.kv.length
-        cached = torch.tensor([len(state.ids[p]) for p in parents], device=self.device)
+        # 2. fan the beams' rows out to their candidates; cached ids past the reuse become holes
         state.kv.select(candidates.parents)
-        state.kv.drop_columns_from(length - cached + torch.tensor(reuse, device=self.device))
+        state.kv.keep_valid(torch.tensor(reuse, device=self.device))
+        state.formats = formats
         # 3. one forward of every candidate's new tokens (right-padded)
-        width = max(len(n) for n in new)
-        block = torch.full((len(new), width), self._pad_id, device=self.device)  # (R, T)
-        block_mask = torch.zeros_like(block)
-        for i, n in enumerate(new):
-            block[i, : len(n)] = torch.tensor(n, device=self.device)
-            block_mask[i, : len(n)] = 1
+        block, block_mask = self._block(new)  # (R, T)
         hidden = self._forward(state.kv, block, block_mask)  # (R, T, H)
         # 4. the score head at each row's true last token
         last = torch.tensor([len(n) - 1 for n in new], device=self.device)
         scores = self._head(hidden[torch.arange(len(new), device=self.device), last])  # (R,)
         state.pending = ids
-        self._count(state, ids, new, width)
+        state.cost = RowCost([len(n) for n in new], [block.shape[1]] * len(new), [len(r) for r in ids])
         return scores
-
-    def _count(self, state: _SeqClsState, ids: list[list[int]], new: list[list[int]], width: int) -> None:
-        c = state.counters
-        c.tokens += sum(len(n) for n in new)
-        c.padded_tokens += len(new) * width
-        c.full_rescore_tokens += sum(len(r) for r in ids)
 
     @torch.inference_mode()
     def keep(self, state: _SeqClsState, rows: torch.Tensor) -> None:
@@ -133,8 +129,20 @@ class SequenceClassifierReward:
         cached; the next ``score`` reuses them up to where the candidates differ."""
         rows = rows.to(self.device)
         state.kv.select(rows)
-        state.kv.compact()
-        state.ids = [state.pending[r] for r in rows.tolist()]
+        state.kv.tidy()
+        kept = rows.tolist()
+        state.ids = [state.pending[r] for r in kept]
+        state.formats = [state.formats[r] for r in kept]
+
+    def _block(self, seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Right-padded ids (R, T) and their mask."""
+        width = max(len(s) for s in seqs)
+        block = torch.full((len(seqs), width), self._pad_id, device=self.device)
+        block_mask = torch.zeros_like(block)
+        for i, seq in enumerate(seqs):
+            block[i, : len(seq)] = torch.tensor(seq, device=self.device)
+            block_mask[i, : len(seq)] = 1
+        return block, block_mask
 
     def _forward(self, kv: KVRows, input_ids: torch.Tensor, new_mask: torch.Tensor) -> torch.Tensor:
         mask, positions = kv.extend(new_mask)

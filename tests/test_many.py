@@ -1,0 +1,105 @@
+"""Many prompts in flight: batch composition never changes an answer; results stream back."""
+
+import pytest
+
+from mahalo import guided_generate, guided_generate_many
+from tests.helpers import response_ids_of
+
+PROMPTS = [f"Question {i}: {topic}?" for i, topic in enumerate(
+    ["Is the earth flat", "Why is the sky blue", "Hi", "What is water", "Name a cat", "Tell me a story",
+     "Where is Paris", "How do dogs sleep", "Is it true", "Why"])]
+
+
+def _run(policy, prms, prompts, **kw):
+    return dict(guided_generate_many(policy, prms, prompts, **kw))
+
+
+@pytest.mark.parametrize("options", [
+    dict(strategy="step_best_of_n", num_candidates=3, step="sentence", min_step_tokens=2),
+    dict(strategy="step_beam", beam_width=2, num_candidates=2, step="max_tokens", min_step_tokens=0, max_step_tokens=5),
+    dict(strategy="dvts", beam_width=2, num_candidates=2, step="max_tokens", min_step_tokens=0, max_step_tokens=4),
+    dict(strategy="best_of_n", num_candidates=3),
+    dict(strategy="sample"),
+])
+def test_batch_composition_never_changes_an_answer(policy, reward, options):
+    prms = {"truth": reward, "len": lambda p, r: -len(r) / 50}
+    kw = dict(max_new_tokens=24, normalize="zscore", seed=5, **options)
+    alone = _run(policy, prms, PROMPTS, max_prompts=1, **kw)
+    for max_prompts in (3, 8):
+        batched = _run(policy, prms, PROMPTS, max_prompts=max_prompts, **kw)
+        assert sorted(batched) == list(range(len(PROMPTS)))
+        for i in range(len(PROMPTS)):
+            assert batched[i].token_ids == alone[i].token_ids, (max_prompts, i)
+            assert batched[i].scores == pytest.approx(alone[i].scores, abs=1e-4)
+    single = guided_generate(policy, prms, PROMPTS[4], **kw)
+    assert single.token_ids == alone[4].token_ids
+
+
+def test_results_stream_as_they_finish_and_rows_are_bounded(policy, reward):
+    """With room for 3 prompts, a short answer frees its rows for the next prompt at the next
+    step; results come back in finishing order, each with its input index."""
+    order = [i for i, _ in guided_generate_many(policy, {"truth": reward}, PROMPTS, max_prompts=3, max_new_tokens=20,
+                                                 num_candidates=2, step="max_tokens", min_step_tokens=0,
+                                                 max_step_tokens=4, stop_token_ids=[16])]
+    assert sorted(order) == list(range(len(PROMPTS)))
+    with pytest.raises(ValueError, match="max_rows \\(4\\) is below the 6 rows one prompt needs"):
+        next(guided_generate_many(policy, {"truth": reward}, PROMPTS, max_rows=4, num_candidates=6))
+
+
+def test_a_failing_prompt_does_not_stop_the_others(policy, reward):
+    prompts = ["Hi", "word " * 2000, "", "Why"]
+    out = dict(guided_generate_many(policy, {"truth": reward}, prompts, errors="return", max_prompts=4,
+                                    max_new_tokens=8))
+    assert isinstance(out[1], ValueError) and "exceeds the policy's context" in str(out[1])
+    assert isinstance(out[2], ValueError) and "prompt is empty" in str(out[2])
+    assert out[0].token_ids == guided_generate(policy, {"truth": reward}, "Hi", max_new_tokens=8).token_ids
+    assert out[3].text is not None
+    with pytest.raises(ValueError, match="prompt is empty"):  # errors="raise": the first failure raises
+        dict(guided_generate_many(policy, {"truth": reward}, prompts, max_new_tokens=8))
+
+
+def test_candidate_paths_and_stats_per_prompt(policy, reward):
+    out = _run(policy, {"truth": reward}, PROMPTS[:4], max_prompts=4, strategy="step_beam", beam_width=2,
+               num_candidates=2, max_new_tokens=16, step="max_tokens", min_step_tokens=0, max_step_tokens=4)
+    for res in out.values():
+        ended = [response_ids_of(res, s, i) for s, st in enumerate(res.steps)
+                 for i, c in enumerate(st.candidates) if c.end != "step"]
+        assert res.token_ids in ended
+        assert 0 < res.stats.policy_tokens <= res.stats.policy_tokens_padded
+        assert 0 < res.stats.prm_tokens <= res.stats.prm_tokens_padded and res.stats.steps == len(res.steps)
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096 / 2**20
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/statm"), reason="needs /proc (Linux)")
+def test_memory_stays_flat_over_200_prompts(policy, reward):
+    """Finished prompts leave nothing behind: the KV caches stay bounded and the process RSS does
+    not grow from prompt 50 to prompt 200."""
+    from mahalo.config import config_from_options
+    from mahalo.engine.controller import Controller
+    from mahalo.engine.scheduler import schedule
+    from mahalo.policy import as_policy
+    from mahalo.rewards import as_reward
+
+    cfg = config_from_options(num_candidates=2, max_new_tokens=16, step="max_tokens", min_step_tokens=0,
+                              max_step_tokens=4, max_prompts=8)
+    controller = Controller(as_policy(policy), {"truth": as_reward(reward, "truth")}, cfg)
+    prompts = (f"Question {i} about {'cats ' * (i % 7)}?" for i in range(200))
+    rss, widths, done = {}, [], 0
+    for _, res in schedule(controller, prompts, max_prompts=8):
+        done += 1
+        assert not isinstance(res, ValueError)
+        if controller.state is not None:
+            widths.append(controller.state.kv.length)
+        if done in (50, 200):
+            rss[done] = _rss_mb()
+    assert done == 200
+    from mahalo.chat import generation_prompt_ids
+
+    longest = max(len(generation_prompt_ids(policy[1], [{"role": "user", "content": f"Question {i} about "
+                                                                          f"{'cats ' * (i % 7)}?"}])) for i in range(7))
+    assert max(widths) <= longest + 16 + 4  # the longest prompt + the budget + one step's columns
+    assert rss[200] - rss[50] < 40, rss
