@@ -142,6 +142,17 @@ def _is_right_aligned(valid: torch.Tensor) -> bool:
     return bool((seen == valid).all())
 
 
+def right_padded(seqs: list[list[int]], pad_id: int, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids of ``seqs`` as a right-padded block (R, T) and its mask (1 = real token)."""
+    width = max(len(s) for s in seqs)
+    block = torch.full((len(seqs), width), pad_id, device=device)
+    mask = torch.zeros_like(block)
+    for i, seq in enumerate(seqs):
+        block[i, : len(seq)] = torch.tensor(seq, device=device)
+        mask[i, : len(seq)] = 1
+    return block, mask
+
+
 def empty_rows(device: torch.device | str = "cpu", rows: int = 1) -> KVRows:
     """A fresh zero-length cache of ``rows`` rows."""
     return KVRows(DynamicCache(), torch.ones(rows, 0, dtype=torch.long, device=device))

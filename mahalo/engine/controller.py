@@ -74,7 +74,6 @@ class Search:
     """One prompt's search: its beams, finished pool, steps and cost."""
 
     index: int  # the prompt's input index
-    messages: Messages
     beams: list[Beam]
     stats: Stats
     t0: float
@@ -131,11 +130,6 @@ class Controller:
         """Prompts in the batch."""
         return len(self.searches)
 
-    @property
-    def rows(self) -> int:
-        """Policy rows the batch holds between steps."""
-        return 0 if self.state is None else self.state.rows
-
     # -- admission ------------------------------------------------------------------------
 
     def admit(self, prompts: list[tuple[int, Messages]]) -> list[tuple[int, ValueError]]:
@@ -167,10 +161,10 @@ class Controller:
             costs[name] = getattr(self.reward_states[name], "cost", None)
         prm_s = time.perf_counter() - t1
         width = max(len(ids) for _, _, ids in ok)
-        for i, (index, messages, ids) in enumerate(ok):
+        for i, (index, _, ids) in enumerate(ok):
             stats = Stats(policy_tokens=len(ids), policy_tokens_padded=width, policy_s=policy_s, prm_s=prm_s)
             self._charge(stats, costs, [i])
-            self.searches.append(Search(index, messages, [Beam(stream=self.root)], stats, t0))
+            self.searches.append(Search(index, [Beam(stream=self.root)], stats, t0))
         return failed
 
     def _prompt_ids(self, messages: Messages) -> list[int]:

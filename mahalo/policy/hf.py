@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from mahalo.chat import Messages, generation_prompt_ids, template_end_of_turn_ids
-from mahalo.kv import KVRows, empty_rows
+from mahalo.kv import KVRows, empty_rows, right_padded
 from mahalo.policy.protocol import Policy, PolicyState
 
 # Causal LMs whose forward is exactly ``lm_head(model(...).last_hidden_state)`` (no logit scale,
@@ -56,12 +56,7 @@ class HFPolicy:
     @torch.inference_mode()
     def prefill(self, prompts: list[list[int]]) -> PolicyState:
         """Right-padded prefill: every prompt starts at column 0, shorter ones end in holes."""
-        width = max(len(ids) for ids in prompts)
-        input_ids = torch.full((len(prompts), width), self._pad_id, device=self.device)  # (P, T)
-        new_mask = torch.zeros_like(input_ids)
-        for i, ids in enumerate(prompts):
-            input_ids[i, : len(ids)] = torch.tensor(ids, device=self.device)
-            new_mask[i, : len(ids)] = 1
+        input_ids, new_mask = right_padded(prompts, self._pad_id, self.device)  # (P, T)
         kv = empty_rows(self.device, len(prompts))
         last = torch.tensor([len(ids) - 1 for ids in prompts], device=self.device)  # (P,)
         return PolicyState(kv, self._forward(kv, input_ids, new_mask, last))

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from mahalo.chat import SCORE_AT, Messages, ScoringFormat, scoring_format, scoring_ids
-from mahalo.kv import KVRows, empty_rows
+from mahalo.kv import KVRows, empty_rows, right_padded
 from mahalo.rewards.protocol import Candidates, RowCost
 
 
@@ -91,7 +91,7 @@ class SequenceClassifierReward:
         prefixes = [f.prefix_ids(self.tokenizer) for f in formats]
         self._check_context(max(len(p) for p in prefixes))
         rows = empty_rows(self.device, len(prompts))
-        block, block_mask = self._block(prefixes)  # (P, T)
+        block, block_mask = right_padded(prefixes, self._pad_id, self.device)  # (P, T)
         self._forward(rows, block, block_mask)
         state.kv.cat(rows)
         state.formats += formats
@@ -114,7 +114,7 @@ class SequenceClassifierReward:
         state.kv.keep_valid(torch.tensor(reuse, device=self.device))
         state.formats = formats
         # 3. one forward of every candidate's new tokens (right-padded)
-        block, block_mask = self._block(new)  # (R, T)
+        block, block_mask = right_padded(new, self._pad_id, self.device)  # (R, T)
         hidden = self._forward(state.kv, block, block_mask)  # (R, T, H)
         # 4. the score head at each row's true last token
         last = torch.tensor([len(n) - 1 for n in new], device=self.device)
@@ -133,16 +133,6 @@ class SequenceClassifierReward:
         kept = rows.tolist()
         state.ids = [state.pending[r] for r in kept]
         state.formats = [state.formats[r] for r in kept]
-
-    def _block(self, seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Right-padded ids (R, T) and their mask."""
-        width = max(len(s) for s in seqs)
-        block = torch.full((len(seqs), width), self._pad_id, device=self.device)
-        block_mask = torch.zeros_like(block)
-        for i, seq in enumerate(seqs):
-            block[i, : len(seq)] = torch.tensor(seq, device=self.device)
-            block_mask[i, : len(seq)] = 1
-        return block, block_mask
 
     def _forward(self, kv: KVRows, input_ids: torch.Tensor, new_mask: torch.Tensor) -> torch.Tensor:
         mask, positions = kv.extend(new_mask)
