@@ -530,6 +530,19 @@ def fmt(value: Any, digits: int = 2) -> str:
     return str(value)
 
 
+def load_run(args: argparse.Namespace, console: Any) -> tuple[list[Question], BenchModels, dict[str, Any]]:
+    """Read ``--questions``, load ``--models`` and print the machine line.
+
+    Raises:
+        ValueError: a missing questions file, embedded model or truth head (the message says how).
+    """
+    questions = read_questions(args.questions, args.num_prompts)
+    models = load_bench_models(args.models, args.device, args.dtype, args.truth_head)
+    machine = machine_info(models.device, args.machine)
+    console.print(machine_line(machine), style="dim", markup=False)
+    return questions, models, machine
+
+
 def start(args: argparse.Namespace) -> "Any":
     """What every script does first: logging (``--verbose``), ``--threads``; returns the console."""
     setup_logging(args.verbose)

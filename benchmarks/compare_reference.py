@@ -303,13 +303,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     console = common.start(args)
     try:
-        questions = common.read_questions(args.questions, args.num_prompts)
-        models = common.load_bench_models(args.models, args.device, args.dtype, args.truth_head)
+        questions, models, machine = common.load_run(args, console)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    machine = common.machine_info(models.device, args.machine)
-    console.print(common.machine_line(machine), style="dim", markup=False)
     rows = run_all(args, models, [q.question for q in questions], console)
     ratios = prompt_ratios(rows)
     summaries = [summarize(rows, ratios, length) for length in args.lengths]

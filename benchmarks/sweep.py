@@ -311,13 +311,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.fresh and prompts_path.exists():
         prompts_path.unlink()
     try:
-        questions = common.read_questions(args.questions, args.num_prompts)
-        models = common.load_bench_models(args.models, args.device, args.dtype, args.truth_head)
+        questions, models, machine = common.load_run(args, console)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    machine = common.machine_info(models.device, args.machine)
-    console.print(common.machine_line(machine), style="dim", markup=False)
     prompts = [q.question for q in questions]
     run_sweep(args, models, prompts, prompts_path, console)
     settings = _settings(args)

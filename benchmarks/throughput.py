@@ -156,13 +156,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     console = common.start(args)
     try:
-        questions = common.read_questions(args.questions, args.num_prompts)
-        models = common.load_bench_models(args.models, args.device, args.dtype, args.truth_head)
+        questions, models, machine = common.load_run(args, console)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    machine = common.machine_info(models.device, args.machine)
-    console.print(common.machine_line(machine), style="dim", markup=False)
     prompts = [q.question for q in questions]
     for _ in range(args.warmup):
         run_mahalo(models, prompts[:1], 1, argparse.Namespace(**{**vars(args), "max_new_tokens": 16}))
