@@ -58,6 +58,14 @@ class KVRows:
         self.cache.batch_select_indices(index)
         self.mask = self.mask[index]
 
+    def take(self, index: torch.Tensor) -> KVRows:
+        """A new :class:`KVRows` holding copies of rows ``index``; these rows are unchanged."""
+        index = index.to(self.mask.device)
+        cache = DynamicCache()
+        for i, layer in enumerate(_filled_layers(self.cache)):
+            cache.update(layer.keys[index], layer.values[index], i)
+        return KVRows(cache, self.mask[index])
+
     def drop_columns_from(self, start: torch.Tensor) -> None:
         """Turn every column at or after ``start[r]`` of row r into a hole (R,)."""
         cols = torch.arange(self.length, device=self.mask.device)[None, :]  # (1, L)

@@ -103,3 +103,27 @@ def test_memory_stays_flat_over_200_prompts(policy, reward):
                                                                           f"{'cats ' * (i % 7)}?"}])) for i in range(7))
     assert max(widths) <= longest + 16 + 4  # the longest prompt + the budget + one step's columns
     assert rss[200] - rss[50] < 40, rss
+
+
+def test_setting_ended_rows_aside_changes_nothing(policy, reward, monkeypatch):
+    """Rows that ended their step are set aside while stragglers decode (fewer rows per forward);
+    answers stay those of each prompt alone, and the parking really happened."""
+    from mahalo.engine import controller
+
+    parks = {"n": 0}
+    real = controller.Controller._park
+
+    def counting(self, *a):
+        parks["n"] += 1
+        return real(self, *a)
+
+    monkeypatch.setattr(controller.Controller, "_park", counting)
+    kw = dict(strategy="step_best_of_n", num_candidates=4, max_new_tokens=30, step="sentence", min_step_tokens=1,
+              max_step_tokens=12, stop_token_ids=list(range(16, 56)), seed=2)  # 1 in 8 tokens ends a response
+    alone = _run(policy, {"truth": reward}, PROMPTS, max_prompts=1, **kw)
+    parks["n"] = 0
+    batched = _run(policy, {"truth": reward}, PROMPTS, max_prompts=8, **kw)
+    assert parks["n"] > 0
+    assert all(batched[i].token_ids == alone[i].token_ids for i in range(len(PROMPTS)))
+    for res in batched.values():
+        assert res.stats.policy_tokens <= res.stats.policy_tokens_padded

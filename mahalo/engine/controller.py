@@ -96,6 +96,7 @@ class Row:
     deferred: bool = False  # kept a spaces-only lookahead: the next token decides the boundary
     text: ChunkText | None = None  # created on the first boundary check
     fed: int = 0  # tokens forwarded
+    slots: int = 0  # forwards it took part in (as a token or a hole)
 
 
 class Controller:
@@ -238,16 +239,27 @@ class Controller:
         return rows, parents, spans
 
     def _expand(self, rows: list[Row]) -> None:
-        """Decode one step for every row in lockstep; ended rows become holes."""
+        """Decode one step for every row in lockstep; ended rows become holes.
+
+        Rows that ended wait for the others; once they are most of the batch (and at least
+        ``PARK_MIN``), they are set aside (one copy of their cache) so the forwards of the
+        stragglers run on fewer rows, and are put back at the end of the step.
+        """
         t = time.perf_counter()
         device = self.state.logits.device
         streams = torch.tensor([r.stream for r in rows], device=device)  # (R,)
         positions = torch.tensor([len(r.beam.token_ids) for r in rows], device=device)  # (R,)
         active = list(range(len(rows)))
+        live = list(range(len(rows)))  # the row held at each position of self.state
+        parked: list[tuple[PolicyState, list[int]]] = []
         forwards = 0
         while active:
-            idx = torch.tensor(active, device=device)  # (A,)
-            logits = self.state.logits[idx]  # (A, V)
+            if len(live) - len(active) >= max(self.PARK_MIN, len(live) // 2):
+                live = self._park(live, set(active), parked)
+            where = {r: i for i, r in enumerate(live)}
+            at = torch.tensor([where[r] for r in active], device=device)  # (A,) state positions
+            idx = torch.tensor(active, device=device)  # (A,) rows
+            logits = self.state.logits[at]  # (A, V)
             tokens = sample_tokens(logits, self.cfg.sampling, streams[idx], positions[idx])  # (A,)
             logprobs = torch.log_softmax(logits.float(), -1).gather(1, tokens[:, None])[:, 0]  # (A,)
             packed = torch.stack([tokens.double(), logprobs.double(), self.flags[tokens].double()])  # (3, A)
@@ -257,28 +269,52 @@ class Controller:
                 row, token = rows[r], int(token)
                 end = self._advance(row, token, logprob, int(flags))
                 if end in ("", "step"):  # the token was kept and the row goes on: its next logits are needed
-                    feed.append((r, token))
+                    feed.append((where[r], token))
                     row.fed += 1
                 if end:
                     row.end = "step" if end == "cut" else end
                 else:
                     still.append(r)
             if feed:
-                fed_rows, fed_tokens = zip(*feed)
-                mask = torch.zeros(len(rows), dtype=torch.bool)
-                mask[list(fed_rows)] = True
-                tokens_in = torch.zeros(len(rows), dtype=torch.long)
-                tokens_in[list(fed_rows)] = torch.tensor(fed_tokens)
+                fed_at, fed_tokens = zip(*feed)
+                mask = torch.zeros(len(live), dtype=torch.bool)
+                mask[list(fed_at)] = True
+                tokens_in = torch.zeros(len(live), dtype=torch.long)
+                tokens_in[list(fed_at)] = torch.tensor(fed_tokens)
                 self.policy.forward(self.state, tokens_in, mask)
                 forwards += 1
+                for r in live:  # every row in the forward, fed or a hole
+                    rows[r].slots += 1
             active = still
+        if parked:
+            self._unpark(live, parked)
         elapsed = time.perf_counter() - t
         for s in self.searches:
             s.stats.policy_s += elapsed
         for row in rows:
             stats = self.searches[row.search].stats
             stats.policy_tokens += row.fed
-            stats.policy_tokens_padded += forwards
+            stats.policy_tokens_padded += row.slots
+
+    PARK_MIN = 8  # rows worth setting aside at once
+
+    def _park(self, live: list[int], active: set[int], parked: list[tuple[PolicyState, list[int]]]) -> list[int]:
+        """Set the ended rows aside; returns the rows still in self.state, in order."""
+        keep = [i for i, r in enumerate(live) if r in active]
+        rest = [i for i, r in enumerate(live) if r not in active]
+        parked.append((self.state.take(torch.tensor(rest)), [live[i] for i in rest]))
+        self.state.select(torch.tensor(keep))
+        return [live[i] for i in keep]
+
+    def _unpark(self, live: list[int], parked: list[tuple[PolicyState, list[int]]]) -> None:
+        """Put the set-aside rows back, every row at its place again."""
+        order = list(live)
+        for state, ids in parked:
+            self.state.cat(state)
+            order += ids
+        inverse = torch.empty(len(order), dtype=torch.long)
+        inverse[torch.tensor(order)] = torch.arange(len(order))
+        self.state.select(inverse)
 
     def _advance(self, row: Row, token: int, logprob: float, flags: int) -> str:
         """Row sampled ``token``: keep it or end the step. Returns why the row's step ends:

@@ -32,6 +32,10 @@ class PolicyState:
         self.kv.select(index)
         self.logits = self.logits[index.to(self.logits.device)]
 
+    def take(self, index: torch.Tensor) -> PolicyState:
+        """A new state holding copies of rows ``index`` (these rows stay)."""
+        return PolicyState(self.kv.take(index), self.logits[index.to(self.logits.device)])
+
     def cat(self, other: PolicyState) -> None:
         """Append ``other``'s rows (another batch of prompts) after these."""
         self.logits = other.logits if self.rows == 0 else torch.cat([self.logits, other.logits.to(self.logits)])
