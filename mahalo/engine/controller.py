@@ -19,7 +19,8 @@ next step's candidates.
 
 Hot loop: one device-to-host transfer per token for the whole batch (tokens, log-probabilities
 and per-token flags packed together); only rows whose token can end a step (a per-vocabulary
-flag table) touch text, detokenised incrementally.
+flag table) touch text, detokenised incrementally. A step lasts as long as its longest candidate,
+so once most rows have ended they are set aside and the stragglers decode on fewer rows.
 """
 
 from __future__ import annotations
