@@ -194,8 +194,8 @@ class BatchConfig:
     """
 
     max_prompts: int = 0
-    """Prompts in flight at once, >= 0. 0 picks for the policy's device: 8 on a CPU (the best of
-    1-16 in benchmarks/throughput.py on a 2-core CPU), 32 on a GPU (not measured yet: run
+    """Prompts in flight at once, >= 0. 0 picks for the policy's device: 16 on a CPU (the fastest
+    of 1-16 in benchmarks/throughput.py on a 2-core CPU), 32 on a GPU (not measured yet: run
     benchmarks/gpu_check.sh)."""
     max_rows: int = 0
     """At most this many policy rows in flight, >= 0 (a prompt holds up to B*N rows, at its first

