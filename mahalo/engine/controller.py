@@ -356,7 +356,7 @@ class Controller:
             return False
         text = self._text(row)
         body = text.rstrip(" \t")
-        following = text[len(body):] + self.table.text[token]
+        following = text[len(body):] + (self.table.text[token] if token < len(self.table.text) else "")
         return self.boundary.ends_before(row.beam.text[-_CONTEXT_CHARS:], body, following)
 
     def _text(self, row: Row) -> str:
