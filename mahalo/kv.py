@@ -66,11 +66,6 @@ class KVRows:
             cache.update(layer.keys[index], layer.values[index], i)
         return KVRows(cache, self.mask[index])
 
-    def drop_columns_from(self, start: torch.Tensor) -> None:
-        """Turn every column at or after ``start[r]`` of row r into a hole (R,)."""
-        cols = torch.arange(self.length, device=self.mask.device)[None, :]  # (1, L)
-        self.mask = self.mask.masked_fill(cols >= start.to(self.mask.device)[:, None], 0)
-
     def keep_valid(self, count: torch.Tensor) -> None:
         """Keep the first ``count[r]`` valid columns of row r (R,); later valid columns become holes."""
         seen = self.mask.cumsum(dim=1)  # (R, L) valid columns up to and including each column

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field, fields
 
+from mahalo.app.load import ATTENTION
 from mahalo.chat import SCORE_AT
 from mahalo.config import (
     BatchConfig,
@@ -23,7 +24,6 @@ from mahalo.config import (
 log = logging.getLogger(__name__)
 
 MODEL_KINDS = ("hf", "embedded", "tiny")
-ATTENTION = ("auto", "sdpa", "flash_attention_2", "eager")
 DTYPES = ("float32", "bfloat16", "float16", "auto")
 RESUME = ("auto", "force")
 # The fields each kind of model reads; any other field set away from its default is an error.

@@ -136,11 +136,6 @@ def existing(path: str | None) -> Existing:
     return found
 
 
-def done_keys(path: str | None) -> set[tuple[int, str]]:
-    """(index, prompt) of every complete record already in the output file (see :func:`existing`)."""
-    return existing(path).keys
-
-
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     if not isinstance(tree, dict):
         return {prefix: tree}
