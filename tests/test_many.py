@@ -127,3 +127,59 @@ def test_setting_ended_rows_aside_changes_nothing(policy, reward, monkeypatch):
     assert all(batched[i].token_ids == alone[i].token_ids for i in range(len(PROMPTS)))
     for res in batched.values():
         assert res.stats.policy_tokens <= res.stats.policy_tokens_padded
+
+
+def test_engine_fed_from_threads_gives_the_same_answers(policy, reward):
+    """Prompts submitted over time from several threads (a Ray replica's concurrent batches) get
+    the answers guided_generate_many gives; a bad prompt fails alone; close() drains."""
+    import threading
+
+    from mahalo.config import config_from_options
+    from mahalo.engine.controller import Controller
+    from mahalo.engine.scheduler import Engine
+    from mahalo.policy import as_policy
+    from mahalo.rewards import as_reward
+
+    kw = dict(max_new_tokens=24, seed=3, num_candidates=3, step="sentence", min_step_tokens=2)
+    prms = {"truth": reward}
+    expected = _run(policy, prms, PROMPTS, **kw)
+    cfg = config_from_options(None, **kw)
+    engine = Engine(Controller(as_policy(policy), {"truth": as_reward(reward, "truth")}, cfg), max_prompts=3)
+    got: dict[int, object] = {}
+
+    def caller(indices):
+        futures = {i: engine.submit(PROMPTS[i]) for i in indices}
+        got.update({i: f.result(timeout=120) for i, f in futures.items()})
+
+    threads = [threading.Thread(target=caller, args=(range(k, len(PROMPTS), 3),)) for k in range(3)]
+    for t in threads:
+        t.start()
+    bad = engine.submit("")
+    for t in threads:
+        t.join()
+    assert isinstance(bad.result(timeout=60), ValueError)
+    assert sorted(got) == list(range(len(PROMPTS)))
+    for i in range(len(PROMPTS)):
+        assert got[i].token_ids == expected[i].token_ids, i
+    late = engine.submit(PROMPTS[0])
+    engine.close()
+    assert late.result(timeout=0).token_ids == expected[0].token_ids
+    with pytest.raises(RuntimeError, match="stopped"):
+        engine.submit("Hi")
+
+
+def test_engine_hands_a_crash_to_every_waiting_caller(policy, reward, monkeypatch):
+    from mahalo.config import config_from_options
+    from mahalo.engine.controller import Controller
+    from mahalo.engine.scheduler import Engine
+    from mahalo.policy import as_policy
+
+    controller = Controller(as_policy(policy), {}, config_from_options(None, strategy="sample", max_new_tokens=8))
+    monkeypatch.setattr(controller, "step", lambda: (_ for _ in ()).throw(MemoryError("out of memory")))
+    engine = Engine(controller, max_prompts=4)
+    futures = [engine.submit(p) for p in PROMPTS[:3]]
+    for f in futures:
+        with pytest.raises(MemoryError, match="out of memory"):
+            f.result(timeout=60)
+    with pytest.raises(RuntimeError, match="stopped \\(out of memory\\)"):
+        engine.submit("Hi")

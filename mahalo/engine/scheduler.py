@@ -6,12 +6,16 @@
       yield    the prompts that ended; their rows are freed for the next admissions
 
 Prompts are read lazily from any iterable, so a dataset streams through; results come back as
-they finish, each with its input index.
+they finish, each with its input index. :class:`Engine` is the same loop fed from other threads
+(a Ray replica's concurrent batches): callers submit prompts at any time and wait on futures.
 """
 
 from __future__ import annotations
 
+import threading
+from collections import deque
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Future
 
 import torch
 
@@ -71,3 +75,93 @@ def schedule(
 
 def _fits(prompts: int, per_prompt: int, max_prompts: int, max_rows: int) -> bool:
     return prompts <= max_prompts and (max_rows == 0 or prompts * per_prompt <= max_rows)
+
+
+class Engine:
+    """Continuous batching for prompts that arrive over time, from any thread.
+
+    A background thread runs the scheduler's loop (admit what fits, step, hand back what ended);
+    :meth:`submit` queues a prompt and returns a future of its ``GuidedResult``, or of its
+    ``ValueError`` for a prompt that failed. A prompt gets the same answer as through
+    :func:`schedule`: the controller's answers never depend on their neighbours.
+
+    Any other exception in the loop (a bug, out of memory) fails every pending future with it and
+    stops the engine; later :meth:`submit` calls raise ``RuntimeError``.
+    """
+
+    def __init__(self, controller: Controller, max_prompts: int, max_rows: int = 0) -> None:
+        self.controller, self.max_prompts, self.max_rows = controller, max_prompts, max_rows
+        self._per_prompt = controller.strategy.beams * controller.strategy.candidates
+        self._cond = threading.Condition()
+        self._waiting: deque[tuple[int, object]] = deque()  # (ticket, prompt), guarded by _cond
+        self._futures: dict[int, Future] = {}  # ticket -> future, guarded by _cond
+        self._tickets = 0
+        self._stopped: BaseException | None = None
+        self._closing = False
+        self._thread = threading.Thread(target=self._run, name="mahalo-engine", daemon=True)
+        self._thread.start()
+
+    def submit(self, prompt: object) -> Future:
+        """Queue ``prompt`` (a string or message list); the future resolves when it ends."""
+        future: Future = Future()
+        with self._cond:
+            if self._stopped is not None or self._closing:
+                raise RuntimeError(f"the engine has stopped ({self._stopped or 'closed'})")
+            self._waiting.append((self._tickets, prompt))
+            self._futures[self._tickets] = future
+            self._tickets += 1
+            self._cond.notify()
+        return future
+
+    def close(self) -> None:
+        """Finish the prompts already submitted, then stop the thread."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify()
+        self._thread.join()
+
+    # -- the loop (engine thread only) ------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while True:
+                batch, failed = self._take()
+                if batch is None:
+                    return
+                if batch:
+                    failed += self.controller.admit(batch)
+                for ticket, out in failed:
+                    self._deliver(ticket, out)
+                if self.controller.in_flight:
+                    for ticket, out in self.controller.step():
+                        self._deliver(ticket, out)
+        except BaseException as err:  # noqa: BLE001 - handed to every waiting caller, then stop
+            with self._cond:
+                self._stopped = err
+                futures, self._futures = list(self._futures.values()), {}
+                self._waiting.clear()
+            for future in futures:
+                future.set_exception(err)
+
+    def _take(self) -> tuple[list[tuple[int, object]] | None, list[tuple[int, ValueError]]]:
+        """The waiting prompts that fit now (blocks while there is nothing to do); None: stop."""
+        in_flight = self.controller.in_flight
+        with self._cond:
+            while not self._waiting and not in_flight and not self._closing:
+                self._cond.wait()
+            if not self._waiting and not in_flight:
+                return None, []
+            batch, failed = [], []
+            while self._waiting and _fits(in_flight + len(batch) + 1, self._per_prompt, self.max_prompts,
+                                          self.max_rows):
+                ticket, prompt = self._waiting.popleft()
+                try:
+                    batch.append((ticket, as_messages(prompt)))
+                except ValueError as err:
+                    failed.append((ticket, err))
+        return batch, failed
+
+    def _deliver(self, ticket: int, out: GuidedResult | ValueError) -> None:
+        with self._cond:
+            future = self._futures.pop(ticket)
+        future.set_result(out)
