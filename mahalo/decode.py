@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,10 +45,10 @@ from mahalo.app.io import (
     pending,
     read_prompts,
 )
-from mahalo.app.registry import load_models
-from mahalo.policy import as_policy
+from mahalo.app.registry import load_guide
+from mahalo.launch import Unanswered
 from mahalo.result import GuidedResult
-from mahalo.rewards import PROGRAMMATIC, as_reward
+from mahalo.rewards import PROGRAMMATIC
 
 
 def _conf_dir() -> Path:
@@ -59,7 +60,7 @@ def _conf_dir() -> Path:
 
 
 CONF_DIR = _conf_dir()
-GROUPS = ("models", "objective", "search")
+GROUPS = ("models", "objective", "search", "launcher")
 USAGE = __doc__.split("\n\n")[1]
 log = logging.getLogger("mahalo")
 
@@ -154,7 +155,9 @@ class Outcome:
 
     results: list[GuidedResult] = field(default_factory=list)
     errors: list[tuple[int, str]] = field(default_factory=list)
-    elapsed_s: float = 0.0  # decoding, models loaded
+    elapsed_s: float = 0.0  # decoding (local: models loaded; ray: replicas start inside it)
+    retried: int = 0  # ray: prompts answered on a later pass (their first replica died)
+    unanswered: str = ""  # ray: why some prompts got no record (a re-run retries them)
 
 
 def _check_resume(cfg: RunConfig, found: Existing, config: dict[str, Any]) -> None:
@@ -170,7 +173,8 @@ def _check_resume(cfg: RunConfig, found: Existing, config: dict[str, Any]) -> No
 
 
 def run(cfg: RunConfig, console: Console) -> Outcome:
-    """Answer every pending prompt of ``cfg``.
+    """Answer every pending prompt of ``cfg``, here or on Ray replicas (``cfg.launcher``); this
+    process writes every record either way.
 
     A prompt whose decode raises ``ValueError`` (a reward model's NaN, a prompt longer than the
     context) gets an error record and the run goes on.
@@ -187,27 +191,63 @@ def run(cfg: RunConfig, console: Console) -> Outcome:
     outcome = Outcome()
     if not todo:
         return outcome
-    t0 = time.perf_counter()
-    models = load_models(cfg.models, objectives)
-    console.print(f"models loaded in {time.perf_counter() - t0:.1f} s", style="dim")
-    policy = as_policy(models.policy)
-    prms = {n: as_reward(models.rewards.get(n) or PROGRAMMATIC[n], n) for n in objectives}
+    launch = _on_ray if cfg.launcher.kind == "ray" else _here
+    answers = launch(cfg, objectives, [it.prompt for it in todo], console)  # bad options raise here
     t1 = time.perf_counter()
-    answers = guided_generate_many(policy, prms, [it.prompt for it in todo], config=cfg.guide(), errors="return")
     with ResultWriter(cfg.output) as writer, _progress(console, len(todo) > 1) as bar:
         task = bar.add_task("decoding", total=len(todo))
-        for k, res in answers:  # as each prompt finishes
-            item = todo[k]
-            if isinstance(res, ValueError):
-                print(f"mahalo: error: prompt {item.index}: {res}", file=sys.stderr)
-                writer.write(_error_record(item, str(res), config))
-                outcome.errors.append((item.index, str(res)))
-            else:
-                writer.write(_record(item, res, config))
-                outcome.results.append(res)
-            bar.advance(task)
+        try:
+            for k, res, extra in answers:  # as each prompt finishes
+                item = todo[k]
+                if isinstance(res, ValueError):
+                    print(f"mahalo: error: prompt {item.index}: {res}", file=sys.stderr)
+                    writer.write({**_error_record(item, str(res), config), **extra})
+                    outcome.errors.append((item.index, str(res)))
+                else:
+                    writer.write({**_record(item, res, config), **extra})
+                    outcome.results.append(res)
+                outcome.retried += extra.get("attempt", 1) > 1
+                bar.advance(task)
+        except Unanswered as err:
+            outcome.unanswered = str(err)
     outcome.elapsed_s = time.perf_counter() - t1
     return outcome
+
+
+Answers = Iterator[tuple[int, GuidedResult | ValueError, dict[str, Any]]]
+
+
+def _here(cfg: RunConfig, objectives: list[str], prompts: list[str], console: Console) -> Answers:
+    """``launcher=local``: load the models in this process, decode with many prompts in flight."""
+    t0 = time.perf_counter()
+    policy, prms = load_guide(cfg.models, objectives)
+    console.print(f"models loaded in {time.perf_counter() - t0:.1f} s", style="dim")
+    answers = guided_generate_many(policy, prms, prompts, config=cfg.guide(), errors="return")
+    return ((k, res, {}) for k, res in answers)
+
+
+def _on_ray(cfg: RunConfig, objectives: list[str], prompts: list[str], console: Console) -> Answers:
+    """``launcher=ray``: join the cluster and check the options now; replicas load the models."""
+    from mahalo.launch import ray as on_ray
+
+    on_ray.require_ray()
+    on_ray.check_models(cfg, objectives)
+    t0 = time.perf_counter()
+    cluster = on_ray.connect(cfg.launcher)
+    lc = cfg.launcher
+    console.print(
+        f"ray: {lc.replicas} replicas x ({lc.cpus_per_replica:g} CPU, {lc.gpus_per_replica:g} GPU) on a cluster of "
+        f"{cluster.cpus:g} CPUs, {cluster.gpus:g} GPUs (joined in {time.perf_counter() - t0:.1f} s)", style="dim",
+    )
+
+    def answers() -> Answers:
+        try:
+            for a in on_ray.answer_many(cfg, objectives, prompts, cluster):
+                yield a.k, a.result, {"replica": a.replica, "attempt": a.attempt}
+        finally:
+            cluster.close()
+
+    return answers()
 
 
 def _progress(console: Console, show: bool) -> Progress:
@@ -298,12 +338,13 @@ def main(argv: list[str] | None = None) -> int:
         show_single(outcome.results[0], console, cfg.verbose)
     elif outcome.results or outcome.errors:
         show_summary(outcome.results, console, len(outcome.errors), outcome.elapsed_s)
+    if outcome.unanswered:
+        print(f"mahalo: error: {outcome.unanswered}", file=sys.stderr)
     if outcome.errors:
         where = f" (records with an \"error\" field in {cfg.output}; delete them to retry)" if cfg.output else ""
         print(f"mahalo: {len(outcome.errors)} of {len(outcome.errors) + len(outcome.results)} prompts failed{where}",
               file=sys.stderr)
-        return 1
-    return 0
+    return 1 if outcome.errors or outcome.unanswered else 0
 
 
 if __name__ == "__main__":

@@ -55,15 +55,18 @@ class KVRows:
         index = index.to(self.mask.device)
         if index.numel() == self.rows and bool((index == torch.arange(self.rows, device=index.device)).all()):
             return
-        self.cache.batch_select_indices(index)
+        on = _per_device(index)
+        for layer in _filled_layers(self.cache):  # a model spread over GPUs has layers on each
+            layer.keys, layer.values = layer.keys[on(layer.keys)], layer.values[on(layer.values)]
         self.mask = self.mask[index]
 
     def take(self, index: torch.Tensor) -> KVRows:
         """A new :class:`KVRows` holding copies of rows ``index``; these rows are unchanged."""
         index = index.to(self.mask.device)
+        on = _per_device(index)
         cache = DynamicCache()
         for i, layer in enumerate(_filled_layers(self.cache)):
-            cache.update(layer.keys[index], layer.values[index], i)
+            cache.update(layer.keys[on(layer.keys)], layer.values[on(layer.values)], i)
         return KVRows(cache, self.mask[index])
 
     def keep_valid(self, count: torch.Tensor) -> None:
@@ -131,6 +134,18 @@ class KVRows:
 def _left_pad(x: torch.Tensor, length: int) -> torch.Tensor:
     """Left-pad cache tensor ``x`` (R, H, L, D) with zeros to ``length`` columns."""
     return torch.nn.functional.pad(x, (0, 0, length - x.shape[2], 0))
+
+
+def _per_device(index: torch.Tensor):
+    """``on(tensor)``: ``index`` on ``tensor``'s device, copied once per device."""
+    copies = {index.device: index}
+
+    def on(tensor: torch.Tensor) -> torch.Tensor:
+        if tensor.device not in copies:
+            copies[tensor.device] = index.to(tensor.device)
+        return copies[tensor.device]
+
+    return on
 
 
 def _filled_layers(cache: DynamicCache) -> list:

@@ -246,3 +246,43 @@ def test_flash_attention_matches_sdpa_on_the_decoded_path():
         pol.forward(state, torch.tensor([8, 9, 10]), torch.tensor([True, True, True]))
         logits[attn] = state.logits.float()
     assert (logits["sdpa"] - logits["flash_attention_2"]).abs().max() < 5e-2
+
+
+def test_device_map_places_models_with_accelerate_and_answers_alike(tmp_path, policy, reward, monkeypatch):
+    """``models.*.device_map`` loads through accelerate's placement (here every module lands on
+    the CPU, the only device); the answer is the one of the plain load, token for token."""
+    from mahalo import guided_generate
+    from mahalo.app.config import ModelConfig, ModelsConfig
+    from mahalo.app.registry import load_guide
+
+    for name, (model, tok) in {"policy": policy, "reward": reward}.items():
+        model.save_pretrained(tmp_path / name)
+        tok.save_pretrained(tmp_path / name)
+    plain = ModelsConfig(policy=ModelConfig(kind="hf", path=str(tmp_path / "policy")),
+                         rewards={"truth": ModelConfig(kind="hf", path=str(tmp_path / "reward"))})
+    mapped = ModelsConfig(
+        policy=ModelConfig(kind="hf", path=str(tmp_path / "policy"), device_map="auto", max_memory={"cpu": "2GiB"}),
+        rewards={"truth": ModelConfig(kind="hf", path=str(tmp_path / "reward"), device_map="sequential")},
+    )
+    answers, calls = [], []
+    real = load._from_pretrained
+    monkeypatch.setattr(load, "_from_pretrained", lambda f, src, **kw: calls.append(kw) or real(f, src, **kw))
+    for cfg in (plain, mapped):
+        pol, prms = load_guide(cfg, ["truth"])
+        answers.append(guided_generate(pol, prms, "Is the sky blue?", max_new_tokens=24, seed=1))
+    placed = [(kw.get("device_map"), list(kw.get("max_memory") or [])) for kw in calls if "dtype" in kw]
+    assert placed == [(None, []), (None, []), ("auto", ["cpu"]), ("sequential", [])]
+    assert answers[1].token_ids == answers[0].token_ids
+    assert answers[1].scores["truth"] == pytest.approx(answers[0].scores["truth"], abs=1e-6)
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"device_map": "everywhere"}, "unknown device_map 'everywhere'"),
+    ({"device_map": "auto", "device": "cuda"}, "give device ('cuda') or device_map ('auto'), not both"),
+    ({"max_memory": {"0": "10GiB"}}, "max_memory needs a device_map"),
+])
+def test_device_map_options_are_checked(fields, message):
+    from mahalo.app.config import ModelConfig
+
+    with pytest.raises(ValueError, match=message.replace("(", "\\(").replace(")", "\\)")):
+        ModelConfig(kind="hf", path="x", **fields)

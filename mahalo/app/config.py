@@ -28,13 +28,17 @@ DTYPES = ("float32", "bfloat16", "float16", "auto")
 RESUME = ("auto", "force")
 # The fields each kind of model reads; any other field set away from its default is an error.
 KIND_FIELDS = {
-    "hf": {"path", "gguf_file", "head_file", "num_labels", "score_at", "dtype", "device", "attn_implementation"},
-    "embedded": {"head_file", "num_labels", "score_at", "dtype", "device", "attn_implementation"},
+    "hf": {"path", "gguf_file", "head_file", "num_labels", "score_at", "dtype", "device", "attn_implementation",
+           "device_map", "max_memory"},
+    "embedded": {"head_file", "num_labels", "score_at", "dtype", "device", "attn_implementation", "device_map",
+                 "max_memory"},
     "tiny": {"seed", "num_labels", "score_at", "dtype", "device"},
 }
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+LAUNCHERS = ("local", "ray")
 REWARD_ONLY = ("head_file", "num_labels", "score_at")
 # Run options that may change between a run and its resumption (they do not change any answer).
-RESUMABLE_KEYS = ("prompt", "prompts", "output", "verbose", "resume", "batch")
+RESUMABLE_KEYS = ("prompt", "prompts", "output", "verbose", "resume", "batch", "launcher")
 
 
 @dataclass
@@ -67,6 +71,13 @@ class ModelConfig:
     attn_implementation: str = "auto"
     """``auto`` (``flash_attention_2`` when flash-attn is installed, the device is CUDA and the
     dtype bfloat16 or float16; else ``sdpa``), ``sdpa``, ``flash_attention_2`` or ``eager``."""
+    device_map: str | None = None
+    """Spread one model over several devices with accelerate (``auto``, ``balanced``,
+    ``balanced_low_0``, ``sequential``): a model bigger than one GPU, or a Ray replica with
+    ``launcher.gpus_per_replica`` > 1. Replaces ``device``. None: the whole model on ``device``."""
+    max_memory: dict[str, str] | None = None
+    """With ``device_map``: the most each device may hold, e.g. ``{0: 70GiB, 1: 70GiB, cpu: 200GiB}``
+    (GPU ordinals are the replica's own: Ray sets ``CUDA_VISIBLE_DEVICES``)."""
     seed: int = 0
     """``tiny`` only: the seed of the random weights."""
 
@@ -81,6 +92,12 @@ class ModelConfig:
             self.score_at is None or self.score_at in SCORE_AT,
             f"unknown score_at {self.score_at!r}: choose one of {list(SCORE_AT)} (or null: the checkpoint's own)",
         )
+        _check(self.device_map is None or self.device_map in DEVICE_MAPS,
+               f"unknown device_map {self.device_map!r}: choose one of {list(DEVICE_MAPS)} (or null: use device)")
+        _check(self.device_map is None or self.device == "cpu",
+               f"give device ({self.device!r}) or device_map ({self.device_map!r}), not both: remove device")
+        _check(self.max_memory is None or self.device_map is not None,
+               "max_memory needs a device_map (e.g. device_map=auto): set one, or remove max_memory")
 
     def check_fields(self, where: str, reward: bool) -> None:
         """Every field set away from its default must be one this kind and role read.
@@ -90,7 +107,8 @@ class ModelConfig:
         """
         defaults = {f.name: f.default for f in fields(ModelConfig)}
         used = KIND_FIELDS[self.kind] - (set() if reward else set(REWARD_ONLY))
-        for name in ("path", "gguf_file", "head_file", "num_labels", "score_at", "seed", "attn_implementation"):
+        for name in ("path", "gguf_file", "head_file", "num_labels", "score_at", "seed", "attn_implementation",
+                     "device_map", "max_memory"):
             if name in used or getattr(self, name) == defaults[name]:
                 continue
             if not reward and name in REWARD_ONLY:
@@ -120,6 +138,49 @@ class ModelsConfig:
 
 
 @dataclass
+class LauncherConfig:
+    """Where the prompts are decoded: this process, or replicas on a Ray cluster.
+
+    ``ray``: each replica is a Ray actor that loads the models once and runs the many-prompt
+    engine; prompts reach replicas through Ray Data (an actor pool, small batches, so a free
+    replica takes the next batch); results stream back to this process, which alone writes
+    ``output``. Answers are the same as with ``local``.
+    """
+
+    kind: str = "local"
+    """``local`` (this process) or ``ray``."""
+    replicas: int = 1
+    """``ray``: how many replicas (each loads every model once)."""
+    gpus_per_replica: float = 0.0
+    """``ray``: GPUs each replica reserves (Ray sets its ``CUDA_VISIBLE_DEVICES``); more than 1
+    needs ``models.*.device_map`` to spread a model over them. 0: CPU replicas."""
+    cpus_per_replica: float = 1.0
+    """``ray``: CPUs each replica reserves; its torch threads are this, rounded down (at least 1)."""
+    address: str | None = None
+    """``ray``: the cluster to join: ``auto`` (the one ``ray start`` made on this node), or
+    ``ray://HOST:10001``. None: start a Ray instance on this machine for the run."""
+    batch_size: int = 2
+    """``ray``: prompts per Ray Data batch: the unit a free replica takes, and retried whole when
+    its replica dies. A replica holds up to ``batch.max_prompts`` prompts in flight."""
+    max_passes: int = 3
+    """``ray``: passes over the prompts still unanswered because their replica died for good (a
+    replica that crashes is restarted by Ray and its batches retried within the pass)."""
+
+    def __post_init__(self) -> None:
+        _check(self.kind in LAUNCHERS, f"unknown launcher {self.kind!r}: choose one of {list(LAUNCHERS)}")
+        _check(self.replicas >= 1, f"launcher.replicas must be at least 1, got {self.replicas}")
+        _check(self.gpus_per_replica >= 0, f"launcher.gpus_per_replica must be >= 0, got {self.gpus_per_replica}")
+        _check(self.cpus_per_replica > 0, f"launcher.cpus_per_replica must be > 0, got {self.cpus_per_replica}")
+        _check(self.batch_size >= 1, f"launcher.batch_size must be at least 1, got {self.batch_size}")
+        _check(self.max_passes >= 1, f"launcher.max_passes must be at least 1, got {self.max_passes}")
+        if self.kind == "local":
+            defaults = LauncherConfig(kind="ray")
+            for f in fields(self):
+                if f.name != "kind" and getattr(self, f.name) != getattr(defaults, f.name):
+                    raise ValueError(f"launcher.{f.name} applies to launcher=ray: add launcher=ray, or remove it")
+
+
+@dataclass
 class RunConfig:
     """``python -m mahalo.decode``: models, search and prompts in, JSONL out.
 
@@ -132,6 +193,7 @@ class RunConfig:
     step: StepConfig = field(default_factory=StepConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     batch: BatchConfig = field(default_factory=BatchConfig)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
     prompt: str | None = None
     """One user message to answer."""
     prompts: str | None = None

@@ -257,9 +257,20 @@ def _from_pretrained(factory: Any, source: str, **kwargs: Any) -> Any:
         raise _hub_error(source, err) from err
 
 
-def _finish(model: Any, device: torch.device) -> Any:
-    """Move to ``device``, switch to inference mode and freeze the parameters."""
-    model = model.to(device)
+def _placement(device_map: str | None, max_memory: dict[str, str] | None) -> dict[str, Any]:
+    """``from_pretrained`` arguments that spread a model over devices with accelerate (GPU
+    ordinals may be written as strings: ``{"0": "70GiB"}``)."""
+    if device_map is None:
+        return {}
+    memory = {int(k) if str(k).isdigit() else k: v for k, v in (max_memory or {}).items()}
+    return {"device_map": device_map, **({"max_memory": memory} if memory else {})}
+
+
+def _finish(model: Any, device: torch.device | None) -> Any:
+    """Move to ``device`` (None: placed by a device map), switch to inference mode and freeze
+    the parameters."""
+    if device is not None:
+        model = model.to(device)
     model.eval()
     model.requires_grad_(False)
     return model
@@ -278,6 +289,8 @@ def load_causal_lm(
     dtype: str = "float32",
     device: str = "cpu",
     attn_implementation: str = "auto",
+    device_map: str | None = None,
+    max_memory: dict[str, str] | None = None,
 ) -> tuple[Any, Any]:
     """Load a causal LM and its tokenizer, frozen and in eval mode.
 
@@ -288,6 +301,8 @@ def load_causal_lm(
         device: "cpu", "cuda", "cuda:N" or "auto".
         attn_implementation: ``auto`` (see :func:`resolve_attention`), ``sdpa``,
             ``flash_attention_2`` or ``eager``.
+        device_map, max_memory: spread the model over the visible devices with accelerate
+            (``auto``, ``balanced``, ...) instead of putting it on ``device``.
 
     Raises:
         ValueError: bad dtype/device, missing local path, or an unreachable hub id.
@@ -299,9 +314,10 @@ def load_causal_lm(
     source = _checkpoint_dir(path, gguf_file)
     tokenizer = _from_pretrained(AutoTokenizer, source)
     with _quiet_transformers():
-        model = _from_pretrained(AutoModelForCausalLM, source, dtype=torch_dtype, attn_implementation=attention)
-    logger.info("loaded causal LM %s (%s) on %s", path, model.dtype, torch_device)
-    return _finish(model, torch_device), tokenizer
+        model = _from_pretrained(AutoModelForCausalLM, source, dtype=torch_dtype, attn_implementation=attention,
+                                 **_placement(device_map, max_memory))
+    logger.info("loaded causal LM %s (%s) on %s", path, model.dtype, device_map or torch_device)
+    return _finish(model, None if device_map else torch_device), tokenizer
 
 
 def load_reward_model(
@@ -312,6 +328,8 @@ def load_reward_model(
     dtype: str = "float32",
     device: str = "cpu",
     attn_implementation: str = "auto",
+    device_map: str | None = None,
+    max_memory: dict[str, str] | None = None,
 ) -> tuple[Any, Any]:
     """Load a sequence-classification reward model and its tokenizer, frozen and in eval mode.
 
@@ -346,11 +364,12 @@ def load_reward_model(
             dtype=torch_dtype,
             attn_implementation=attention,
             output_loading_info=True,
+            **_placement(device_map, max_memory),
         )
     _install_head(model, head, info, path)
     _set_pad_token(model, tokenizer)
-    logger.info("loaded reward model %s (%s) on %s", path, model.dtype, torch_device)
-    return _finish(model, torch_device), tokenizer
+    logger.info("loaded reward model %s (%s) on %s", path, model.dtype, device_map or torch_device)
+    return _finish(model, None if device_map else torch_device), tokenizer
 
 
 def _read_head(head_file: str | os.PathLike[str], num_labels: int) -> torch.Tensor:

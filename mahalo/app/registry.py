@@ -15,7 +15,8 @@ from typing import Any, Callable
 
 from mahalo.app import load, tiny
 from mahalo.app.config import ModelConfig, ModelsConfig
-from mahalo.rewards import RewardModel, SequenceClassifierReward
+from mahalo.policy import Policy, as_policy
+from mahalo.rewards import PROGRAMMATIC, RewardModel, SequenceClassifierReward, as_reward
 
 log = logging.getLogger(__name__)
 
@@ -23,24 +24,26 @@ Pair = tuple[Any, Any]  # (model, tokenizer)
 
 
 def _hf_policy(cfg: ModelConfig) -> Pair:
-    return load.load_causal_lm(cfg.path, cfg.gguf_file, cfg.dtype, cfg.device, cfg.attn_implementation)
+    return load.load_causal_lm(cfg.path, cfg.gguf_file, cfg.dtype, cfg.device, cfg.attn_implementation,
+                               cfg.device_map, cfg.max_memory)
 
 
 def _hf_reward(cfg: ModelConfig) -> Pair:
     return load.load_reward_model(cfg.path, cfg.gguf_file, cfg.head_file, cfg.num_labels, cfg.dtype, cfg.device,
-                                  cfg.attn_implementation)
+                                  cfg.attn_implementation, cfg.device_map, cfg.max_memory)
 
 
 def _embedded_policy(cfg: ModelConfig) -> Pair:
     gguf = load.find_embedded_gguf()
-    return load.load_causal_lm(str(gguf.parent), gguf.name, cfg.dtype, cfg.device, cfg.attn_implementation)
+    return load.load_causal_lm(str(gguf.parent), gguf.name, cfg.dtype, cfg.device, cfg.attn_implementation,
+                               cfg.device_map, cfg.max_memory)
 
 
 def _embedded_reward(cfg: ModelConfig) -> Pair:
     gguf = load.find_embedded_gguf()
     head = cfg.head_file or str(load.EMBEDDED_TRUTH_HEAD)
     return load.load_reward_model(str(gguf.parent), gguf.name, head, cfg.num_labels, cfg.dtype, cfg.device,
-                                  cfg.attn_implementation)
+                                  cfg.attn_implementation, cfg.device_map, cfg.max_memory)
 
 
 def _placed(pair: Pair, cfg: ModelConfig) -> Pair:
@@ -117,3 +120,11 @@ def load_models(cfg: ModelsConfig, objectives: list[str]) -> LoadedModels:
             loaded[key] = SequenceClassifierReward(*REWARD_LOADERS[rcfg.kind](rcfg), score_at=score_at_of(rcfg))
         rewards[name] = loaded[key]
     return LoadedModels(policy, rewards)
+
+
+def load_guide(cfg: ModelsConfig, objectives: list[str]) -> tuple[Policy, dict[str, RewardModel]]:
+    """The policy and one reward per objective, ready for the engine: model-backed ones loaded
+    from ``cfg``, the rest programmatic (:data:`mahalo.rewards.PROGRAMMATIC`)."""
+    models = load_models(cfg, objectives)
+    prms = {n: as_reward(models.rewards.get(n) or PROGRAMMATIC[n], n) for n in objectives}
+    return as_policy(models.policy), prms

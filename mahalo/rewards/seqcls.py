@@ -117,8 +117,8 @@ class SequenceClassifierReward:
         block, block_mask = right_padded(new, self._pad_id, self.device)  # (R, T)
         hidden = self._forward(state.kv, block, block_mask)  # (R, T, H)
         # 4. the score head at each row's true last token
-        last = torch.tensor([len(n) - 1 for n in new], device=self.device)
-        scores = self._head(hidden[torch.arange(len(new), device=self.device), last])  # (R,)
+        last = torch.tensor([len(n) - 1 for n in new], device=hidden.device)  # a spread model ends elsewhere
+        scores = self._head(hidden[torch.arange(len(new), device=hidden.device), last])  # (R,)
         state.pending = ids
         state.cost = RowCost([len(n) for n in new], [block.shape[1]] * len(new), [len(r) for r in ids])
         return scores
@@ -142,7 +142,7 @@ class SequenceClassifierReward:
         return out.last_hidden_state  # (R, T, H)
 
     def _head(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = self.head(hidden.to(self.head.weight.dtype)).double()  # (R, num_labels)
+        logits = self.head(hidden.to(self.head.weight.device, self.head.weight.dtype)).double()  # (R, num_labels)
         if self.num_labels == 1:
             return logits[:, 0]
         return torch.softmax(logits, dim=-1)[:, 1]

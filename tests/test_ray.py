@@ -1,0 +1,160 @@
+"""launcher=ray: replicas on a local Ray (started here with num_cpus=2) write what the local
+launcher writes; a replica killed while it holds prompts loses none; bad options exit 2."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+ray = pytest.importorskip("ray", reason="launcher=ray needs the ray extra (pip install 'mahalo[ray]')")
+
+from mahalo import decode  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+N = 12
+# Tiny random models, 12 prompts; each prompt decodes several sentence steps of 3 candidates.
+BASE = ["models=tiny", "+objective=truth", "search.max_new_tokens=64", "search.num_candidates=3", "search.seed=7"]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture
+def prompts(tmp_path):
+    path = tmp_path / "prompts.jsonl"
+    topics = ["the sky", "water", "cats", "Paris", "the moon", "bread", "rain", "music", "iron", "trees", "salt", "sleep"]
+    path.write_text("".join(json.dumps({"prompt": f"Tell me about {t}.", "id": f"q{i}"}) + "\n"
+                            for i, t in enumerate(topics)))
+    return path
+
+
+def _records(path: Path) -> list[dict]:
+    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+
+
+def _by_index(path: Path) -> dict[int, dict]:
+    records = _records(path)
+    by = {r["index"]: r for r in records}
+    assert len(by) == len(records), "an index was written twice"
+    return by
+
+
+def test_ray_replicas_write_what_the_local_launcher_writes(cluster, prompts, tmp_path):
+    local, remote = tmp_path / "local.jsonl", tmp_path / "ray.jsonl"
+    assert decode.main([*BASE, f"prompts={prompts}", f"output={local}"]) == 0
+    assert decode.main([*BASE, f"prompts={prompts}", f"output={remote}", "launcher=ray", "launcher.replicas=2",
+                        "launcher.batch_size=1"]) == 0
+    here, there = _by_index(local), _by_index(remote)
+    assert sorted(there) == list(range(N))
+    for i in range(N):
+        assert there[i]["text"] == here[i]["text"], i
+        assert there[i]["id"] == here[i]["id"] == f"q{i}"
+        assert there[i]["scores"]["truth"] == pytest.approx(here[i]["scores"]["truth"], abs=1e-5)
+        assert there[i]["attempt"] == 1
+    assert len({r["replica"] for r in there.values()}) == 2  # both replicas took prompts
+
+
+def _alive_replicas() -> list[str]:
+    """Ids of the live replica actors (the GCS's actor table: no dashboard needed)."""
+    actors = ray._private.state.actors().values()
+    return [a["ActorID"] for a in actors if "Replica" in a["ActorClassName"] and a["State"] == "ALIVE"]
+
+
+def _kill_replica(actor_id: str) -> None:
+    """``ray.kill`` on a Ray Data actor: its handle comes from its id (Ray has no public lookup of
+    an unnamed actor by id without the dashboard)."""
+    from ray._raylet import ActorID
+
+    handle = ray._private.worker.global_worker.core_worker.get_actor_handle(ActorID.from_hex(actor_id))
+    ray.kill(handle)  # no_restart=True: the replica is gone for good
+
+
+def test_a_replica_killed_while_it_holds_prompts_loses_none(cluster, prompts, tmp_path):
+    out = tmp_path / "ray.jsonl"
+    killed: list[str] = []
+
+    def killer():
+        deadline = time.time() + 120
+        while time.time() < deadline and len(_alive_replicas()) < 2:  # both loaded: batches go out now
+            time.sleep(0.02)
+        time.sleep(0.5)  # a replica works through its 6 prompts one at a time, ~0.3 s each
+        killed.append(_alive_replicas()[0])
+        _kill_replica(killed[0])
+
+    watcher = threading.Thread(target=killer, daemon=True)
+    watcher.start()
+    code = decode.main([*BASE, f"prompts={prompts}", f"output={out}", "launcher=ray", "launcher.replicas=2",
+                        "launcher.batch_size=1", "batch.max_prompts=1", "search.max_new_tokens=200"])
+    watcher.join(timeout=5)
+    assert code == 0 and killed
+    records = _by_index(out)  # each index once
+    assert sorted(records) == list(range(N))
+    retried = [r for r in records.values() if r["attempt"] > 1]
+    assert retried, "no prompt was held by the killed replica"
+    assert all(r["replica"] != killed[0] for r in retried)
+    assert sum(r["replica"] == killed[0] for r in records.values()) < N // 2  # it did not finish its share
+
+
+@pytest.mark.parametrize("args, message", [
+    (["launcher=ray", "launcher.replicas=0"], "launcher.replicas must be at least 1, got 0"),
+    (["launcher.replicas=2"], "launcher.replicas applies to launcher=ray: add launcher=ray"),
+    (["launcher=ray", "launcher.replicas=2", "launcher.gpus_per_replica=1"],
+     "launcher.gpus_per_replica=1 but models.policy.device is 'cpu': set models.policy.device=cuda"),
+    (["launcher=ray", "launcher.replicas=3", "launcher.gpus_per_replica=1", "models.policy.device=cuda",
+      "models.rewards.truth.device=cuda"],
+     "launcher asks for 3 replicas x 1 GPUs = 3 GPUs, but the Ray cluster has 0: lower launcher.replicas"),
+    (["launcher=ray", "launcher.replicas=3"],
+     "launcher asks for 3 replicas x 1 CPUs = 3 CPUs, but the Ray cluster has 2: lower launcher.replicas"),
+    (["launcher=ray", "launcher.batch_size=0"], "launcher.batch_size must be at least 1"),
+])
+def test_bad_launcher_options_exit_2_with_one_line(cluster, prompts, tmp_path, capsys, args, message):
+    out = tmp_path / "out.jsonl"
+    earlier = json.dumps({"index": 0, "prompt": "Tell me about the sky.", "text": "an earlier answer"}) + "\n"
+    out.write_text(earlier)
+    assert decode.main([*BASE, f"prompts={prompts}", f"output={out}", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("mahalo: error: "), err
+    assert message in err, err
+    assert out.read_text() == earlier
+
+
+def test_without_ray_installed_exit_2_before_anything_loads(prompts, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
+    monkeypatch.setattr(decode, "load_guide", lambda *a: pytest.fail("models loaded"))
+    out = tmp_path / "out.jsonl"
+    assert decode.main([*BASE, f"prompts={prompts}", f"output={out}", "launcher=ray"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "mahalo: error: launcher=ray needs Ray: pip install 'mahalo[ray]' (or use launcher=local)"
+    assert not out.exists()
+
+
+def test_a_killed_driver_is_rerun_with_the_same_command_and_resumes(prompts, tmp_path):
+    """The driver (its own local Ray) is SIGKILLed after its first records; the same command
+    finishes the rest; every prompt is written once."""
+    out = tmp_path / "ray.jsonl"
+    cmd = [sys.executable, "-m", "mahalo.decode", *BASE, f"prompts={prompts}", f"output={out}", "launcher=ray",
+           "launcher.replicas=2", "launcher.batch_size=1", "batch.max_prompts=1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out.exists() and _records(out)):
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray it started
+    proc.wait(timeout=30)
+    first = len(_records(out))
+    assert 1 <= first < N
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"resuming: {first} of {N} prompts already in" in done.stdout
+    assert sorted(_by_index(out)) == list(range(N))
