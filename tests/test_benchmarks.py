@@ -188,6 +188,21 @@ def test_throughput_main(questions_csv, tmp_path, capsys):
     assert [r["same_as_first"] for r in rows] == [True, True, None]  # batch composition never changes an answer
 
 
+@pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="needs the ray extra")
+def test_scale_out_main(questions_csv, tmp_path, capsys):
+    from benchmarks import scale_out
+
+    out = tmp_path / "out"
+    argv = _common_argv(questions_csv, out) + ["--num-prompts", "3", "--max-new-tokens", "12", "--repeats", "1",
+                                               "--local-threads", "1", "--no-plot"]
+    assert scale_out.main(argv) == 0
+    assert "scale-out" in capsys.readouterr().out
+    result = json.loads((out / "scale_out.json").read_text())
+    assert [r["launcher"] for r in result["rows"]] == ["local", "ray x2"]
+    assert all(r["same_text_as_local"] and r["total_s"] > 0 for r in result["rows"])
+    assert result["rows"][1]["cluster_start_s"] > 0
+
+
 def test_gpu_check_runs_on_a_tiny_shape(tmp_path, capsys):
     """The GPU script is prepared on CPU: the same code on a tiny shape."""
     assert gpu_check.main(["--shape", "tiny", "--out", str(tmp_path), "--max-prompts", "1,4", "--rows", "2,5",
