@@ -45,7 +45,7 @@ from mahalo.app.io import (
     pending,
     read_prompts,
 )
-from mahalo.app.registry import load_guide
+from mahalo.app.registry import check_sources, load_guide
 from mahalo.launch import Unanswered
 from mahalo.result import GuidedResult
 from mahalo.rewards import PROGRAMMATIC
@@ -232,6 +232,8 @@ def _on_ray(cfg: RunConfig, objectives: list[str], prompts: list[str], console: 
 
     on_ray.require_ray()
     on_ray.check_models(cfg, objectives)
+    if cfg.launcher.address is None:  # the replicas will run here: their model files must exist here
+        check_sources(cfg.models, objectives)
     t0 = time.perf_counter()
     cluster = on_ray.connect(cfg.launcher)
     lc = cfg.launcher

@@ -119,6 +119,8 @@ def test_a_replica_killed_while_it_holds_prompts_loses_none(cluster, prompts, tm
     (["launcher=ray", "launcher.replicas=3"],
      "launcher asks for 3 replicas x 1 CPUs = 3 CPUs, but the Ray cluster has 2: lower launcher.replicas"),
     (["launcher=ray", "launcher.batch_size=0"], "launcher.batch_size must be at least 1"),
+    (["launcher=ray", "models.policy.kind=hf", "models.policy.path=/no/such/model"],
+     "model path not found: /no/such/model"),  # replicas on this machine: checked here first
 ])
 def test_bad_launcher_options_exit_2_with_one_line(cluster, prompts, tmp_path, capsys, args, message):
     out = tmp_path / "out.jsonl"
@@ -129,6 +131,19 @@ def test_bad_launcher_options_exit_2_with_one_line(cluster, prompts, tmp_path, c
     assert len(err.splitlines()) == 1 and err.startswith("mahalo: error: "), err
     assert message in err, err
     assert out.read_text() == earlier
+
+
+def test_replicas_that_cannot_load_their_models_exit_2_and_write_nothing(cluster, prompts, tmp_path, capfd):
+    """On a cluster (``launcher.address``) the model files are the nodes' own: a replica that
+    cannot load them ends the run with the replica's own reason, before anything is written."""
+    out = tmp_path / "out.jsonl"
+    code = decode.main([*BASE, f"prompts={prompts}", f"output={out}", "launcher=ray", "launcher.address=auto",
+                        "models.policy.kind=hf", "models.policy.path=/no/such/model"])
+    assert code == 2
+    last = capfd.readouterr().err.strip().splitlines()[-1]  # after Ray's own log of the replica's death
+    assert last == ("mahalo: error: the replicas could not start: model path not found: /no/such/model "
+                    "(give a local directory or a hub id)")
+    assert not out.exists()
 
 
 def test_without_ray_installed_exit_2_before_anything_loads(prompts, tmp_path, capsys, monkeypatch):

@@ -169,18 +169,19 @@ def _drop_torn_tail(file: Path) -> None:
 
 
 class ResultWriter:
-    """Appends one JSON record per line and flushes it to disk at once."""
+    """Appends one JSON record per line and flushes it to disk at once. The file is created (or
+    opened) at the first record, so a run that answers nothing leaves no file behind."""
 
     def __init__(self, path: str | None) -> None:
         self.path = path
         self._file = None
-        if path is not None:
-            Path(path).expanduser().parent.mkdir(parents=True, exist_ok=True)
-            self._file = open(Path(path).expanduser(), "a", encoding="utf-8")
 
     def write(self, record: dict[str, Any]) -> None:
-        if self._file is None:
+        if self.path is None:
             return
+        if self._file is None:
+            Path(self.path).expanduser().parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(Path(self.path).expanduser(), "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
         self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
         self._file.flush()
         os.fsync(self._file.fileno())

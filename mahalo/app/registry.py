@@ -128,3 +128,25 @@ def load_guide(cfg: ModelsConfig, objectives: list[str]) -> tuple[Policy, dict[s
     models = load_models(cfg, objectives)
     prms = {n: as_reward(models.rewards.get(n) or PROGRAMMATIC[n], n) for n in objectives}
     return as_policy(models.policy), prms
+
+
+def check_sources(cfg: ModelsConfig, objectives: list[str]) -> None:
+    """Cheap checks that the models ``objectives`` need exist on this machine, without loading
+    them: local paths, GGUF and head files, the embedded package. (Run where the models will be
+    loaded: before Ray replicas start on this machine.)
+
+    Raises:
+        ValueError: the first missing file, with the fix.
+    """
+    models = [(cfg.policy, False)] + [(cfg.rewards[n], True) for n in objectives if n in cfg.rewards]
+    for model, reward in models:
+        if model.kind == "embedded":
+            load.find_embedded_gguf()
+        if model.kind == "hf":
+            if model.gguf_file is None:
+                load._check_local(model.path)
+            elif load._check_local(model.path) is not None or Path(model.gguf_file).expanduser().is_absolute():
+                load._gguf_path(model.path, model.gguf_file)
+        head = model.head_file if reward and model.kind != "tiny" else None
+        if head is not None and not Path(head).expanduser().is_file():
+            raise ValueError(f"score head file not found: {head}")

@@ -21,11 +21,11 @@ retried after its first answer arrived) is handed on once.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import math
 import os
 import pickle
+import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -230,18 +230,21 @@ def answer_many(cfg: RunConfig, objectives: list[str], prompts: list[str], clust
             zero_copy_batch=False,
         )
         try:
-            rows_back = iter(answered.iter_rows())
-            first = next(rows_back, None)  # starts the replicas
+            for row in answered.iter_rows():
+                k = int(row["k"])
+                if remaining.pop(k, None) is None:
+                    continue  # answered already (a batch retried after its answers arrived)
+                yield Answer(k, pickle.loads(row["answer"]), str(row["replica"]), attempt, float(row["ready"]))
         except ray.exceptions.GetTimeoutError:
             raise Unanswered(
                 f"the {launcher.replicas} replicas did not all start within {STARTUP_TIMEOUT_S} s (the cluster's "
                 "resources are taken, or loading the models is stuck): check `ray status`, then re-run"
             ) from None
-        for row in itertools.chain([first] if first is not None else [], rows_back):
-            k = int(row["k"])
-            if remaining.pop(k, None) is None:
-                continue  # answered already (a batch retried after its answers arrived)
-            yield Answer(k, pickle.loads(row["answer"]), str(row["replica"]), attempt, float(row["ready"]))
+        except ray.exceptions.RayError as err:  # replicas that cannot start (a model missing on a node)
+            reason = _root_error(err)
+            if len(remaining) == len(prompts):  # nothing answered, nothing written: bad input
+                raise ValueError(f"the replicas could not start: {reason}") from None
+            raise Unanswered(f"{len(remaining)} prompts unanswered: the replicas failed ({reason})") from None
         if not remaining:
             return
         log.warning("pass %d: %d prompts came back unanswered (their replica died); %s", attempt, len(remaining),
@@ -250,3 +253,16 @@ def answer_many(cfg: RunConfig, objectives: list[str], prompts: list[str], clust
         f"{len(remaining)} prompts still unanswered after launcher.max_passes={launcher.max_passes} passes "
         "(their replicas died each time; see Ray's log above): re-run the same command to retry them"
     )
+
+
+def _root_error(err: BaseException) -> str:
+    """The original error inside a Ray error (the last ``SomethingError: message`` line)."""
+    found = re.findall(r"^\s*(?:\w+\.)*(\w*(?:Error|Exception)): (.+)$", str(err), flags=re.MULTILINE)
+    if not found:
+        return _first_line(err)
+    kind, message = found[-1]
+    return message if kind == "ValueError" else f"{kind}: {message}"
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
