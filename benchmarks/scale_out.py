@@ -49,7 +49,8 @@ ROW_FIELDS = ["launcher", "repeat", "questions", "cluster_start_s", "load_s", "d
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     common.add_common_args(p, prompts_default=24)
     s = p.add_argument_group("run")
     s.add_argument("--max-new-tokens", type=int, default=128)
@@ -149,7 +150,7 @@ def plot(medians: list[dict[str, Any]], path: Path) -> Path | None:
                               ("decode_s", "decode", "#4c72b0")):
         widths = [m[key] for m in medians]
         ax.barh(names, widths, left=left, label=label, color=color)
-        left = [a + b for a, b in zip(left, widths)]
+        left = [a + b for a, b in zip(left, widths, strict=True)]
     for i, m in enumerate(medians):
         ax.text(left[i] + 1, i, f"{m['questions_per_min']:.1f} q/min", va="center")
     ax.set_xlabel("seconds (median)")

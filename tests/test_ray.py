@@ -32,7 +32,8 @@ def cluster():
 @pytest.fixture
 def prompts(tmp_path):
     path = tmp_path / "prompts.jsonl"
-    topics = ["the sky", "water", "cats", "Paris", "the moon", "bread", "rain", "music", "iron", "trees", "salt", "sleep"]
+    topics = ["the sky", "water", "cats", "Paris", "the moon", "bread", "rain", "music", "iron", "trees", "salt",
+              "sleep"]
     path.write_text("".join(json.dumps({"prompt": f"Tell me about {t}.", "id": f"q{i}"}) + "\n"
                             for i, t in enumerate(topics)))
     return path
