@@ -156,7 +156,6 @@ class Outcome:
     results: list[GuidedResult] = field(default_factory=list)
     errors: list[tuple[int, str]] = field(default_factory=list)
     elapsed_s: float = 0.0  # decoding (local: models loaded; ray: replicas start inside it)
-    retried: int = 0  # ray: prompts answered on a later pass (their first replica died)
     unanswered: str = ""  # ray: why some prompts got no record (a re-run retries them)
 
 
@@ -206,7 +205,6 @@ def run(cfg: RunConfig, console: Console) -> Outcome:
                 else:
                     writer.write({**_record(item, res, config), **extra})
                     outcome.results.append(res)
-                outcome.retried += extra.get("attempt", 1) > 1
                 bar.advance(task)
         except Unanswered as err:
             outcome.unanswered = str(err)

@@ -111,10 +111,9 @@ def connect(launcher: LauncherConfig) -> Cluster:
             else:
                 ray.init(address=launcher.address, logging_level=logging.WARNING)
         except ConnectionError as err:
-            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
             raise ValueError(
-                f"could not join the Ray cluster at launcher.address={launcher.address} ({first}): start it with "
-                "`ray start --head` on the head node, or remove launcher.address to start one here"
+                f"could not join the Ray cluster at launcher.address={launcher.address} ({_first_line(err)}): "
+                "start it with `ray start --head` on the head node, or remove launcher.address to start one here"
             ) from None
         owned = True
     resources = ray.cluster_resources()
