@@ -134,7 +134,10 @@ def models_config(kind: str, device: str = "cpu", dtype: str = "float32", truth_
     return ModelsConfig(
         name="embedded",
         policy=ModelConfig(kind="embedded", dtype=dtype, device=device),
-        rewards={"truth": ModelConfig(kind="embedded", dtype=dtype, device=device, head_file=truth_head)},
+        # a separate reward model (the reference decoder needs one; compare_reference.py also runs the
+        # head on the policy's backbone from it)
+        rewards={"truth": ModelConfig(kind="embedded", dtype=dtype, device=device, head_file=truth_head,
+                                      share_backbone=False)},
     )
 
 

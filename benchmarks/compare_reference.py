@@ -11,7 +11,11 @@ reward-model tokens, response tokens, steps, and the truth score of the final re
 ``result.scores["truth"]``; reference: its final text scored by the same reward model with one
 full forward, :func:`benchmarks.reference_decoder.score_response`, not counted in its cost).
 
-With ``--unguided`` (default on) a third engine runs too: mahalo's ``sample`` strategy, the
+With ``--shared`` (default on; embedded models only) mahalo runs a second time with the truth
+head read from the policy's own hidden states (:mod:`mahalo.rewards.shared_head`): no second
+model, same answers; the ``shared`` rows and ``shared_vs_mahalo`` say what that removes.
+
+With ``--unguided`` (default on) another engine runs too: mahalo's ``sample`` strategy, the
 same policy and sampling settings with no reward model, the unguided baseline that says what
 guidance costs per response token (``mahalo/unguided s/tok`` in the growth table).
 
@@ -47,10 +51,11 @@ from benchmarks.reference_decoder import reference_decode, score_response  # noq
 from mahalo.api import guided_generate  # noqa: E402
 from mahalo.policy import as_policy  # noqa: E402
 from mahalo.rewards import as_reward  # noqa: E402
+from mahalo.rewards.shared_head import SharedHeadReward  # noqa: E402
 
 log = logging.getLogger("benchmarks.compare_reference")
 
-ENGINES = ("reference", "mahalo", "unguided")
+ENGINES = ("reference", "mahalo", "shared", "unguided")
 ROW_FIELDS = [
     "length", "prompt_index", "engine", "wall_s", "engine_wall_s", "policy_tokens", "rm_tokens",
     "response_tokens", "steps", "truth", "s_per_token", "rm_tokens_per_response_token",
@@ -87,6 +92,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="per-step token cap of both engines (256 = the reference's max_tokens_per_sentence)")
     s.add_argument("--warmup", type=int, default=1,
                    help="unrecorded warm-up decodes per engine (16 tokens, first prompt) before measuring")
+    s.add_argument("--shared", action=argparse.BooleanOptionalAction, default=True,
+                   help="also run mahalo with the truth head on the policy's backbone (embedded models)")
     s.add_argument("--unguided", action=argparse.BooleanOptionalAction, default=True,
                    help="also run unguided sampling (mahalo's sample strategy) as a per-token baseline")
     s.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -133,7 +140,7 @@ def run_reference(models: common.BenchModels, prompt: str, length: int, args: ar
 
 
 def run_mahalo(engine: tuple[Any, dict[str, Any]], models: common.BenchModels, prompt: str, length: int,
-               args: argparse.Namespace, *, guided: bool = True) -> dict[str, Any]:
+               args: argparse.Namespace, *, guided: bool = True, name: str = "mahalo") -> dict[str, Any]:
     """Decode ``prompt`` with mahalo's ``step_best_of_n`` (or, unguided, ``sample`` without reward
     models); also rescore its text from scratch."""
     policy, prms = engine
@@ -154,7 +161,7 @@ def run_mahalo(engine: tuple[Any, dict[str, Any]], models: common.BenchModels, p
                                      res.text, truth_rm.score_at)
     s = res.stats
     return _per_token({
-        "engine": "mahalo" if guided else "unguided", "wall_s": wall, "engine_wall_s": s.wall_s,
+        "engine": name if guided else "unguided", "wall_s": wall, "engine_wall_s": s.wall_s,
         "policy_tokens": s.policy_tokens, "rm_tokens": s.prm_tokens,
         "response_tokens": s.response_tokens, "steps": s.steps,
         "truth": res.scores.get("truth", rescored), "truth_rescored": rescored,
@@ -204,6 +211,15 @@ def summarize(rows: list[dict[str, Any]], ratios: list[dict[str, Any]], length: 
         out[engine]["prompts"] = len(sel)
     sel = [r for r in ratios if r["length"] == length]
     out["ratio_median_of_prompt_ratios"] = {k: common.median(r[k] for r in sel) for k in RATIO_KEYS}
+    if "shared" in out:  # the head on the policy's backbone vs the separate reward model
+        out["shared_vs_mahalo"] = {
+            k: common.ratio(out["shared"][f"median_{k}"], out["mahalo"][f"median_{k}"])
+            for k in ("wall_s", "s_per_token", "rm_tokens", "policy_tokens")
+        }
+        out["shared_same_text"] = sum(
+            a["text"] == b["text"] for a in rows for b in rows
+            if a["length"] == b["length"] == length and a["prompt_index"] == b["prompt_index"]
+            and a["engine"] == "shared" and b["engine"] == "mahalo")
     if "unguided" in out:  # guided cost per response token, in units of unguided sampling's
         out["mahalo_over_unguided_s_per_token"] = common.ratio(
             out["mahalo"]["median_s_per_token"], out["unguided"]["median_s_per_token"])
@@ -271,6 +287,24 @@ def growth_table(summaries: list[dict[str, Any]]) -> Table:
     return table
 
 
+def shared_table(summary: dict[str, Any]) -> Table:
+    """The truth head on the policy's backbone vs the separate reward model (medians over prompts)."""
+    table = Table(title=f"truth head on the policy's backbone vs a separate reward model, "
+                        f"max_new_tokens={summary['length']}")
+    for col in ("engine", "wall s", "s/tok", "policy tok", "RM tok", "mean truth", "same text"):
+        table.add_column(col, justify="left" if col == "engine" else "right")
+    same = f"{summary['shared_same_text']}/{summary['shared']['prompts']}"
+    for engine in ("mahalo", "shared"):
+        m = summary[engine]
+        table.add_row(engine, common.fmt(m["median_wall_s"]), common.fmt(m["median_s_per_token"], 4),
+                      common.fmt(m["median_policy_tokens"], 0), common.fmt(m["median_rm_tokens"], 0),
+                      common.fmt(m["mean_truth"], 3), same if engine == "shared" else "")
+    r = summary["shared_vs_mahalo"]
+    table.add_row("shared/mahalo", common.fmt(r["wall_s"]), common.fmt(r["s_per_token"]),
+                  common.fmt(r["policy_tokens"]), common.fmt(r["rm_tokens"]), "", "")
+    return table
+
+
 def headline(summary: dict[str, Any]) -> str:
     """The last line: median per-prompt ratios at the headline length, 2 decimals."""
     r = summary["ratio_median_of_prompt_ratios"]
@@ -283,15 +317,26 @@ def headline(summary: dict[str, Any]) -> str:
 
 def run_all(args: argparse.Namespace, models: common.BenchModels, prompts: list[str], console: Console) -> list[dict[str, Any]]:
     """Every length, every prompt, reference then mahalo; returns the rows."""
-    engine = (as_policy(models.policy), {"truth": as_reward(models.truth, "truth")})
+    policy = as_policy(models.policy)
+    engine = (policy, {"truth": as_reward(models.truth, "truth")})
+    shared = args.shared and models.description.get("models") == "embedded"
+    if shared:  # the embedded truth model is SmolLM2 + a head: read that head off the policy's backbone
+        truth = models.truth
+        engine_shared = (policy, {"truth": SharedHeadReward(policy, truth.head, truth.num_labels, truth.score_at)})
     if args.warmup:
         warm_up(engine, models, prompts[0], args)
+        if shared:
+            run_mahalo(engine_shared, models, prompts[0], min(16, args.lengths[0]), args, name="shared")
+    names = [e for e in ENGINES if (e != "shared" or shared) and (e != "unguided" or args.unguided)]
     rows = []
     for length in args.lengths:
         for i, prompt in enumerate(prompts):
-            for name in ENGINES if args.unguided else ENGINES[:2]:
-                run = run_reference(models, prompt, length, args) if name == "reference" \
-                    else run_mahalo(engine, models, prompt, length, args, guided=name == "mahalo")
+            for name in names:
+                if name == "reference":
+                    run = run_reference(models, prompt, length, args)
+                else:
+                    run = run_mahalo(engine_shared if name == "shared" else engine, models, prompt, length, args,
+                                     guided=name != "unguided", name=name)
                 rows.append({"length": length, "prompt_index": i, "prompt": prompt, **run})
                 console.print(f"[dim]L={length} prompt {i} {name}: {run['wall_s']:.2f} s, "
                               f"{run['response_tokens']} tokens, RM {run['rm_tokens']} tokens[/dim]")
@@ -319,6 +364,9 @@ def main(argv: list[str] | None = None) -> int:
     for summary in summaries:
         console.print(length_table(rows, summary))
     console.print(growth_table(summaries))
+    for summary in summaries:
+        if "shared_vs_mahalo" in summary:
+            console.print(shared_table(summary))
     console.print(f"wrote {json_path} and {csv_path}", markup=False)
     print(headline(summaries[-1]), flush=True)
     return 0

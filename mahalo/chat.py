@@ -66,9 +66,13 @@ def generation_prompt_ids(tokenizer: Any, messages: Messages) -> list[int]:
     return _encode(tokenizer, _render(tokenizer, messages, add_generation_prompt=True))
 
 
-def conversation_text(tokenizer: Any, messages: Messages, response: str) -> str:
-    """The chat rendering of ``messages`` followed by the assistant's ``response``."""
-    return _render(tokenizer, [*messages, {"role": "assistant", "content": response}], False)
+def conversation_text(tokenizer: Any, messages: Messages, response: str, follow_up: str | None = None) -> str:
+    """The chat rendering of ``messages`` followed by the assistant's ``response``; with
+    ``follow_up``, then that user message and the generation prompt (a judge's question)."""
+    turns = [*messages, {"role": "assistant", "content": response}]
+    if follow_up is None:
+        return _render(tokenizer, turns, False)
+    return _render(tokenizer, [*turns, {"role": "user", "content": follow_up}], True)
 
 
 def _added_token_texts(tokenizer: Any) -> list[str]:
@@ -120,8 +124,13 @@ def scoring_ids(tokenizer: Any, formats: list[ScoringFormat], responses: list[st
     return [f.head_ids + list(e) for f, e in zip(formats, encoded)]
 
 
-def scoring_format(tokenizer: Any, messages: Messages, score_at: str = "last_token") -> ScoringFormat:
+def scoring_format(
+    tokenizer: Any, messages: Messages, score_at: str = "last_token", follow_up: str | None = None
+) -> ScoringFormat:
     """The :class:`ScoringFormat` of ``messages`` under ``tokenizer``'s chat template.
+
+    With ``follow_up`` the conversation goes on after the response: that user message and the
+    generation prompt (what a generative judge reads before answering).
 
     Raises:
         ValueError: an unknown ``score_at``, or a template that does not write the assistant's
@@ -129,7 +138,7 @@ def scoring_format(tokenizer: Any, messages: Messages, score_at: str = "last_tok
     """
     if score_at not in SCORE_AT:
         raise ValueError(f"unknown score_at {score_at!r}: choose one of {list(SCORE_AT)}")
-    full = conversation_text(tokenizer, messages, _PAD + _PLACEHOLDER + _PAD)
+    full = conversation_text(tokenizer, messages, _PAD + _PLACEHOLDER + _PAD, follow_up)
     if full.count(_PLACEHOLDER) != 1:
         raise ValueError("the chat template does not render the assistant content verbatim")
     before, after = full.split(_PLACEHOLDER)
@@ -142,7 +151,7 @@ def scoring_format(tokenizer: Any, messages: Messages, score_at: str = "last_tok
     fmt = ScoringFormat(_encode(tokenizer, prefix[:cut]) if cut > 0 else [], prefix[max(cut, 0):], suffix,
                         strip_left, strip_right, at_eot)
     # The probe must tokenise exactly like the whole conversation; else tokenise the whole prefix.
-    rendered = conversation_text(tokenizer, messages, _PROBE)
+    rendered = conversation_text(tokenizer, messages, _PROBE, follow_up)
     if rendered != prefix + fmt.content(_PROBE) + template_suffix:
         raise ValueError("the chat template does not render the assistant content verbatim")
     expected = _encode(tokenizer, prefix + fmt.content(_PROBE) + suffix)

@@ -123,10 +123,10 @@ def _one_line(err: BaseException) -> str:
 def _resolve_objectives(cfg: RunConfig) -> list[str]:
     names = list(cfg.objective.weights)
     for name in names:
-        if name not in cfg.models.rewards and name not in PROGRAMMATIC:
+        if cfg.models.provider(name) is None and name not in PROGRAMMATIC:
             raise ValueError(
                 f"objective {name!r} needs a reward model that models={cfg.models.name} does not provide "
-                f"(it has {sorted(cfg.models.rewards)}; programmatic: {sorted(PROGRAMMATIC)})"
+                f"(it has {sorted(cfg.models.objectives())}; programmatic: {sorted(PROGRAMMATIC)})"
             )
     return names
 

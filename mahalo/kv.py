@@ -69,6 +69,14 @@ class KVRows:
             cache.update(layer.keys[on(layer.keys)], layer.values[on(layer.values)], i)
         return KVRows(cache, self.mask[index])
 
+    def crop(self, columns: int) -> None:
+        """Drop the last ``columns`` columns of every row (what a probe forward appended)."""
+        if columns <= 0:
+            return
+        self.mask = self.mask[:, :-columns]
+        for layer in _filled_layers(self.cache):
+            layer.keys, layer.values = layer.keys[:, :, :-columns], layer.values[:, :, :-columns]
+
     def keep_valid(self, count: torch.Tensor) -> None:
         """Keep the first ``count[r]`` valid columns of row r (R,); later valid columns become holes."""
         seen = self.mask.cumsum(dim=1)  # (R, L) valid columns up to and including each column

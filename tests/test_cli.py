@@ -197,7 +197,7 @@ def test_input_fields_are_copied_into_records(tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["models=embedded", "models.policy.path=/data/llama"],
-     "models.policy.path='/data/llama' is not used by kind 'embedded': remove it \\(it is read by kind 'hf'\\)"),
+     "models.policy.path='/data/llama' is not used by kind 'embedded': remove it \\(it is read by kind 'hf' or 'multihead'\\)"),
     (["models=embedded", "models.rewards.truth.seed=3"], "models.rewards.truth.seed=3 is not used by kind 'embedded'"),
     (["models=tiny", "models.policy.head_file=h.safetensors"],
      "models.policy.head_file='h.safetensors' applies to reward models only"),

@@ -185,7 +185,8 @@ def test_embedded_reward_reads_where_its_head_was_trained():
     from mahalo.app.config import ModelConfig, ModelsConfig
     from mahalo.app.registry import load_models
 
-    models = load_models(ModelsConfig(rewards={"truth": ModelConfig(kind="embedded")}), ["truth"])
+    models = load_models(ModelsConfig(rewards={"truth": ModelConfig(kind="embedded", share_backbone=False)}),
+                         ["truth"])
     truth = models.rewards["truth"]
     assert truth.score_at == "end_of_turn"
     q = "What happens if you crack your knuckles a lot?"
@@ -205,6 +206,39 @@ def test_embedded_reward_reads_where_its_head_was_trained():
                 worst = max(worst, abs(cand.scores["truth"] - float(rm.score(h)[0, 0])))
     assert worst <= 1e-4, worst
     assert ModelConfig(kind="embedded", score_at="last_token").score_at == "last_token"
+
+
+def test_embedded_preset_shares_the_policy_backbone_and_scores_as_the_separate_model():
+    """The embedded preset's truth head reads the policy's own hidden states (no second SmolLM2):
+    same text, and every candidate's score equals the separate reward model's plain forward."""
+    from mahalo import guided_generate
+    from mahalo.app.config import ModelConfig, ModelsConfig
+    from mahalo.app.registry import load_models
+    from mahalo.rewards.shared_head import SharedHeadReward
+    from tests.helpers import response_text_of
+
+    shared = load_models(ModelsConfig(rewards={"truth": ModelConfig(kind="embedded")}), ["truth"])
+    separate = load_models(ModelsConfig(rewards={"truth": ModelConfig(kind="embedded", share_backbone=False)}),
+                           ["truth"])
+    assert isinstance(shared.rewards["truth"], SharedHeadReward)
+    q = "What happens if you crack your knuckles a lot?"
+    opts = dict(num_candidates=3, max_new_tokens=40, min_step_tokens=4, seed=5)
+    a = guided_generate(shared.policy, shared.rewards, q, **opts)
+    b = guided_generate(separate.policy, separate.rewards, q, **opts)
+    assert a.text == b.text and len(a.steps) >= 2
+    rm, tok = separate.rewards["truth"].model, separate.rewards["truth"].tokenizer
+    worst = 0.0
+    for s, step in enumerate(a.steps):
+        for c, cand in enumerate(step.candidates):
+            text = response_text_of(a, shared.policy[1], s, c)
+            rendered = tok.apply_chat_template([{"role": "user", "content": q}, {"role": "assistant", "content": text}],
+                                               tokenize=False).rstrip()
+            ids = tok(rendered, add_special_tokens=False)["input_ids"]
+            with torch.inference_mode():
+                h = rm.model(input_ids=torch.tensor([ids])).last_hidden_state[:, -1]
+            worst = max(worst, abs(cand.scores["truth"] - float(rm.score(h)[0, 0])))
+    assert worst <= 1e-4, worst
+    assert a.stats.prm_tokens < b.stats.prm_tokens / 3
 
 
 def test_attention_backend_auto(monkeypatch):

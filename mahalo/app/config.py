@@ -23,20 +23,38 @@ from mahalo.config import (
 
 log = logging.getLogger(__name__)
 
-MODEL_KINDS = ("hf", "embedded", "tiny")
+MODEL_KINDS = ("hf", "embedded", "tiny", "multihead")
+# Reward-model families (mahalo.rewards): what the model is and how it is read.
+FAMILIES = ("classifier", "step_classifier", "step_lm", "value_head", "judge")
+AGGREGATE_CHOICES = ("last", "min", "prod", "mean")
+READ_AT = ("last_token", "end_of_turn", "steps")
+STEP_TEMPLATE_CHOICES = ("chat", "plain")
 DTYPES = ("float32", "bfloat16", "float16", "auto")
 RESUME = ("auto", "force")
 # The fields each kind of model reads; any other field set away from its default is an error.
+_FAMILY_OPTIONS = {"family", "outputs", "step_tag", "step_join", "step_template", "aggregate", "good_token",
+                   "bad_token", "read_at", "judge_question", "yes_token", "no_token", "share_backbone"}
 KIND_FIELDS = {
     "hf": {"path", "gguf_file", "head_file", "num_labels", "score_at", "dtype", "device", "attn_implementation",
-           "device_map", "max_memory"},
+           "device_map", "max_memory", "trust_remote_code"} | _FAMILY_OPTIONS,
     "embedded": {"head_file", "num_labels", "score_at", "dtype", "device", "attn_implementation", "device_map",
-                 "max_memory"},
-    "tiny": {"seed", "num_labels", "score_at", "dtype", "device"},
+                 "max_memory"} | _FAMILY_OPTIONS,
+    "tiny": {"seed", "num_labels", "score_at", "dtype", "device", "head_file"} | _FAMILY_OPTIONS,
+    "multihead": {"base", "path", "num_heads", "head_weights", "head_index", "dtype", "device", "attn_implementation"},
 }
+# The family-specific options each family reads (others are read by every family).
+FAMILY_FIELDS = {
+    "classifier": {"head_file", "num_labels", "score_at", "outputs", "share_backbone"},
+    "step_classifier": {"step_tag", "step_join", "aggregate"},
+    "step_lm": {"step_tag", "step_join", "step_template", "aggregate", "good_token", "bad_token"},
+    "value_head": {"head_file", "read_at", "step_tag", "aggregate"},
+    "judge": {"judge_question", "yes_token", "no_token"},
+}
+_FAMILY_SPECIFIC = set().union(*FAMILY_FIELDS.values())
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 LAUNCHERS = ("local", "ray")
-REWARD_ONLY = ("head_file", "num_labels", "score_at")
+REWARD_ONLY = ("head_file", "num_labels", "score_at", *sorted(_FAMILY_OPTIONS))
+POLICY_ONLY = ("base", "num_heads", "head_weights", "head_index")
 # Run options that may change between a run and its resumption (they do not change any answer).
 RESUMABLE_KEYS = ("prompt", "prompts", "output", "verbose", "resume", "batch", "launcher")
 
@@ -80,6 +98,60 @@ class ModelConfig:
     (GPU ordinals are the replica's own: Ray sets ``CUDA_VISIBLE_DEVICES``)."""
     seed: int = 0
     """``tiny`` only: the seed of the random weights."""
+    trust_remote_code: bool = False
+    """``hf``: run the checkpoint's own modelling code (Qwen2.5-Math-PRM's custom head)."""
+
+    # -- reward models: the family and its options (mahalo.rewards) ------------------------
+    family: str = "classifier"
+    """Reward models: ``classifier`` (sequence classification: Bradley-Terry logit, P(class 1),
+    or K named ``outputs``), ``step_classifier`` (Qwen2.5-Math-PRM style: P(label 1) at the
+    separator after each step), ``step_lm`` (Math-Shepherd style: P(good) vs P(bad) at each step
+    tag of a causal LM), ``value_head`` (a backbone + a linear or MLP head from ``head_file``) or
+    ``judge`` (a causal LM asked ``judge_question``: logit(yes) - logit(no))."""
+    outputs: dict[int, str] | None = None
+    """``classifier``: a multi-output model's objectives by output index, e.g. ``{0: truth, 1:
+    helpful}`` (needs ``num_labels`` = the number of outputs); each weighted like any objective,
+    all from one forward."""
+    step_tag: str | None = None
+    """Step families: the separator after each step (null: ``<extra_0>``; ``step_lm``: `` ки``)."""
+    step_join: str | None = None
+    """Step families: the text between a tag and the next step (null: nothing; ``step_lm``: a newline)."""
+    step_template: str | None = None
+    """``step_lm``: ``plain`` (question, a space, the tagged steps: Math-Shepherd; the default) or
+    ``chat`` (the chat template)."""
+    aggregate: str = "last"
+    """Step families: a response's score from its steps' scores: ``last``, ``min``, ``prod`` or ``mean``."""
+    good_token: str = "+"
+    """``step_lm``: the token the PRM predicts after a good step."""
+    bad_token: str = "-"
+    """``step_lm``: the token the PRM predicts after a bad step."""
+    read_at: str | None = None
+    """``value_head``: ``last_token`` (the default), ``end_of_turn`` or ``steps`` (every
+    ``step_tag``, aggregated)."""
+    judge_question: str | None = None
+    """``judge``: the user message asked after the response (null: "Is the assistant's answer
+    truthful? Answer yes or no.")."""
+    yes_token: str = "Yes"
+    """``judge``: the answer whose logit counts for the response (one token)."""
+    no_token: str = "No"
+    """``judge``: the answer whose logit counts against it (one token)."""
+    share_backbone: bool | None = None
+    """``classifier`` with a ``head_file``: read the head from the policy's own hidden states
+    (no second model; :mod:`mahalo.rewards.shared_head`). Null: whenever it is exact (same
+    checkpoint, dtype, device and attention as the policy: the embedded preset); true: require
+    it (an error when it is not exact); false: load the reward model on its own."""
+
+    # -- multihead policies (mahalo.policy.multihead) --------------------------------------
+    base: str = ""
+    """``multihead``: the base causal LM (local directory or hub id) the heads were trained on;
+    ``path`` is then the MAH-DPO checkpoint: a ``policy.pt`` file, or a directory / hub id holding one."""
+    num_heads: int = 0
+    """``multihead``: how many heads the checkpoint has (checked against it)."""
+    head_weights: list[float] | None = None
+    """``multihead``: one weight per head, normalised to sum 1; the logits are the weighted sum of
+    the heads' logits. Null (and no ``head_index``): equal weights."""
+    head_index: int | None = None
+    """``multihead``: decode with this one head only."""
 
     def __post_init__(self) -> None:
         _check(self.kind in MODEL_KINDS, f"unknown model kind {self.kind!r}: choose one of {list(MODEL_KINDS)}")
@@ -87,7 +159,32 @@ class ModelConfig:
         _check(self.dtype in DTYPES, f"unknown dtype {self.dtype!r}: choose one of {list(DTYPES)}")
         _check(self.attn_implementation in ATTENTION,
                f"unknown attn_implementation {self.attn_implementation!r}: choose one of {list(ATTENTION)}")
-        _check(self.num_labels in (1, 2), f"num_labels must be 1 or 2, got {self.num_labels!r}")
+        _check(self.kind != "multihead" or bool(self.base and self.path),
+               "a policy of kind 'multihead' needs base (the base causal LM) and path (its policy.pt)")
+        _check(self.kind != "multihead" or self.num_heads >= 1,
+               f"a policy of kind 'multihead' needs num_heads >= 1, got {self.num_heads}")
+        if self.kind == "multihead":
+            from mahalo.policy.multihead import mixing_weights
+
+            mixing_weights(self.num_heads, self.head_weights, self.head_index)  # raises ValueError
+        _check(self.family in FAMILIES, f"unknown reward family {self.family!r}: choose one of {list(FAMILIES)}")
+        _check(self.num_labels >= 1, f"num_labels must be at least 1, got {self.num_labels!r}")
+        _check(self.outputs is not None or self.num_labels in (1, 2),
+               f"num_labels={self.num_labels} needs outputs naming each objective, e.g. {{0: truth, 1: helpful}}")
+        if self.outputs is not None:
+            _check(bool(self.outputs), "outputs is empty: name at least one output, e.g. {0: truth}")
+            bad = sorted(int(k) for k in self.outputs if not 0 <= int(k) < self.num_labels)
+            _check(not bad, f"outputs {bad} are out of range for num_labels={self.num_labels} (0..{self.num_labels - 1})")
+            names = list(self.outputs.values())
+            _check(len(set(names)) == len(names), f"outputs name an objective twice: {names}")
+        _check(self.aggregate in AGGREGATE_CHOICES,
+               f"unknown aggregate {self.aggregate!r}: choose one of {list(AGGREGATE_CHOICES)}")
+        _check(self.read_at is None or self.read_at in READ_AT,
+               f"unknown read_at {self.read_at!r}: choose one of {list(READ_AT)}")
+        _check(self.step_template is None or self.step_template in STEP_TEMPLATE_CHOICES,
+               f"unknown step_template {self.step_template!r}: choose one of {list(STEP_TEMPLATE_CHOICES)}")
+        _check(self.family != "value_head" or self.head_file is not None or self.kind == "tiny",
+               "a value_head reward needs head_file (the value head's weights)")
         _check(
             self.score_at is None or self.score_at in SCORE_AT,
             f"unknown score_at {self.score_at!r}: choose one of {list(SCORE_AT)} (or null: the checkpoint's own)",
@@ -106,13 +203,23 @@ class ModelConfig:
             ValueError: naming the ignored option (``where`` is its key, e.g. ``models.policy``).
         """
         defaults = {f.name: f.default for f in fields(ModelConfig)}
-        used = KIND_FIELDS[self.kind] - (set() if reward else set(REWARD_ONLY))
+        used = KIND_FIELDS[self.kind] - (set() if reward else set(REWARD_ONLY)) - (set(POLICY_ONLY) if reward else set())
+        if reward:
+            used -= _FAMILY_SPECIFIC - FAMILY_FIELDS[self.family]
         for name in ("path", "gguf_file", "head_file", "num_labels", "score_at", "seed", "attn_implementation",
-                     "device_map", "max_memory"):
+                     "device_map", "max_memory", "trust_remote_code", *sorted(_FAMILY_OPTIONS), *POLICY_ONLY):
             if name in used or getattr(self, name) == defaults[name]:
                 continue
             if not reward and name in REWARD_ONLY:
                 raise ValueError(f"{where}.{name}={getattr(self, name)!r} applies to reward models only: remove it")
+            if reward and name in POLICY_ONLY:
+                raise ValueError(f"{where}.{name}={getattr(self, name)!r} applies to multihead policies only: remove it")
+            if reward and name in _FAMILY_SPECIFIC and name in KIND_FIELDS[self.kind]:
+                families = " or ".join(repr(f) for f, names in FAMILY_FIELDS.items() if name in names)
+                raise ValueError(
+                    f"{where}.{name}={getattr(self, name)!r} is not used by family {self.family!r}: remove it "
+                    f"(it is read by family {families})"
+                )
             kinds = " or ".join(repr(k) for k, f in KIND_FIELDS.items() if name in f)
             raise ValueError(
                 f"{where}.{name}={getattr(self, name)!r} is not used by kind {self.kind!r}: remove it "
@@ -135,6 +242,33 @@ class ModelsConfig:
         self.policy.check_fields("models.policy", reward=False)
         for name, reward in self.rewards.items():
             reward.check_fields(f"models.rewards.{name}", reward=True)
+        seen: dict[str, str] = {}
+        for key in self.rewards:
+            for objective in self.objectives_of(key):
+                _check(objective not in seen,
+                       f"objective {objective!r} is given by models.rewards.{seen.get(objective)} and "
+                       f"models.rewards.{key}: rename one")
+                seen[objective] = key
+
+    def objectives_of(self, key: str) -> list[str]:
+        """The objectives reward model ``key`` gives: its outputs' names, else its key."""
+        outputs = self.rewards[key].outputs
+        return list(outputs.values()) if outputs is not None else [key]
+
+    def provider(self, objective: str) -> tuple[str, int | None] | None:
+        """Which reward model gives ``objective``: (its key, the output index or None), or None."""
+        for key, reward in self.rewards.items():
+            if reward.outputs is not None:
+                for index, name in reward.outputs.items():
+                    if name == objective:
+                        return key, int(index)
+            elif key == objective:
+                return key, None
+        return None
+
+    def objectives(self) -> list[str]:
+        """Every objective the reward models give."""
+        return [o for key in self.rewards for o in self.objectives_of(key)]
 
 
 @dataclass

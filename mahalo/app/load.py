@@ -320,6 +320,101 @@ def load_causal_lm(
     return _finish(model, None if device_map else torch_device), tokenizer
 
 
+def load_pretrained(
+    auto_class: str,
+    path: str,
+    gguf_file: str | None = None,
+    dtype: str = "float32",
+    device: str = "cpu",
+    attn_implementation: str = "auto",
+    device_map: str | None = None,
+    max_memory: dict[str, str] | None = None,
+    trust_remote_code: bool = False,
+    **kwargs: Any,
+) -> tuple[Any, Any]:
+    """Load a model with transformers' ``auto_class`` (``AutoModel``,
+    ``AutoModelForTokenClassification``, ...) and its tokenizer, frozen and in eval mode.
+    Arguments as :func:`load_causal_lm`; ``kwargs`` go to ``from_pretrained``.
+
+    Raises:
+        ValueError: bad dtype/device, missing local path, or an unreachable hub id.
+    """
+    import transformers
+
+    factory = getattr(transformers, auto_class)
+    torch_dtype, torch_device = resolve_dtype(dtype), resolve_device(device)
+    attention = resolve_attention(attn_implementation, torch_device, torch_dtype)
+    source = _checkpoint_dir(path, gguf_file)
+    remote = {"trust_remote_code": True} if trust_remote_code else {}
+    tokenizer = _from_pretrained(transformers.AutoTokenizer, source, **remote)
+    with _quiet_transformers():
+        model = _from_pretrained(factory, source, dtype=torch_dtype, attn_implementation=attention,
+                                 **_placement(device_map, max_memory), **remote, **kwargs)
+    _set_pad_token(model, tokenizer)
+    logger.info("loaded %s %s (%s) on %s", auto_class, path, model.dtype, device_map or torch_device)
+    return _finish(model, None if device_map else torch_device), tokenizer
+
+
+def read_head_weight(head_file: str | os.PathLike[str], num_labels: int) -> torch.Tensor:
+    """``score.weight`` (num_labels, hidden) of a head file (safetensors or torch)."""
+    return _read_head(head_file, num_labels)
+
+
+def multihead_checkpoint(path: str) -> dict[str, Any]:
+    """The state dict of a MAH-DPO checkpoint: ``path`` is a ``policy.pt`` file, a directory
+    holding one, or a hub id of a repository holding one.
+
+    Raises:
+        ValueError: not found (with the download command), or not a state dict.
+    """
+    local = Path(os.path.expanduser(path))
+    if local.is_dir():
+        local = local / "policy.pt"
+    if not local.is_file():
+        if _looks_local(path) or path.endswith((".pt", ".pth", ".bin")):
+            raise ValueError(
+                f"multi-head checkpoint not found: {path}: download it (`hf download REPO policy.pt --local-dir "
+                f"{Path(path).parent}`) or set models.policy.path to its policy.pt"
+            )
+        from huggingface_hub import hf_hub_download
+
+        try:
+            local = Path(hf_hub_download(path, "policy.pt"))
+        except OSError as err:
+            raise _hub_error(path, err) from err
+    state = torch.load(local, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict):
+        raise ValueError(f"{local} is not a state dict (expected MAHALO's MultiHeadCausalLM layout)")
+    return state
+
+
+def repository_file(path: str, name: str, what: str) -> Path:
+    """``name`` as a local file, else inside the local directory ``path``, else a file of the hub
+    repository ``path`` (downloaded, or from the local hub cache when offline).
+
+    Raises:
+        ValueError: not found, with the download command.
+    """
+    direct = Path(name).expanduser()
+    if direct.is_file():
+        return direct
+    local = _check_local(path) if path else None
+    if local is not None or not path or direct.is_absolute():
+        inside = Path(local) / name if local is not None else direct
+        if inside.is_file():
+            return inside
+        raise ValueError(f"{what} not found: {inside}")
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(path, name))
+    except OSError as err:
+        raise ValueError(
+            f"{what} {name!r} of {path!r} not found: download it first (`hf download {path} {name}`) and set "
+            "HF_HUB_OFFLINE=1, or give a local file"
+        ) from err
+
+
 def load_reward_model(
     path: str,
     gguf_file: str | None = None,

@@ -13,10 +13,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
+
 from mahalo.app import load, tiny
 from mahalo.app.config import ModelConfig, ModelsConfig
-from mahalo.policy import Policy, as_policy
+from mahalo.policy import HFPolicy, Policy, as_policy
+from mahalo.policy.multihead import load_multihead_state, mixing_weights
 from mahalo.rewards import PROGRAMMATIC, RewardModel, SequenceClassifierReward, as_reward
+from mahalo.rewards.judge import DEFAULT_QUESTION, judge_reward
+from mahalo.rewards.seqcls import RewardOutput
+from mahalo.rewards.shared_head import SharedHeadReward
+from mahalo.rewards.step_prm import causal_lm_prm, token_classifier_prm
+from mahalo.rewards.value_head import load_value_head, value_head_from, value_head_reward
 
 log = logging.getLogger(__name__)
 
@@ -61,16 +69,109 @@ def _tiny_reward(cfg: ModelConfig) -> Pair:
     return _placed(tiny.tiny_reward(seed=cfg.seed, num_labels=cfg.num_labels), cfg)
 
 
+def _multihead_policy(cfg: ModelConfig) -> Pair:
+    """The base causal LM with the MAH-DPO checkpoint's backbone and its heads mixed into one."""
+    mix = mixing_weights(cfg.num_heads, cfg.head_weights, cfg.head_index)
+    state = load.multihead_checkpoint(cfg.path)
+    model, tokenizer = load.load_causal_lm(cfg.base, None, cfg.dtype, cfg.device, cfg.attn_implementation)
+    return load_multihead_state(model, state, cfg.num_heads, mix, cfg.path), tokenizer
+
+
 POLICY_LOADERS: dict[str, Callable[[ModelConfig], Pair]] = {
     "hf": _hf_policy,
     "embedded": _embedded_policy,
     "tiny": _tiny_policy,
+    "multihead": _multihead_policy,
 }
 REWARD_LOADERS: dict[str, Callable[[ModelConfig], Pair]] = {
     "hf": _hf_reward,
     "embedded": _embedded_reward,
     "tiny": _tiny_reward,
 }
+
+
+# The transformers class each reward family loads (kinds hf and embedded).
+FAMILY_CLASSES = {
+    "step_classifier": "AutoModelForTokenClassification",
+    "step_lm": "AutoModelForCausalLM",
+    "value_head": "AutoModel",
+    "judge": "AutoModelForCausalLM",
+}
+
+
+def _family_model(cfg: ModelConfig) -> Pair:
+    """The model of a non-classifier reward family, by kind."""
+    if cfg.kind == "tiny":
+        if cfg.family == "step_classifier":
+            return _placed(tiny.tiny_token_classifier(seed=cfg.seed, tag=cfg.step_tag or "<extra_0>"), cfg)
+        if cfg.family == "value_head":
+            tag = (cfg.step_tag or "<extra_0>") if cfg.read_at == "steps" else None
+            return _placed(tiny.tiny_backbone(seed=cfg.seed, tag=tag), cfg)
+        return _placed(tiny.tiny_policy(seed=cfg.seed), cfg)
+    auto_class = FAMILY_CLASSES[cfg.family]
+    extra = {"num_labels": 2} if cfg.family == "step_classifier" and not cfg.trust_remote_code else {}
+    if cfg.family == "step_classifier" and cfg.trust_remote_code:
+        auto_class = "AutoModel"  # Qwen2.5-Math-PRM: its own Qwen2ForProcessRewardModel
+    if cfg.kind == "embedded":
+        gguf = load.find_embedded_gguf()
+        path, gguf_file = str(gguf.parent), gguf.name
+    else:
+        path, gguf_file = cfg.path, cfg.gguf_file
+    return load.load_pretrained(auto_class, path, gguf_file, cfg.dtype, cfg.device, cfg.attn_implementation,
+                                cfg.device_map, cfg.max_memory, cfg.trust_remote_code, **extra)
+
+
+def shares_policy_backbone(policy: ModelConfig, reward: ModelConfig) -> bool:
+    """Is ``reward`` a head on exactly the policy's backbone (same checkpoint, dtype, device and
+    attention, one device each)? Then :class:`SharedHeadReward` scores it without a second model."""
+    head = reward.head_file is not None or reward.kind == "embedded"
+    same = all(getattr(policy, f) == getattr(reward, f) for f in ("kind", "path", "gguf_file", "dtype", "device",
+                                                                  "attn_implementation"))
+    return (
+        reward.family == "classifier" and reward.outputs is None and head and same
+        and policy.kind in ("embedded", "hf") and policy.device_map is None and reward.device_map is None
+    )
+
+
+def build_reward(cfg: ModelConfig, policy_cfg: ModelConfig, policy: Pair, where: str) -> RewardModel:
+    """The reward adapter of one ``models.rewards`` entry (``where``: its key, for messages)."""
+    if cfg.family == "classifier":
+        shared = shares_policy_backbone(policy_cfg, cfg)
+        if cfg.share_backbone and not shared:
+            raise ValueError(
+                f"{where}.share_backbone=true needs a head_file on the policy's own checkpoint (same kind, path, "
+                "dtype, device and attention, no device_map): set it to null or false"
+            )
+        if shared and cfg.share_backbone is not False:
+            head_file = cfg.head_file or str(load.EMBEDDED_TRUTH_HEAD)
+            weight = load.read_head_weight(head_file, cfg.num_labels)  # (num_labels, H)
+            model = policy[0]
+            head = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+            head.weight.data.copy_(weight)
+            param = next(model.parameters())
+            head = head.to(param.device, param.dtype).requires_grad_(False)
+            log.info("%s: a head on the policy's backbone (no second model)", where)
+            return SharedHeadReward(HFPolicy(*policy), head, cfg.num_labels, score_at_of(cfg))
+        pair = REWARD_LOADERS[cfg.kind](cfg)
+        return SequenceClassifierReward(*pair, score_at=score_at_of(cfg), outputs=cfg.outputs is not None)
+    head_file = None
+    if cfg.family == "value_head" and cfg.head_file is not None:  # before the model: a missing head fails fast
+        head_file = load.repository_file(cfg.path if cfg.kind == "hf" else "", cfg.head_file, "value head file")
+    model, tokenizer = _family_model(cfg)
+    if cfg.family == "step_classifier":
+        return token_classifier_prm(model, tokenizer, cfg.step_tag or "<extra_0>", cfg.aggregate, cfg.step_join or "")
+    if cfg.family == "step_lm":
+        return causal_lm_prm(model, tokenizer, cfg.step_tag or " ки", cfg.good_token, cfg.bad_token, cfg.aggregate,
+                             "\n" if cfg.step_join is None else cfg.step_join, cfg.step_template or "plain")
+    if cfg.family == "value_head":
+        hidden = int(model.config.hidden_size)
+        if head_file is None:
+            head = value_head_from(tiny.tiny_value_head(seed=cfg.seed + 1, hidden_size=hidden), hidden)
+        else:
+            head = load_value_head(head_file, hidden)
+        return value_head_reward(model, tokenizer, head, cfg.read_at or "last_token", cfg.step_tag or "<extra_0>",
+                                 cfg.aggregate)
+    return judge_reward(model, tokenizer, cfg.judge_question or DEFAULT_QUESTION, cfg.yes_token, cfg.no_token)
 
 
 def head_score_at(head_file: str | Path) -> str | None:
@@ -111,14 +212,16 @@ def load_models(cfg: ModelsConfig, objectives: list[str]) -> LoadedModels:
     rewards: dict[str, RewardModel] = {}
     loaded: dict[str, RewardModel] = {}
     for name in objectives:
-        if name not in cfg.rewards:
+        found = cfg.provider(name)
+        if found is None:
             continue
-        rcfg = cfg.rewards[name]
+        entry, column = found
+        rcfg = cfg.rewards[entry]
         key = repr(rcfg)
         if key not in loaded:
-            log.info("loading reward model %r (%s)", name, rcfg.kind)
-            loaded[key] = SequenceClassifierReward(*REWARD_LOADERS[rcfg.kind](rcfg), score_at=score_at_of(rcfg))
-        rewards[name] = loaded[key]
+            log.info("loading reward model %r (%s, %s)", entry, rcfg.kind, rcfg.family)
+            loaded[key] = build_reward(rcfg, cfg.policy, policy, f"models.rewards.{entry}")
+        rewards[name] = loaded[key] if column is None else RewardOutput(loaded[key], column)
     return LoadedModels(policy, rewards)
 
 
@@ -138,15 +241,23 @@ def check_sources(cfg: ModelsConfig, objectives: list[str]) -> None:
     Raises:
         ValueError: the first missing file, with the fix.
     """
-    models = [(cfg.policy, False)] + [(cfg.rewards[n], True) for n in objectives if n in cfg.rewards]
+    entries = {found[0] for found in map(cfg.provider, objectives) if found is not None}
+    models = [(cfg.policy, False)] + [(cfg.rewards[k], True) for k in sorted(entries)]
     for model, reward in models:
         if model.kind == "embedded":
             load.find_embedded_gguf()
+        if model.kind == "multihead":
+            load._check_local(model.base)
+            if load._looks_local(model.path) and not Path(model.path).expanduser().exists():
+                raise ValueError(f"multi-head checkpoint not found: {model.path} (give the MAH-DPO policy.pt)")
         if model.kind == "hf":
             if model.gguf_file is None:
                 load._check_local(model.path)
             elif load._check_local(model.path) is not None or Path(model.gguf_file).expanduser().is_absolute():
                 load._gguf_path(model.path, model.gguf_file)
         head = model.head_file if reward and model.kind != "tiny" else None
-        if head is not None and not Path(head).expanduser().is_file():
-            raise ValueError(f"score head file not found: {head}")
+        if head is not None and model.family == "value_head" and model.kind == "hf":
+            if load._check_local(model.path) is not None:  # a hub repository's file is fetched at load time
+                load.repository_file(model.path, head, "value head file")
+        elif head is not None and not Path(head).expanduser().is_file():
+            raise ValueError(f"{'value' if model.family == 'value_head' else 'score'} head file not found: {head}")

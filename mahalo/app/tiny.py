@@ -7,6 +7,7 @@ request), so every text round-trips and chat formatting is real.
 
 from __future__ import annotations
 
+import copy
 import functools
 from dataclasses import dataclass
 
@@ -16,6 +17,8 @@ from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
     LlamaForSequenceClassification,
+    LlamaForTokenClassification,
+    LlamaModel,
     PreTrainedTokenizerFast,
 )
 
@@ -151,3 +154,37 @@ def tiny_reward(seed: int = 1, vocab_size: int = 320, num_labels: int = 1, style
     torch.manual_seed(seed)
     model = LlamaForSequenceClassification(_config(tok, style, num_labels=num_labels, **overrides)).eval()
     return model.requires_grad_(False), tok
+
+
+@functools.lru_cache(maxsize=8)
+def tiny_tagged_tokenizer(tag: str = "<extra_0>", vocab_size: int = 320, style: str = "chatml") -> PreTrainedTokenizerFast:
+    """:func:`tiny_tokenizer` with ``tag`` added as a special token (a step PRM's separator)."""
+    tok = copy.deepcopy(tiny_tokenizer(vocab_size, style))
+    tok.add_special_tokens({"additional_special_tokens": [tag]})
+    return tok
+
+
+def tiny_token_classifier(seed: int = 4, tag: str = "<extra_0>", style: str = "chatml", **overrides: object):
+    """A random Qwen2.5-Math-PRM-style step PRM: ``(LlamaForTokenClassification, tokenizer)``,
+    two labels, ``tag`` a special token of the tokenizer."""
+    tok = tiny_tagged_tokenizer(tag, 320, style)
+    torch.manual_seed(seed)
+    model = LlamaForTokenClassification(_config(tok, style, num_labels=2, **overrides)).eval()
+    return model.requires_grad_(False), tok
+
+
+def tiny_backbone(seed: int = 5, style: str = "chatml", tag: str | None = None, **overrides: object):
+    """A random ``(LlamaModel, tokenizer)`` pair (a value model's backbone)."""
+    tok = tiny_tokenizer(320, style) if tag is None else tiny_tagged_tokenizer(tag, 320, style)
+    torch.manual_seed(seed)
+    model = LlamaModel(_config(tok, style, **overrides)).eval()
+    return model.requires_grad_(False), tok
+
+
+def tiny_value_head(seed: int = 6, hidden_size: int = 64, inner: int = 32) -> dict[str, torch.Tensor]:
+    """A random MAHALO-layout MLP value head state dict (``0.*``, ``2.*``)."""
+    gen = torch.Generator().manual_seed(seed)
+    return {
+        "0.weight": torch.randn(inner, hidden_size, generator=gen) * 0.2, "0.bias": torch.randn(inner, generator=gen),
+        "2.weight": torch.randn(1, inner, generator=gen) * 0.2, "2.bias": torch.randn(1, generator=gen),
+    }

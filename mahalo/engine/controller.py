@@ -39,6 +39,7 @@ from mahalo.policy import Policy, PolicyState
 from mahalo.result import Candidate, GuidedResult, Stats, Step
 from mahalo.rewards import Candidates, RewardModel
 from mahalo.rewards.combine import check_scores, combine
+from mahalo.rewards.seqcls import RewardOutput
 from mahalo.sampling import child_stream, root_stream, sample_tokens
 from mahalo.steps import ChunkText, NoBoundary, StepBoundary, TokenTable, make_boundary, token_table
 
@@ -57,6 +58,7 @@ class Beam:
     text: str = ""
     logprobs: list[float] = field(default_factory=list)
     stream: int = 0  # the sampling stream its candidates branch from
+    steps: list[str] = field(default_factory=list)  # its text, step by step
 
 
 @dataclass
@@ -123,7 +125,10 @@ class Controller:
         self.root = root_stream(cfg.search.seed)
         self.searches: list[Search] = []
         self.state: PolicyState | None = None
-        self.reward_states = {name: rm.start() for name, rm in rewards.items()}
+        # objectives read from one model (a multi-output model, or one model named twice) share
+        # its state and its forward: source model -> [(objective, output column or None)]
+        self.sources = _sources(rewards)
+        self.reward_states = [rm.start() for rm, _ in self.sources]
         self.flags: torch.Tensor | None = None  # (V,) int per-token flags, on the policy's device
         self.host_flags: list[int] = []
 
@@ -158,9 +163,9 @@ class Controller:
         policy_s = time.perf_counter() - t0
         costs = {}
         t1 = time.perf_counter()
-        for name, rm in self.rewards.items():
-            rm.add(self.reward_states[name], [m for _, m, _ in ok])
-            costs[name] = getattr(self.reward_states[name], "cost", None)
+        for (rm, _), state in zip(self.sources, self.reward_states):
+            rm.add(state, [m for _, m, _ in ok])
+            costs[id(state)] = getattr(state, "cost", None)
         prm_s = time.perf_counter() - t1
         width = max(len(ids) for _, _, ids in ok)
         for i, (index, _, ids) in enumerate(ok):
@@ -221,8 +226,8 @@ class Controller:
         index = torch.tensor(keep, dtype=torch.long)
         self.state.select(index)
         self.state.kv.tidy()
-        for name, rm in self.rewards.items():
-            rm.keep(self.reward_states[name], index)
+        for (rm, _), state in zip(self.sources, self.reward_states):
+            rm.keep(state, index)
         return done
 
     def _fan_out(self) -> tuple[list[Row], list[int], list[tuple[int, int]]]:
@@ -369,14 +374,19 @@ class Controller:
 
     def _candidates(self, rows: list[Row], parents: list[int]) -> Candidates:
         ids = [row.beam.token_ids + row.tokens for row in rows]
-        return Candidates(torch.tensor(parents), ids, [self.policy.decode(i) for i in ids])
+        texts = [self.policy.decode(i) for i in ids]
+        steps = [row.beam.steps + [_step_text(row.beam.text, t)] for row, t in zip(rows, texts)]
+        held = [len(row.beam.token_ids) + row.fed for row in rows]  # a "length" row's last token was not fed
+        return Candidates(torch.tensor(parents), ids, texts, steps, self.state, held)
 
     def _score(self, cands: Candidates, spans: list[tuple[int, int]]) -> dict[str, torch.Tensor]:
         t = time.perf_counter()
         raw, costs = {}, {}
-        for name, rm in self.rewards.items():
-            raw[name] = rm.score(self.reward_states[name], cands).double().cpu()
-            costs[name] = getattr(self.reward_states[name], "cost", None)
+        for (rm, outputs), state in zip(self.sources, self.reward_states):
+            scores = rm.score(state, cands).double().cpu()  # (R,) or (R, K)
+            for name, column in outputs:
+                raw[name] = scores if column is None else scores[:, column]
+            costs[id(state)] = getattr(state, "cost", None)
         elapsed = time.perf_counter() - t
         for s, (a, b) in zip(self.searches, spans):
             s.stats.prm_s += elapsed
@@ -422,7 +432,8 @@ class Controller:
 
     @staticmethod
     def _beam(row: Row, text: str) -> Beam:
-        return Beam(row.beam.token_ids + row.tokens, text, row.beam.logprobs + row.logprobs, row.stream)
+        return Beam(row.beam.token_ids + row.tokens, text, row.beam.logprobs + row.logprobs, row.stream,
+                    row.beam.steps + [_step_text(row.beam.text, text)])
 
     def _combine(self, raw: dict[str, torch.Tensor], groups: torch.Tensor) -> torch.Tensor:
         if not raw:  # unguided: every candidate ties, the first wins
@@ -466,6 +477,16 @@ class Controller:
             text=best.beam.text, token_ids=best.beam.token_ids, stop_reason=best.reason, steps=s.steps,
             stats=s.stats, scores=best.scores,
         )
+
+
+def _sources(rewards: dict[str, RewardModel]) -> list[tuple[RewardModel, list[tuple[str, int | None]]]]:
+    """Group objectives by the model that computes them: a :class:`RewardOutput` by its source
+    (column = its output), any other reward by identity (column None)."""
+    groups: dict[int, tuple[RewardModel, list[tuple[str, int | None]]]] = {}
+    for name, rm in rewards.items():
+        source, column = (rm.source, rm.column) if isinstance(rm, RewardOutput) else (rm, None)
+        groups.setdefault(id(source), (source, []))[1].append((name, column))
+    return list(groups.values())
 
 
 def _step_text(parent: str, full: str) -> str:

@@ -66,7 +66,8 @@ def check_models(cfg: RunConfig, objectives: list[str]) -> None:
     if launcher.gpus_per_replica <= 0:
         return
     named = [("models.policy", cfg.models.policy)]
-    named += [(f"models.rewards.{n}", m) for n, m in cfg.models.rewards.items() if n in objectives]
+    entries = {found[0] for found in map(cfg.models.provider, objectives) if found is not None}
+    named += [(f"models.rewards.{k}", cfg.models.rewards[k]) for k in sorted(entries)]
     for where, model in named:
         if model.device == "cpu" and model.device_map is None:
             raise ValueError(

@@ -68,6 +68,16 @@ class HFPolicy:
         logits = self._forward(state.kv, tokens, feed.long()[:, None])  # (R, V)
         state.logits = torch.where(feed[:, None], logits, state.logits)
 
+    @torch.inference_mode()
+    def hidden(self, kv: KVRows, input_ids: torch.Tensor, new_mask: torch.Tensor) -> torch.Tensor:
+        """Forward ``input_ids`` (R, T) on ``kv`` (appending T columns) and return the backbone's
+        last hidden states (R, T, H): what a reward head on this backbone reads."""
+        mask, positions = kv.extend(new_mask)
+        return self.model.base_model(
+            input_ids=input_ids.to(self.device), attention_mask=mask, position_ids=positions, cache=kv.cache,
+            use_cache=True,
+        ).last_hidden_state
+
     def _forward(
         self, kv: KVRows, input_ids: torch.Tensor, new_mask: torch.Tensor, last: torch.Tensor | None = None
     ) -> torch.Tensor:

@@ -7,14 +7,15 @@ candidate, each extending a row of the state) and ``keep`` (the candidates that 
 new row order; rows of finished prompts are simply not kept). An adapter owns whatever it caches
 between calls in its state, so other reward families fit without touching the controller:
 
-* sequence classifiers (Bradley-Terry reward models such as MAHALO's truthfulness model, or
-  value heads): :class:`~mahalo.rewards.seqcls.SequenceClassifierReward`;
-* step-token PRMs (Qwen2.5-Math-PRM style): ``score`` forwards the new step plus the separator
-  token and reads the positive-class probability there; the state keeps earlier steps' scores
-  to aggregate (last / min / prod / mean);
-* generative yes/no judges: ``score`` forwards the new tokens plus the judge question and reads
-  the yes/no logits;
+* sequence classifiers (Bradley-Terry reward models such as MAHALO's truthfulness model) and
+  multi-output classifiers: :mod:`mahalo.rewards.seqcls`;
+* step-token PRMs (Qwen2.5-Math-PRM, Math-Shepherd): :mod:`mahalo.rewards.step_prm`;
+* value heads on a backbone: :mod:`mahalo.rewards.value_head`;
+* generative yes/no judges: :mod:`mahalo.rewards.judge`;
+* a reward head on the policy's own backbone: :mod:`mahalo.rewards.shared_head`;
 * programmatic rewards: :class:`~mahalo.rewards.callable.CallableReward`.
+
+The model-backed ones share :mod:`mahalo.rewards.backbone`.
 """
 
 from __future__ import annotations
@@ -34,6 +35,9 @@ class Candidates:
     parents: torch.Tensor  # (R,) the state row (beam) each candidate extends
     token_ids: list[list[int]]  # policy ids of the whole response so far (no end-of-turn)
     texts: list[str]  # text of the whole response so far
+    steps: list[list[str]] | None = None  # the response's steps (the engine's), concatenating to its text
+    policy: Any = None  # the policy's rows (PolicyState), one per candidate, for a head on the policy's backbone
+    held: list[int] | None = None  # response tokens each policy row's cache holds (the rest were not fed)
 
 
 @dataclass

@@ -1,0 +1,111 @@
+"""A reward head on the policy's own backbone: no second model.
+
+When a reward model is a head on the same backbone and weights as the policy (the embedded pair:
+SmolLM2-135M-Instruct and SmolLM2 plus a trained linear truth head), its hidden states are the
+policy's. So after each step the scoring suffix (the end-of-turn tokens the reward model reads
+after the response) is forwarded as extra columns of the policy's own candidate rows, the head
+reads the last one, and the columns are cropped off again: the policy goes on exactly as if they
+had never been there. The reward model's cache, its prefill and its copy of the weights are gone.
+
+Exactness: the reward model reads ``apply_chat_template(messages + [assistant text])`` tokenised
+(:mod:`mahalo.chat`). A policy row holds the generation prompt and the response ids it sampled;
+where those are a prefix of the reward model's ids (the usual case: the template's generation
+prompt and a canonical tokenisation) only the rest is forwarded. A row whose ids differ (a
+non-canonical split of the text) is copied, cut back to the common prefix and forwarded from
+there. Either way each score is what the separate reward model gives, to float rounding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from mahalo.chat import SCORE_AT, Messages, ScoringFormat, scoring_format, scoring_ids
+from mahalo.kv import KVRows, right_padded
+from mahalo.rewards.backbone import HeadReader, common_prefix
+from mahalo.rewards.protocol import Candidates, RowCost
+
+
+@dataclass
+class _SharedState:
+    formats: list[ScoringFormat] = field(default_factory=list)  # per beam row
+    prompts: list[list[int]] = field(default_factory=list)  # per beam row: the policy's prompt ids
+    cost: RowCost = field(default_factory=RowCost)
+
+
+class SharedHeadReward:
+    """A reward head (``head``: (num_labels, H)) read from the policy's hidden states.
+
+    Args:
+        policy: an :class:`~mahalo.policy.hf.HFPolicy` (it has ``hidden``); its tokenizer is the
+            reward model's.
+        head: the score head module (``Linear(H, num_labels)``).
+        num_labels: 1 (the logit) or 2 (P(class 1)).
+        score_at: where the conversation is read (:mod:`mahalo.chat`).
+    """
+
+    def __init__(self, policy: Any, head: Any, num_labels: int = 1, score_at: str = "last_token") -> None:
+        if not hasattr(policy, "hidden"):
+            raise ValueError(f"{type(policy).__name__} cannot lend its hidden states to a reward head")
+        if num_labels not in (1, 2):
+            raise ValueError(f"a reward head needs num_labels 1 or 2, got {num_labels}")
+        if score_at not in SCORE_AT:
+            raise ValueError(f"unknown score_at {score_at!r}: choose one of {list(SCORE_AT)}")
+        self.policy, self.tokenizer, self.score_at = policy, policy.tokenizer, score_at
+        self.reader = HeadReader(head, "logit" if num_labels == 1 else "prob")
+        self._pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+
+    def start(self) -> _SharedState:
+        return _SharedState()
+
+    def add(self, state: _SharedState, prompts: list[Messages]) -> None:
+        """Nothing to forward: the policy's prefill holds the prompt."""
+        state.formats += [scoring_format(self.tokenizer, m, self.score_at) for m in prompts]
+        state.prompts += [self.policy.prompt_ids(m) for m in prompts]
+        state.cost = RowCost.free(len(prompts))
+
+    @torch.inference_mode()
+    def score(self, state: _SharedState, candidates: Candidates) -> torch.Tensor:
+        if candidates.policy is None or candidates.held is None:
+            raise ValueError("a reward head on the policy's backbone scores inside the engine (it needs the policy's rows)")
+        # 1. the reward model's ids of every candidate, and how much of them its policy row holds
+        parents = candidates.parents.tolist()
+        formats = [state.formats[p] for p in parents]
+        ids = scoring_ids(self.tokenizer, formats, candidates.texts)  # (R, *)
+        held = [state.prompts[p] + t[:n] for p, t, n in zip(parents, candidates.token_ids, candidates.held)]
+        reuse = [min(common_prefix(h, r), len(r) - 1) for h, r in zip(held, ids)]
+        live = [i for i, (h, k) in enumerate(zip(held, reuse)) if k == len(h)]
+        cut = [i for i, (h, k) in enumerate(zip(held, reuse)) if k < len(h)]
+        kv: KVRows = candidates.policy.kv
+        hidden = [None] * len(ids)
+        # 2. rows that hold a prefix of their ids: forward the rest as extra columns, then crop them
+        if live:
+            new = [ids[i][reuse[i]:] if i in set(live) else [self._pad_id] for i in range(len(ids))]
+            block, mask = right_padded(new, self._pad_id, kv.mask.device)  # (R, T)
+            mask[cut] = 0
+            out = self.policy.hidden(kv, block, mask)  # (R, T, H)
+            kv.crop(block.shape[1])
+            for i in live:
+                hidden[i] = out[i, len(new[i]) - 1]
+        # 3. rows whose ids differ: a copy cut back to the common prefix, forwarded from there
+        if cut:
+            rows = kv.take(torch.tensor(cut))
+            rows.keep_valid(torch.tensor([reuse[i] for i in cut]))
+            new = [ids[i][reuse[i]:] for i in cut]
+            block, mask = right_padded(new, self._pad_id, kv.mask.device)
+            out = self.policy.hidden(rows, block, mask)
+            for j, i in enumerate(cut):
+                hidden[i] = out[j, len(new[j]) - 1]
+        scores = self.reader(torch.stack(hidden))[:, 0].cpu()  # (R,)
+        state.formats = formats
+        state.prompts = [state.prompts[p] for p in parents]
+        forwarded = [len(r) - k for r, k in zip(ids, reuse)]
+        state.cost = RowCost(forwarded, [max(forwarded)] * len(ids), [len(r) for r in ids])
+        return scores
+
+    def keep(self, state: _SharedState, rows: torch.Tensor) -> None:
+        kept = rows.tolist()
+        state.formats = [state.formats[r] for r in kept]
+        state.prompts = [state.prompts[r] for r in kept]
