@@ -31,7 +31,7 @@ def test_every_config_composes_and_validates(models, objective, search):
     cfg = decode.compose_config(overrides)  # no model is loaded, nothing is downloaded
     assert isinstance(cfg, RunConfig) and cfg.search.strategy == (search if objective else "sample")
     names = list(cfg.objective.weights)
-    if all(n in cfg.models.rewards or n == "concise" for n in names):
+    if all(n in cfg.models.objectives() or n == "concise" for n in names):
         assert decode._resolve_objectives(cfg) == names
     else:
         with pytest.raises(ValueError, match=f"models={models} does not provide"):
@@ -197,7 +197,8 @@ def test_input_fields_are_copied_into_records(tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["models=embedded", "models.policy.path=/data/llama"],
-     "models.policy.path='/data/llama' is not used by kind 'embedded': remove it \\(it is read by kind 'hf' or 'multihead'\\)"),
+     "models.policy.path='/data/llama' is not used by kind 'embedded': remove it "
+     "\\(it is read by kind 'hf' or 'multihead'\\)"),
     (["models=embedded", "models.rewards.truth.seed=3"], "models.rewards.truth.seed=3 is not used by kind 'embedded'"),
     (["models=tiny", "models.policy.head_file=h.safetensors"],
      "models.policy.head_file='h.safetensors' applies to reward models only"),

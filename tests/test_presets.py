@@ -56,3 +56,79 @@ def test_the_embedded_preset_reads_its_truth_head_from_the_policy_backbone():
     other_dtype = ModelConfig(kind="embedded", dtype="bfloat16")
     assert not shares_policy_backbone(cfg.models.policy, other_dtype)
     assert not shares_policy_backbone(ModelConfig(kind="tiny"), ModelConfig(kind="tiny"))
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """Tiny checkpoints saved as a user has them on disk: a token-classification PRM, a causal LM,
+    a bare backbone with a value head file."""
+    import torch
+
+    from mahalo.app.tiny import tiny_backbone, tiny_policy, tiny_token_classifier, tiny_value_head
+
+    root = tmp_path_factory.mktemp("ckpt")
+    for name, (model, tok) in {"prm": tiny_token_classifier(), "lm": tiny_policy(seed=7),
+                               "backbone": tiny_backbone(tag="<extra_0>")}.items():
+        model.save_pretrained(root / name)
+        tok.save_pretrained(root / name)
+    torch.save(tiny_value_head(), root / "backbone" / "value_head.pt")
+    return root
+
+
+@pytest.mark.parametrize("family, entry, extra", [
+    ("step_classifier", "prm", {}),
+    ("step_lm", "lm", {"step_tag": " ки"}),
+    ("value_head", "backbone", {"head_file": "value_head.pt", "read_at": "steps"}),
+    ("judge", "lm", {"yes_token": "No", "no_token": "+"}),
+])
+def test_every_family_loads_from_a_local_checkpoint_and_guides(saved, family, entry, extra):
+    from mahalo import guided_generate
+    from mahalo.app.config import ModelConfig, ModelsConfig
+    from mahalo.app.registry import load_models
+    from mahalo.rewards import BackboneReward
+
+    cfg = ModelsConfig(policy=ModelConfig(kind="tiny"),
+                       rewards={"r": ModelConfig(kind="hf", family=family, path=str(saved / entry), **extra)})
+    models = load_models(cfg, ["r"])
+    assert isinstance(models.rewards["r"], BackboneReward)
+    res = guided_generate(models.policy, models.rewards, "Is the earth flat?", max_new_tokens=16, step="max_tokens",
+                          max_step_tokens=5, min_step_tokens=0)
+    assert len(res.steps) >= 2 and all("r" in c.scores for st in res.steps for c in st.candidates)
+
+
+def test_a_checkpoint_without_a_trained_token_head_is_refused(saved):
+    from mahalo.app.config import ModelConfig, ModelsConfig
+    from mahalo.app.registry import load_models
+
+    cfg = ModelsConfig(policy=ModelConfig(kind="tiny"),
+                       rewards={"r": ModelConfig(kind="hf", family="step_classifier", path=str(saved / "lm"))})
+    with pytest.raises(ValueError, match="has no trained classification head"):
+        load_models(cfg, ["r"])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["models=tiny", "+objective=truth", "models.rewards.truth.aggregate=min"],
+     "models.rewards.truth.aggregate='min' is not used by family 'classifier'"),
+    (["models=tiny", "+objective=truth", "models.rewards.truth.family=nope"], "unknown reward family 'nope'"),
+    (["models=tiny", "+objective=truth", "models.rewards.truth.num_labels=3"], "num_labels=3 needs outputs"),
+    (["models=tiny", "+objective=truth", "models.policy.num_heads=2"], "(it is read by kind 'multihead')"),
+    (["models=tiny", "+objective=truth", "models.rewards.truth.num_heads=2"], "applies to multihead policies only"),
+    (["models=mahdpo_hv", "+objective=truth", "models.policy.head_weights=[1,2]"],
+     "head_weights has 2 values for 3 heads"),
+])
+def test_bad_family_options_exit_2_with_one_line(capsys, args, message):
+    assert decode.main([*args, "prompt=hi"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and message in err, err
+
+
+@pytest.mark.parametrize("objective", ["math", "math_value"])
+def test_tiny_preset_runs_the_step_families_from_the_cli(objective, tmp_path):
+    import json
+
+    out = tmp_path / "o.jsonl"
+    assert decode.main(["models=tiny", f"+objective={objective}", "prompt=hi", "search.max_new_tokens=12",
+                        "step.kind=max_tokens", "step.max_step_tokens=4", "step.min_step_tokens=0",
+                        f"output={out}"]) == 0
+    record = json.loads(out.read_text().splitlines()[0])
+    assert record["scores"]

@@ -73,7 +73,8 @@ def test_qwen_style_step_classifier_equals_a_plain_forward(how):
     tag_id = tok.convert_tokens_to_ids("<extra_0>")
 
     def reference(s, c):  # Qwen2.5-Math-PRM's card: "<extra_0>".join(steps) + "<extra_0>", P(1) at each
-        messages = [*as_messages(PROMPT), {"role": "assistant", "content": tagged(steps_of(res, s, c), "<extra_0>", "")}]
+        content = tagged(steps_of(res, s, c), "<extra_0>", "")
+        messages = [*as_messages(PROMPT), {"role": "assistant", "content": content}]
         ids = tok.apply_chat_template(messages, tokenize=True)["input_ids"]
         with torch.inference_mode():
             probs = torch.softmax(model(input_ids=torch.tensor([ids])).logits[0].double(), -1)[:, 1]

@@ -39,7 +39,7 @@ KIND_FIELDS = {
            "device_map", "max_memory", "trust_remote_code"} | _FAMILY_OPTIONS,
     "embedded": {"head_file", "num_labels", "score_at", "dtype", "device", "attn_implementation", "device_map",
                  "max_memory"} | _FAMILY_OPTIONS,
-    "tiny": {"seed", "num_labels", "score_at", "dtype", "device", "head_file"} | _FAMILY_OPTIONS,
+    "tiny": {"seed", "num_labels", "score_at", "dtype", "device"} | _FAMILY_OPTIONS,
     "multihead": {"base", "path", "num_heads", "head_weights", "head_index", "dtype", "device", "attn_implementation"},
 }
 # The family-specific options each family reads (others are read by every family).
@@ -174,7 +174,8 @@ class ModelConfig:
         if self.outputs is not None:
             _check(bool(self.outputs), "outputs is empty: name at least one output, e.g. {0: truth}")
             bad = sorted(int(k) for k in self.outputs if not 0 <= int(k) < self.num_labels)
-            _check(not bad, f"outputs {bad} are out of range for num_labels={self.num_labels} (0..{self.num_labels - 1})")
+            _check(not bad,
+                   f"outputs {bad} are out of range for num_labels={self.num_labels} (0..{self.num_labels - 1})")
             names = list(self.outputs.values())
             _check(len(set(names)) == len(names), f"outputs name an objective twice: {names}")
         _check(self.aggregate in AGGREGATE_CHOICES,
@@ -203,7 +204,7 @@ class ModelConfig:
             ValueError: naming the ignored option (``where`` is its key, e.g. ``models.policy``).
         """
         defaults = {f.name: f.default for f in fields(ModelConfig)}
-        used = KIND_FIELDS[self.kind] - (set() if reward else set(REWARD_ONLY)) - (set(POLICY_ONLY) if reward else set())
+        used = KIND_FIELDS[self.kind] - set(POLICY_ONLY if reward else REWARD_ONLY)
         if reward:
             used -= _FAMILY_SPECIFIC - FAMILY_FIELDS[self.family]
         for name in ("path", "gguf_file", "head_file", "num_labels", "score_at", "seed", "attn_implementation",
@@ -213,7 +214,8 @@ class ModelConfig:
             if not reward and name in REWARD_ONLY:
                 raise ValueError(f"{where}.{name}={getattr(self, name)!r} applies to reward models only: remove it")
             if reward and name in POLICY_ONLY:
-                raise ValueError(f"{where}.{name}={getattr(self, name)!r} applies to multihead policies only: remove it")
+                raise ValueError(
+                    f"{where}.{name}={getattr(self, name)!r} applies to multihead policies only: remove it")
             if reward and name in _FAMILY_SPECIFIC and name in KIND_FIELDS[self.kind]:
                 families = " or ".join(repr(f) for f, names in FAMILY_FIELDS.items() if name in names)
                 raise ValueError(

@@ -348,8 +348,13 @@ def load_pretrained(
     remote = {"trust_remote_code": True} if trust_remote_code else {}
     tokenizer = _from_pretrained(transformers.AutoTokenizer, source, **remote)
     with _quiet_transformers():
-        model = _from_pretrained(factory, source, dtype=torch_dtype, attn_implementation=attention,
-                                 **_placement(device_map, max_memory), **remote, **kwargs)
+        model, info = _from_pretrained(factory, source, dtype=torch_dtype, attn_implementation=attention,
+                                       output_loading_info=True, **_placement(device_map, max_memory), **remote,
+                                       **kwargs)
+    missing = [k for k in info.get("missing_keys", ()) if k.split(".")[0] in ("score", "classifier")]
+    if auto_class.endswith("Classification") and missing:
+        raise ValueError(
+            f"{path} has no trained classification head ({missing[0]} is missing): is it the PRM checkpoint?")
     _set_pad_token(model, tokenizer)
     logger.info("loaded %s %s (%s) on %s", auto_class, path, model.dtype, device_map or torch_device)
     return _finish(model, None if device_map else torch_device), tokenizer

@@ -157,7 +157,9 @@ def tiny_reward(seed: int = 1, vocab_size: int = 320, num_labels: int = 1, style
 
 
 @functools.lru_cache(maxsize=8)
-def tiny_tagged_tokenizer(tag: str = "<extra_0>", vocab_size: int = 320, style: str = "chatml") -> PreTrainedTokenizerFast:
+def tiny_tagged_tokenizer(
+    tag: str = "<extra_0>", vocab_size: int = 320, style: str = "chatml"
+) -> PreTrainedTokenizerFast:
     """:func:`tiny_tokenizer` with ``tag`` added as a special token (a step PRM's separator)."""
     tok = copy.deepcopy(tiny_tokenizer(vocab_size, style))
     tok.add_special_tokens({"additional_special_tokens": [tag]})

@@ -18,7 +18,9 @@ import torch
 _HEAD = re.compile(r"^heads\.(\d+)\.(weight|bias)$")
 
 
-def mixing_weights(num_heads: int, head_weights: list[float] | None = None, head_index: int | None = None) -> list[float]:
+def mixing_weights(
+    num_heads: int, head_weights: list[float] | None = None, head_index: int | None = None
+) -> list[float]:
     """The weight of each head, summing to 1: ``head_weights`` normalised, one-hot at
     ``head_index``, or equal weights when neither is given.
 
@@ -44,7 +46,9 @@ def mixing_weights(num_heads: int, head_weights: list[float] | None = None, head
     return [w / total for w in weights]
 
 
-def split_checkpoint(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], list[torch.Tensor], list[torch.Tensor | None]]:
+def split_checkpoint(
+    state: dict[str, Any],
+) -> tuple[dict[str, torch.Tensor], list[torch.Tensor], list[torch.Tensor | None]]:
     """A MAH-DPO state dict -> (the causal LM's own state dict, head weights, head biases).
 
     Raises:

@@ -27,7 +27,8 @@ def as_reward(obj: Any, name: str) -> RewardModel:
                 return adapter(*obj)
         raise ValueError(
             f"objective {name!r}: no reward adapter accepts {type(obj[0]).__name__} "
-            "(expected a sequence-classification model with num_labels 1 or 2)"
+            "(expected a sequence-classification model with num_labels 1 or 2; build other families with "
+            "mahalo.rewards: token_classifier_prm, causal_lm_prm, value_head_reward, judge_reward, RewardOutput)"
         )
     if callable(obj):
         return CallableReward(obj)

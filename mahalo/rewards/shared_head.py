@@ -69,7 +69,8 @@ class SharedHeadReward:
     @torch.inference_mode()
     def score(self, state: _SharedState, candidates: Candidates) -> torch.Tensor:
         if candidates.policy is None or candidates.held is None:
-            raise ValueError("a reward head on the policy's backbone scores inside the engine (it needs the policy's rows)")
+            raise ValueError(
+                "a reward head on the policy's backbone scores inside the engine (it needs the policy's rows)")
         # 1. the reward model's ids of every candidate, and how much of them its policy row holds
         parents = candidates.parents.tolist()
         formats = [state.formats[p] for p in parents]
