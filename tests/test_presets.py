@@ -132,3 +132,24 @@ def test_tiny_preset_runs_the_step_families_from_the_cli(objective, tmp_path):
                         f"output={out}"]) == 0
     record = json.loads(out.read_text().splitlines()[0])
     assert record["scores"]
+
+
+def test_a_multi_output_entry_gives_its_named_objectives_from_one_model():
+    from mahalo import guided_generate
+    from mahalo.app.config import ModelConfig, ModelsConfig
+    from mahalo.app.registry import load_models
+    from mahalo.rewards import RewardOutput
+
+    cfg = ModelsConfig(policy=ModelConfig(kind="tiny"),
+                       rewards={"unified": ModelConfig(kind="tiny", num_labels=3, outputs={0: "truth", 2: "helpful"})})
+    assert cfg.objectives() == ["truth", "helpful"] and cfg.provider("helpful") == ("unified", 2)
+    models = load_models(cfg, ["truth", "helpful"])
+    truth, helpful = models.rewards["truth"], models.rewards["helpful"]
+    assert isinstance(truth, RewardOutput) and truth.source is helpful.source
+    assert (truth.column, helpful.column) == (0, 2)
+    res = guided_generate(models.policy, models.rewards, "hi", weights={"truth": 1.0, "helpful": 1.0},
+                          max_new_tokens=12, step="max_tokens", max_step_tokens=4, min_step_tokens=0)
+    assert set(res.scores) == {"truth", "helpful"} and res.scores["truth"] != res.scores["helpful"]
+    with pytest.raises(ValueError, match="given by models.rewards.unified and models.rewards.truth"):
+        ModelsConfig(rewards={"unified": ModelConfig(kind="tiny", num_labels=2, outputs={0: "truth"}),
+                              "truth": ModelConfig(kind="tiny")})

@@ -28,14 +28,28 @@ OPTS = dict(strategy="step_beam", beam_width=2, num_candidates=3, max_new_tokens
             step="max_tokens", min_step_tokens=0, max_step_tokens=6, seed=3)
 
 
-def steps_of(res, s: int, c: int) -> list[str]:
-    """The engine's steps of candidate c of step s: its ancestors' step texts, then its own."""
+def steps_of(res, s: int, c: int, tokenizer=None) -> list[str]:
+    """The engine's steps of candidate c of step s: the differences between the decoded texts of
+    its ancestors and itself. Where a text is not a prefix of the next (a character split across
+    steps decodes differently once whole) the earlier steps are cut where the texts part."""
+    tokenizer = tokenizer or tiny_policy()[1]
     chain = []
     while s >= 0 and c >= 0:
-        cand = res.steps[s].candidates[c]
-        chain.append(cand.text)
-        s, c = s - 1, cand.parent
-    return list(reversed(chain))
+        chain.append(response_text_of(res, tokenizer, s, c))
+        s, c = s - 1, res.steps[s].candidates[c].parent
+    steps: list[str] = []
+    for text in reversed(chain):
+        keep, at = [], 0
+        for step in steps:
+            n = 0
+            while n < len(step) and at + n < len(text) and step[n] == text[at + n]:
+                n += 1
+            keep.append(step[:n])
+            at += n
+            if n < len(step):
+                break
+        steps = [*keep, text[at:]]
+    return steps
 
 
 def every_candidate(res):

@@ -375,7 +375,7 @@ class Controller:
     def _candidates(self, rows: list[Row], parents: list[int]) -> Candidates:
         ids = [row.beam.token_ids + row.tokens for row in rows]
         texts = [self.policy.decode(i) for i in ids]
-        steps = [row.beam.steps + [_step_text(row.beam.text, t)] for row, t in zip(rows, texts)]
+        steps = [_split_steps(row.beam.steps, t) for row, t in zip(rows, texts)]
         held = [len(row.beam.token_ids) + row.fed for row in rows]  # a "length" row's last token was not fed
         return Candidates(torch.tensor(parents), ids, texts, steps, self.state, held)
 
@@ -433,7 +433,7 @@ class Controller:
     @staticmethod
     def _beam(row: Row, text: str) -> Beam:
         return Beam(row.beam.token_ids + row.tokens, text, row.beam.logprobs + row.logprobs, row.stream,
-                    row.beam.steps + [_step_text(row.beam.text, text)])
+                    _split_steps(row.beam.steps, text))
 
     def _combine(self, raw: dict[str, torch.Tensor], groups: torch.Tensor) -> torch.Tensor:
         if not raw:  # unguided: every candidate ties, the first wins
@@ -487,6 +487,26 @@ def _sources(rewards: dict[str, RewardModel]) -> list[tuple[RewardModel, list[tu
         source, column = (rm.source, rm.column) if isinstance(rm, RewardOutput) else (rm, None)
         groups.setdefault(id(source), (source, []))[1].append((name, column))
     return list(groups.values())
+
+
+def _split_steps(steps: list[str], full: str) -> list[str]:
+    """``full`` split as ``steps`` (the beam's steps) then the new step, concatenating to ``full``.
+
+    Where the beam's text is not a prefix of ``full`` (a character split across steps decodes
+    differently once whole), the steps are cut at the common prefix and the rest is the new step.
+    """
+    out, at = [], 0
+    for step in steps:
+        if not full.startswith(step, at):
+            break
+        out.append(step)
+        at += len(step)
+    if len(out) < len(steps):  # the cut step keeps what still matches
+        step = steps[len(out)]
+        keep = next((i for i, (a, b) in enumerate(zip(step, full[at:])) if a != b), min(len(step), len(full) - at))
+        out.append(step[:keep])
+        at += keep
+    return [*out, full[at:]]
 
 
 def _step_text(parent: str, full: str) -> str:
