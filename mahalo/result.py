@@ -40,6 +40,7 @@ class Stats:
     policy_s: float = 0.0
     prm_s: float = 0.0
     wall_s: float = 0.0
+    prompt_tokens: int = 0  # the chat prompt's tokens (the policy's prefill)
 
     def __getitem__(self, key: str) -> float:
         return getattr(self, key)

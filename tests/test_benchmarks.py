@@ -203,6 +203,21 @@ def test_scale_out_main(questions_csv, tmp_path, capsys):
     assert result["rows"][1]["cluster_start_s"] > 0
 
 
+@pytest.mark.skipif(importlib.util.find_spec("fastapi") is None or importlib.util.find_spec("openai") is None,
+                    reason="needs the serve extra and openai")
+def test_serve_load_main(questions_csv, tmp_path, capsys):
+    from benchmarks import serve_load
+
+    out = tmp_path / "out"
+    argv = ["--models", "tiny", "--questions", str(questions_csv), "--clients", "1,3", "--requests", "3",
+            "--max-tokens", "12", "--out-dir", str(out), "--no-plot"]
+    assert serve_load.main(argv) == 0
+    assert "server under load" in capsys.readouterr().out
+    rows = json.loads((out / "serve_load.json").read_text())["rows"]
+    assert [(r["clients"], r["requests"], r["errors"]) for r in rows] == [(1, 3, 0), (3, 3, 0)]
+    assert all(0 < r["first_step_p50_s"] <= r["latency_p95_s"] for r in rows)
+
+
 def test_gpu_check_runs_on_a_tiny_shape(tmp_path, capsys):
     """The GPU script is prepared on CPU: the same code on a tiny shape."""
     assert gpu_check.main(["--shape", "tiny", "--out", str(tmp_path), "--max-prompts", "1,4", "--rows", "2,5",

@@ -183,3 +183,76 @@ def test_engine_hands_a_crash_to_every_waiting_caller(policy, reward, monkeypatc
             f.result(timeout=60)
     with pytest.raises(RuntimeError, match="stopped \\(out of memory\\)"):
         engine.submit("Hi")
+
+
+def _engine(policy, rewards, **options):
+    from mahalo.config import config_from_options
+    from mahalo.engine.controller import Controller
+    from mahalo.engine.scheduler import Engine
+    from mahalo.policy import as_policy
+    from mahalo.rewards import as_reward
+
+    cfg = config_from_options(None, **options)
+    controller = Controller(as_policy(policy), {k: as_reward(v, k) for k, v in rewards.items()}, cfg)
+    return Engine(controller, max_prompts=8), cfg
+
+
+SEARCHES = [
+    ({"strategy": "step_best_of_n", "num_candidates": 3, "weights": {"truth": 1.0}}, ["truth"]),
+    ({"strategy": "step_beam", "num_candidates": 2, "beam_width": 2, "weights": {"helpful": 1.0}}, ["helpful"]),
+    ({"strategy": "best_of_n", "num_candidates": 3, "weights": {"truth": 1.0, "helpful": 0.5},
+      "normalize": "zscore"}, ["truth", "helpful"]),
+    ({"strategy": "sample", "temperature": 0.7, "top_k": 0, "top_p": 0.9}, []),
+    ({"strategy": "dvts", "num_candidates": 2, "beam_width": 2, "seed": 9, "weights": {"truth": 1.0}}, ["truth"]),
+]
+
+
+def test_prompts_with_different_searches_share_a_batch_and_answer_as_alone(policy, reward):
+    """Each prompt brings its own strategy, N, B, weights, sampling and seed (a server's requests):
+    in one batch each gets exactly what guided_generate gives it alone, guided by its own
+    objectives only (the others are not even scored for it)."""
+    from mahalo.app.tiny import tiny_reward
+
+    helpful = tiny_reward(seed=2)
+    base = dict(max_new_tokens=24, step="max_tokens", min_step_tokens=0, max_step_tokens=6)
+    engine, cfg = _engine(policy, {"truth": reward, "helpful": helpful}, **base)
+    from mahalo.config import config_from_options
+
+    prompts = ["Is the earth flat?", "Why is the sky blue?", "Name a cat.", "Do dogs like walks?", "Hi!"]
+    futures = []
+    for (opts, objectives), prompt in zip(SEARCHES, prompts):
+        plan = engine.controller.plan(config_from_options(cfg, **opts), objectives)
+        futures.append(engine.submit(prompt, plan))
+    got = [f.result(timeout=120) for f in futures]
+    engine.close()
+    for (opts, objectives), prompt, res in zip(SEARCHES, prompts, got):
+        alone = guided_generate(policy, {n: {"truth": reward, "helpful": helpful}[n] for n in objectives}, prompt,
+                                **base, **opts)
+        assert res.token_ids == alone.token_ids, opts
+        assert set(res.scores) == set(objectives)
+        assert res.scores == pytest.approx(alone.scores, abs=1e-6)
+        assert res.stats.prm_tokens == alone.stats.prm_tokens  # no cost for objectives it does not use
+
+
+def test_engine_streams_accepted_steps_and_drops_cancelled_prompts(policy, reward):
+    import threading
+
+    base = dict(strategy="step_best_of_n", num_candidates=2, max_new_tokens=30, step="max_tokens",
+                min_step_tokens=0, max_step_tokens=5, weights={"truth": 1.0})
+    engine, cfg = _engine(policy, {"truth": reward}, **base)
+    seen = []
+    res = engine.submit("Is the earth flat?", on_step=seen.append).result(timeout=60)
+    assert len(seen) == len(res.steps) - 1 >= 2  # every step but the last, which ends the answer
+    for a, b in zip(seen, seen[1:]):
+        assert b.startswith(a)
+    assert res.text.startswith(seen[-1])
+    # a prompt cancelled in flight leaves the batch; the engine goes on with the others
+    gate = threading.Event()
+    first = engine.submit("Why?", on_step=lambda _: gate.set())
+    assert gate.wait(30)
+    engine.cancel(first)
+    assert first.cancelled()
+    other = engine.submit("Is the earth flat?").result(timeout=60)
+    assert other.token_ids == res.token_ids
+    assert engine.pending == 0 and engine.controller.in_flight == 0
+    engine.close()

@@ -360,3 +360,61 @@ class RunConfig:
     def guide(self) -> GuideConfig:
         """The library part of this config."""
         return GuideConfig(self.search, self.sampling, self.step, self.objective, self.batch)
+
+
+@dataclass
+class ServerConfig:
+    """``python -m mahalo.serve``: where it listens, who may call it, and its limits."""
+
+    host: str = "127.0.0.1"
+    """Address to bind. The default serves this machine only; ``0.0.0.0`` serves the network
+    (set ``api_key`` then)."""
+    port: int = 8000
+    """TCP port."""
+    api_key: str | None = None
+    """Requests must send ``Authorization: Bearer <api_key>`` (else 401). Null: the
+    ``MAHALO_API_KEY`` environment variable if set, else no key."""
+    max_tokens_cap: int = 1024
+    """Largest ``max_tokens`` a request may ask for (above: 400)."""
+    max_queue: int = 64
+    """Requests waiting or in flight at once; one more gets 429 (retry later)."""
+    model_name: str | None = None
+    """The model id ``/v1/models`` lists and responses carry. Null: the models preset's name."""
+    objectives: list[str] | None = None
+    """Objectives to load, which requests may then weight. Null: every objective the models
+    preset provides (and those of ``+objective``)."""
+
+    def __post_init__(self) -> None:
+        _check(1 <= self.port <= 65535, f"server.port must be in 1..65535, got {self.port}")
+        _check(self.max_tokens_cap >= 1, f"server.max_tokens_cap must be at least 1, got {self.max_tokens_cap}")
+        _check(self.max_queue >= 1, f"server.max_queue must be at least 1, got {self.max_queue}")
+        _check(self.api_key is None or bool(self.api_key.strip()), "server.api_key is empty: set a key or null")
+
+
+@dataclass
+class ServeConfig:
+    """``python -m mahalo.serve``: the models to load once, the default search of a request
+    (each request may override it in its ``mahalo`` field), and the server."""
+
+    models: ModelsConfig = field(default_factory=ModelsConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    step: StepConfig = field(default_factory=StepConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+    verbose: bool = False
+    """Log each request."""
+
+    def __post_init__(self) -> None:
+        self.guide()  # the library's own cross-checks, before any model loads
+
+    def guide(self) -> GuideConfig:
+        """The default options of a request."""
+        return GuideConfig(self.search, self.sampling, self.step, self.objective, self.batch)
+
+    def loaded_objectives(self) -> list[str]:
+        """The objectives the server loads."""
+        if self.server.objectives is not None:
+            return list(dict.fromkeys([*self.server.objectives, *self.objective.weights]))
+        return list(dict.fromkeys([*self.models.objectives(), *self.objective.weights]))

@@ -72,6 +72,27 @@ class Finished:
     row: int
 
 
+@dataclass(frozen=True)
+class Plan:
+    """How one prompt is searched: its options, the search's shape and its objectives."""
+
+    cfg: GuideConfig
+    strategy: Strategy
+    weights: dict[str, float]  # the objectives it is guided by -> weight (the others are not read)
+    step_cap: int  # tokens that end a step at the latest (stepwise) or the response budget
+    root: int  # its sampling stream
+
+    @property
+    def rows(self) -> int:
+        """Policy rows the prompt may hold (at its first step: B*N)."""
+        return self.strategy.beams * self.strategy.candidates
+
+    @property
+    def streams_steps(self) -> bool:
+        """Each accepted step is final as soon as it is selected (one beam, step by step)."""
+        return self.strategy.stepwise and self.strategy.beams == 1 and not self.strategy.per_beam
+
+
 @dataclass
 class Search:
     """One prompt's search: its beams, finished pool, steps and cost."""
@@ -80,6 +101,7 @@ class Search:
     beams: list[Beam]
     stats: Stats
     t0: float
+    plan: Plan
     origins: list[int] = field(default_factory=lambda: [-1])  # each beam's candidate index last step
     finished: list[Finished] = field(default_factory=list)
     steps: list[Step] = field(default_factory=list)
@@ -90,6 +112,7 @@ class Row:
     """One candidate row of a step."""
 
     search: int  # index into Controller.searches
+    plan: Plan  # its prompt's
     parent: int  # the index of the beam it extends among its prompt's beams
     beam: Beam  # that beam
     stream: int
@@ -107,28 +130,32 @@ class Controller:
 
     :meth:`admit` adds prompts to the batch; :meth:`step` advances every prompt in flight by one
     step and returns those that ended. :mod:`mahalo.engine.scheduler` drives it.
+
+    A prompt may bring its own options (:meth:`plan`: strategy, N, B, weights, sampling, budget,
+    seed), so requests with different searches share one batch; the step rule and the stop tokens
+    are the controller's. ``accepted`` lists, after each step, the steps that became final
+    (one-beam step searches), for streaming; :meth:`cancel` drops a prompt at the next step.
     """
 
     def __init__(self, policy: Policy, rewards: dict[str, RewardModel], cfg: GuideConfig) -> None:
         cfg.check_objectives(list(rewards))
         self.policy, self.rewards, self.cfg = policy, rewards, cfg
-        self.strategy: Strategy = strategy_for(cfg)
-        self.boundary: StepBoundary = (
-            make_boundary(cfg.step.kind, cfg.step.min_step_tokens) if self.strategy.stepwise else NoBoundary()
-        )
-        self.table: TokenTable | None = (
-            None if isinstance(self.boundary, NoBoundary) else token_table(policy.tokenizer, self.boundary)
-        )
-        self.step_cap = cfg.step.max_step_tokens if self.strategy.stepwise else cfg.search.max_new_tokens
-        self.weights = {name: cfg.weight(name) for name in rewards}
+        self.boundary: StepBoundary = make_boundary(cfg.step.kind, cfg.step.min_step_tokens)
+        self.table: TokenTable | None = None  # built when a stepwise search first needs it
+        self.default = self.plan(cfg)
+        self.strategy: Strategy = self.default.strategy
+        self.weights = self.default.weights
         self.eos_ids = frozenset(policy.eos_ids) | frozenset(cfg.sampling.stop_token_ids)
-        self.root = root_stream(cfg.search.seed)
         self.searches: list[Search] = []
+        self.accepted: list[tuple[int, str]] = []  # after a step: (input index, text so far) of final steps
+        self.cancelled: set[int] = set()  # input indices to drop at the next step
         self.state: PolicyState | None = None
         # objectives read from one model (a multi-output model, or one model named twice) share
         # its state and its forward: source model -> [(objective, output column or None)]
+        # Each source tracks the rows of the prompts guided by one of its objectives only.
         self.sources = _sources(rewards)
         self.reward_states = [rm.start() for rm, _ in self.sources]
+        self._scored: list[list[int] | None] = [None] * len(self.sources)  # rows each source scored last step
         self.flags: torch.Tensor | None = None  # (V,) int per-token flags, on the policy's device
         self.host_flags: list[int] = []
 
@@ -137,22 +164,55 @@ class Controller:
         """Prompts in the batch."""
         return len(self.searches)
 
+    def plan(self, cfg: GuideConfig, objectives: list[str] | None = None) -> Plan:
+        """The :class:`Plan` of a prompt decoded with ``cfg``, guided by ``objectives`` (default:
+        every reward model, weighted by ``cfg``).
+
+        Raises:
+            ValueError: an unknown objective, or a step rule or stop tokens other than this
+                controller's (they are shared by the whole batch).
+        """
+        cfg.check_objectives(list(self.rewards))
+        names = list(self.rewards) if objectives is None else list(objectives)
+        unknown = sorted(set(names) - set(self.rewards))
+        if unknown:
+            raise ValueError(f"unknown objective(s) {unknown}: known objectives are {sorted(self.rewards)}")
+        if (cfg.step.kind, cfg.sampling.stop_token_ids) != (self.cfg.step.kind, self.cfg.sampling.stop_token_ids):
+            raise ValueError(
+                f"step={cfg.step.kind!r} and stop_token_ids are fixed for this engine "
+                f"(step={self.cfg.step.kind!r}, stop_token_ids={self.cfg.sampling.stop_token_ids})"
+            )
+        strategy = strategy_for(cfg)
+        cap = cfg.step.max_step_tokens if strategy.stepwise else cfg.search.max_new_tokens
+        return Plan(cfg, strategy, {n: cfg.weight(n) for n in names}, cap, root_stream(cfg.search.seed))
+
+    def cancel(self, index: int) -> None:
+        """Drop prompt ``index`` at the next step (its rows are freed; it is not reported)."""
+        self.cancelled.add(index)
+
     # -- admission ------------------------------------------------------------------------
 
-    def admit(self, prompts: list[tuple[int, Messages]]) -> list[tuple[int, ValueError]]:
-        """Prefill ``prompts`` ((input index, messages) pairs) together and add them to the batch.
+    def admit(self, prompts: list[tuple]) -> list[tuple[int, ValueError]]:
+        """Prefill ``prompts`` together and add them to the batch: (input index, messages) pairs,
+        or (input index, messages, :class:`Plan`) for a prompt with its own options.
 
         Returns:
             the prompts that could not join, with the reason (a prompt longer than the context).
         """
-        ok, failed = [], []
-        for index, messages in prompts:
+        ok, failed, plans = [], [], []
+        for index, messages, *rest in prompts:
+            plan = rest[0] if rest and rest[0] is not None else self.default
             try:
-                ok.append((index, messages, self._prompt_ids(messages)))
+                ok.append((index, messages, self._prompt_ids(messages, plan)))
+                plans.append(plan)
             except ValueError as err:
                 failed.append((index, err))
         if not ok:
             return failed
+        if any(p.strategy.stepwise for p in plans) and self.table is None and not isinstance(self.boundary, NoBoundary):
+            self.table = token_table(self.policy.tokenizer, self.boundary)
+            if self.state is not None:
+                self._check_vocab(self.state.logits.shape[-1])
         t0 = time.perf_counter()
         new = self.policy.prefill([ids for _, _, ids in ok])
         if self.state is None:
@@ -161,22 +221,25 @@ class Controller:
         else:
             self.state.cat(new)
         policy_s = time.perf_counter() - t0
-        costs = {}
+        costs = []
         t1 = time.perf_counter()
-        for (rm, _), state in zip(self.sources, self.reward_states):
-            rm.add(state, [m for _, m, _ in ok])
-            costs[id(state)] = getattr(state, "cost", None)
+        for k, ((rm, _), state) in enumerate(zip(self.sources, self.reward_states)):
+            mine = [i for i, plan in enumerate(plans) if self._uses(k, plan)]
+            if mine:
+                rm.add(state, [ok[i][1] for i in mine])
+                costs.append((getattr(state, "cost", None), {i: j for j, i in enumerate(mine)}))
         prm_s = time.perf_counter() - t1
         width = max(len(ids) for _, _, ids in ok)
-        for i, (index, _, ids) in enumerate(ok):
-            stats = Stats(policy_tokens=len(ids), policy_tokens_padded=width, policy_s=policy_s, prm_s=prm_s)
+        for i, ((index, _, ids), plan) in enumerate(zip(ok, plans)):
+            stats = Stats(policy_tokens=len(ids), policy_tokens_padded=width, policy_s=policy_s, prm_s=prm_s,
+                          prompt_tokens=len(ids))
             self._charge(stats, costs, [i])
-            self.searches.append(Search(index, [Beam(stream=self.root)], stats, t0))
+            self.searches.append(Search(index, [Beam(stream=plan.root)], stats, t0, plan))
         return failed
 
-    def _prompt_ids(self, messages: Messages) -> list[int]:
+    def _prompt_ids(self, messages: Messages, plan: Plan) -> list[int]:
         ids = self.policy.prompt_ids(messages)
-        ctx, budget = self.policy.max_context, self.cfg.search.max_new_tokens
+        ctx, budget = self.policy.max_context, plan.cfg.search.max_new_tokens
         if ctx is not None and len(ids) + budget > ctx:
             raise ValueError(
                 f"prompt ({len(ids)} tokens) + max_new_tokens ({budget}) exceeds the policy's "
@@ -208,11 +271,15 @@ class Controller:
         # 3. score every candidate of every prompt, one batch per objective
         cands = self._candidates(rows, parents)
         raw = self._score(cands, spans)
-        # 4-5. per prompt: combine, select, record
+        # 4-5. per prompt: combine, select, record (a cancelled prompt just leaves)
         keep, done, survivors = [], [], []
+        self.accepted = []
         for s, (a, b) in zip(self.searches, spans):
+            if s.index in self.cancelled:
+                self.cancelled.discard(s.index)
+                continue
             try:
-                active = self._select(s, rows[a:b], cands, {k: v[a:b] for k, v in raw.items()}, a)
+                active = self._select(s, rows[a:b], cands, {k: raw[k][a:b] for k in s.plan.weights}, a)
             except ValueError as err:
                 done.append((s.index, err))
                 continue
@@ -221,24 +288,35 @@ class Controller:
             else:
                 keep += [a + r for r in active]
                 survivors.append(s)
+                if s.plan.streams_steps:
+                    self.accepted.append((s.index, s.beams[0].text))
         # 6. keep the survivors' rows on both sides; finished prompts leave the batch
         self.searches = survivors
         index = torch.tensor(keep, dtype=torch.long)
         self.state.select(index)
         self.state.kv.tidy()
-        for (rm, _), state in zip(self.sources, self.reward_states):
-            rm.keep(state, index)
+        for k, ((rm, _), state) in enumerate(zip(self.sources, self.reward_states)):
+            scored = self._scored[k]
+            if scored is None:
+                continue
+            at = {r: j for j, r in enumerate(scored)}
+            rm.keep(state, torch.tensor([at[r] for r in keep if r in at], dtype=torch.long))
         return done
+
+    def _uses(self, k: int, plan: Plan) -> bool:
+        """Does a prompt searched by ``plan`` read source ``k``?"""
+        return any(name in plan.weights for name, _ in self.sources[k][1])
 
     def _fan_out(self) -> tuple[list[Row], list[int], list[tuple[int, int]]]:
         """Candidate rows of every prompt, the policy row each extends, and each prompt's span."""
         rows, parents, spans, offset = [], [], [], 0
         for si, s in enumerate(self.searches):
-            fan = self.strategy.candidates * (1 if s.steps else self.strategy.beams)
+            shape = s.plan.strategy
+            fan = shape.candidates * (1 if s.steps else shape.beams)
             start = len(rows)
             for b, beam in enumerate(s.beams):
                 for c in range(fan):
-                    rows.append(Row(si, b, beam, child_stream(beam.stream, c)))
+                    rows.append(Row(si, s.plan, b, beam, child_stream(beam.stream, c)))
                     parents.append(offset + b)
             spans.append((start, len(rows)))
             offset += len(s.beams)
@@ -266,7 +344,7 @@ class Controller:
             at = torch.tensor([where[r] for r in active], device=device)  # (A,) state positions
             idx = torch.tensor(active, device=device)  # (A,) rows
             logits = self.state.logits[at]  # (A, V)
-            tokens = sample_tokens(logits, self.cfg.sampling, streams[idx], positions[idx])  # (A,)
+            tokens = self._sample(logits, [rows[r].plan.cfg.sampling for r in active], streams[idx], positions[idx])
             logprobs = torch.log_softmax(logits.float(), -1).gather(1, tokens[:, None])[:, 0]  # (A,)
             packed = torch.stack([tokens.double(), logprobs.double(), self.flags[tokens].double()])  # (3, A)
             positions[idx] += 1
@@ -304,6 +382,20 @@ class Controller:
 
     PARK_MIN = 8  # rows worth setting aside at once
 
+    @staticmethod
+    def _sample(logits: torch.Tensor, samplings: list, streams: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """One token per row (A,), each row with its prompt's sampling options (one call per
+        distinct setting; usually one)."""
+        keys = [(c.temperature, c.top_k, c.top_p) for c in samplings]
+        if len(set(keys)) == 1:
+            return sample_tokens(logits, samplings[0], streams, positions)
+        tokens = torch.empty(len(keys), dtype=torch.long, device=logits.device)
+        for key in dict.fromkeys(keys):
+            idx = torch.tensor([i for i, k in enumerate(keys) if k == key], device=logits.device)
+            cfg = samplings[keys.index(key)]
+            tokens[idx] = sample_tokens(logits[idx], cfg, streams[idx], positions[idx])
+        return tokens
+
     def _park(self, live: list[int], active: set[int], parked: list[tuple[PolicyState, list[int]]]) -> list[int]:
         """Set the ended rows aside; returns the rows still in self.state, in order."""
         keep = [i for i, r in enumerate(live) if r in active]
@@ -327,19 +419,22 @@ class Controller:
         ``cut`` (a boundary before ``token``, which is dropped), ``step``, ``eos``, ``length``, or ''."""
         if flags & _EOS:
             return "eos"
-        if self._boundary_before(row, token, flags):
+        plan = row.plan
+        stepwise = plan.strategy.stepwise and self.table is not None
+        if stepwise and self._boundary_before(row, token, flags):
             return "cut"
         row.tokens.append(token)
         row.logprobs.append(logprob)
         if row.text is not None:
             row.text.append(token)
         n = len(row.tokens)
-        if len(row.beam.token_ids) + n >= self.cfg.search.max_new_tokens:
+        if len(row.beam.token_ids) + n >= plan.cfg.search.max_new_tokens:
             return "length"
-        if n >= self.step_cap:
+        if n >= plan.step_cap:
             return "step"
         if (
-            flags & _MAY_END and flags & _WS_END and not row.deferred and n >= self.boundary.min_tokens
+            stepwise and flags & _MAY_END and flags & _WS_END and not row.deferred
+            and n >= plan.cfg.step.min_step_tokens
             and self.boundary.ends_after(row.beam.text[-_CONTEXT_CHARS:], self._text(row))
         ):
             return "step"
@@ -347,7 +442,7 @@ class Controller:
 
     def _boundary_before(self, row: Row, token: int, flags: int) -> bool:
         """Does the step end before ``token``? May set or clear the row's deferral instead."""
-        if not row.tokens or len(row.tokens) < self.boundary.min_tokens or self.table is None:
+        if not row.tokens or len(row.tokens) < row.plan.cfg.step.min_step_tokens or self.table is None:
             return False
         last = self.host_flags[row.tokens[-1]]
         if row.deferred:  # kept spaces after a possible end: this token decides
@@ -380,28 +475,57 @@ class Controller:
         return Candidates(torch.tensor(parents), ids, texts, steps, self.state, held)
 
     def _score(self, cands: Candidates, spans: list[tuple[int, int]]) -> dict[str, torch.Tensor]:
+        """Raw scores (R,) per objective; a source scores only the rows of prompts it guides
+        (the others get NaN, never read)."""
         t = time.perf_counter()
-        raw, costs = {}, {}
-        for (rm, outputs), state in zip(self.sources, self.reward_states):
-            scores = rm.score(state, cands).double().cpu()  # (R,) or (R, K)
+        raw, costs = {}, []
+        total = len(cands.texts)
+        for k, ((rm, outputs), state) in enumerate(zip(self.sources, self.reward_states)):
+            users = [i for i, s in enumerate(self.searches) if self._uses(k, s.plan)]
+            self._scored[k] = None
+            if not users:
+                continue
+            rows = [r for i in users for r in range(*spans[i])]
+            sub = cands if len(users) == len(self.searches) else self._subset(cands, users, spans, rows)
+            scores = rm.score(state, sub).double().cpu()  # (R_k,) or (R_k, K)
             for name, column in outputs:
-                raw[name] = scores if column is None else scores[:, column]
-            costs[id(state)] = getattr(state, "cost", None)
+                full = torch.full((total,), float("nan"), dtype=torch.float64)
+                full[rows] = scores if column is None else scores[:, column]
+                raw[name] = full
+            costs.append((getattr(state, "cost", None), {r: j for j, r in enumerate(rows)}))
+            self._scored[k] = rows
         elapsed = time.perf_counter() - t
         for s, (a, b) in zip(self.searches, spans):
             s.stats.prm_s += elapsed
             self._charge(s.stats, costs, range(a, b))
         return raw
 
+    def _subset(self, cands: Candidates, users: list[int], spans: list[tuple[int, int]], rows: list[int]) -> Candidates:
+        """The candidates of the prompts ``users``, their parents renumbered among those prompts' beams."""
+        first_beam, local, offset = [], {}, 0
+        for s in self.searches:
+            first_beam.append(offset)
+            offset += len(s.beams)
+        offset = 0
+        for i in users:
+            local[i] = offset
+            offset += len(self.searches[i].beams)
+        search_of = [i for i, (a, b) in enumerate(spans) for _ in range(a, b)]
+        parents = [local[search_of[r]] + int(cands.parents[r]) - first_beam[search_of[r]] for r in rows]
+        pick = lambda xs: None if xs is None else [xs[r] for r in rows]  # noqa: E731
+        return Candidates(torch.tensor(parents), pick(cands.token_ids), pick(cands.texts), pick(cands.steps),
+                          cands.policy, pick(cands.held), rows)
+
     @staticmethod
-    def _charge(stats: Stats, costs: dict[str, Any], rows: Any) -> None:
-        """Add the reward models' per-row cost of ``rows`` to a prompt's stats."""
-        for cost in costs.values():
+    def _charge(stats: Stats, costs: list[tuple[Any, dict[int, int]]], rows: Any) -> None:
+        """Add the reward models' per-row cost of ``rows`` (global rows) to a prompt's stats."""
+        for cost, at in costs:
             if cost is None:
                 continue
-            stats.prm_tokens += sum(cost.tokens[r] for r in rows)
-            stats.prm_tokens_padded += sum(cost.padded[r] for r in rows)
-            stats.prm_full_rescore_tokens += sum(cost.full[r] for r in rows)
+            local = [at[r] for r in rows if r in at]
+            stats.prm_tokens += sum(cost.tokens[j] for j in local)
+            stats.prm_tokens_padded += sum(cost.padded[j] for j in local)
+            stats.prm_full_rescore_tokens += sum(cost.full[j] for j in local)
 
     # -- per prompt -----------------------------------------------------------------------
 
@@ -410,15 +534,15 @@ class Controller:
     ) -> list[int] | None:
         """Combine, select and record one prompt's step. Returns the rows (local) that go on, or
         None when its search ended."""
-        step = len(s.steps)
+        step, shape = len(s.steps), s.plan.strategy
         check_scores(raw, step)
-        groups = torch.arange(len(rows)) // self.strategy.candidates  # (R_s,) the beam (dvts: subtree)
-        combined = self._combine(raw, groups)
+        groups = torch.arange(len(rows)) // shape.candidates  # (R_s,) the beam (dvts: subtree)
+        combined = self._combine(s.plan, raw, groups)
         ended = torch.tensor([row.end != "step" for row in rows])
-        eligible = self._eligible(rows, groups)
-        selection = select(self.strategy, combined, ended, groups, eligible, len(s.finished))
+        eligible = self._eligible(s.plan, rows, groups)
+        selection = select(shape, combined, ended, groups, eligible, len(s.finished))
         texts = cands.texts[offset:offset + len(rows)]
-        s.steps.append(self._record(rows, texts, raw, combined, selection, s.origins))
+        s.steps.append(self._record(shape, rows, texts, raw, combined, selection, s.origins))
         s.stats.steps += 1
         s.finished += [
             Finished(self._beam(rows[r], texts[r]), rows[r].end, {k: float(v[r]) for k, v in raw.items()}, step, r)
@@ -426,7 +550,7 @@ class Controller:
         ]
         s.beams = [self._beam(rows[r], texts[r]) for r in selection.active]
         s.origins = selection.active
-        if not s.beams or (not self.strategy.per_beam and len(s.finished) >= self.strategy.beams):
+        if not s.beams or (not shape.per_beam and len(s.finished) >= shape.beams):
             return None
         return selection.active
 
@@ -435,20 +559,24 @@ class Controller:
         return Beam(row.beam.token_ids + row.tokens, text, row.beam.logprobs + row.logprobs, row.stream,
                     _split_steps(row.beam.steps, text))
 
-    def _combine(self, raw: dict[str, torch.Tensor], groups: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def _combine(plan: Plan, raw: dict[str, torch.Tensor], groups: torch.Tensor) -> torch.Tensor:
         if not raw:  # unguided: every candidate ties, the first wins
             return torch.zeros(len(groups), dtype=torch.float64)
-        return combine(raw, self.weights, self.cfg.objective.normalize, groups if self.strategy.per_beam else None)
+        per_beam = groups if plan.strategy.per_beam else None
+        return combine(raw, plan.weights, plan.cfg.objective.normalize, per_beam)
 
-    def _eligible(self, rows: list[Row], groups: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def _eligible(plan: Plan, rows: list[Row], groups: torch.Tensor) -> torch.Tensor:
         """(R,) False for a candidate identical to an earlier one it competes with (``dedupe``)."""
-        if not self.cfg.search.dedupe:
+        if not plan.cfg.search.dedupe:
             return torch.ones(len(rows), dtype=torch.bool)
         keys = [(tuple(row.beam.token_ids + row.tokens), row.end) for row in rows]
-        return first_copies(keys, groups if self.strategy.per_beam else torch.zeros_like(groups))
+        return first_copies(keys, groups if plan.strategy.per_beam else torch.zeros_like(groups))
 
+    @staticmethod
     def _record(
-        self, rows: list[Row], texts: list[str], raw, combined: torch.Tensor, selection: Selection,
+        shape: Strategy, rows: list[Row], texts: list[str], raw, combined: torch.Tensor, selection: Selection,
         origins: list[int],
     ) -> Step:
         records = [
@@ -464,12 +592,13 @@ class Controller:
             for r, row in enumerate(rows)
         ]
         kept = selection.active + selection.finished
-        return Step(records, kept[0] if self.strategy.beams == 1 else sorted(kept))
+        return Step(records, kept[0] if shape.beams == 1 else sorted(kept))
 
     def _result(self, s: Search) -> GuidedResult:
-        raw = {k: torch.tensor([f.scores[k] for f in s.finished], dtype=torch.float64) for k in self.rewards}
-        best = s.finished[final_pick(raw, [len(f.beam.token_ids) for f in s.finished], self.cfg, self.weights)]
-        if self.strategy.beams == 1:  # the step that ended the search records the answer it gave
+        plan = s.plan
+        raw = {k: torch.tensor([f.scores[k] for f in s.finished], dtype=torch.float64) for k in plan.weights}
+        best = s.finished[final_pick(raw, [len(f.beam.token_ids) for f in s.finished], plan.cfg, plan.weights)]
+        if plan.strategy.beams == 1:  # the step that ended the search records the answer it gave
             s.steps[best.step].chosen = best.row
         s.stats.response_tokens = len(best.beam.token_ids)
         s.stats.wall_s = time.perf_counter() - s.t0

@@ -12,15 +12,16 @@ they finish, each with its input index. :class:`Engine` is the same loop fed fro
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
 
 import torch
 
 from mahalo.chat import as_messages
-from mahalo.engine.controller import Controller
+from mahalo.engine.controller import Controller, Plan
 from mahalo.result import GuidedResult
 
 # max_prompts=0 picks by the policy's device. CPU: benchmarks/throughput.py on the 2-core sandbox
@@ -28,6 +29,8 @@ from mahalo.result import GuidedResult
 # 2.0x max_prompts=1). GPU: not measured (no GPU was available to this project yet); 32 keeps an
 # 8B decode step near its weight-read floor (5 rows x 32 = 160 rows).
 DEVICE_MAX_PROMPTS = {"cpu": 16, "cuda": 32}
+
+log = logging.getLogger(__name__)
 
 
 def max_prompts_for(controller: Controller, requested: int) -> int:
@@ -85,33 +88,69 @@ class Engine:
     ``ValueError`` for a prompt that failed. A prompt gets the same answer as through
     :func:`schedule`: the controller's answers never depend on their neighbours.
 
+    A prompt may bring its own :class:`~mahalo.engine.controller.Plan` (the controller's
+    ``plan(cfg)``: another strategy, N, weights, seed ...) and an ``on_step`` callback, called from
+    the engine thread with the response text so far each time a step becomes final (one-beam step
+    searches). :meth:`cancel` drops a prompt: at once while it waits, at the next step in flight.
+
     Any other exception in the loop (a bug, out of memory) fails every pending future with it and
     stops the engine; later :meth:`submit` calls raise ``RuntimeError``.
     """
 
     def __init__(self, controller: Controller, max_prompts: int, max_rows: int = 0) -> None:
         self.controller, self.max_prompts, self.max_rows = controller, max_prompts, max_rows
-        self._per_prompt = controller.strategy.beams * controller.strategy.candidates
         self._cond = threading.Condition()
-        self._waiting: deque[tuple[int, object]] = deque()  # (ticket, prompt), guarded by _cond
+        self._waiting: deque[tuple[int, object, Plan | None]] = deque()  # guarded by _cond
         self._futures: dict[int, Future] = {}  # ticket -> future, guarded by _cond
+        self._tickets_of: dict[int, int] = {}  # id(future) -> ticket, guarded by _cond
+        self._on_step: dict[int, Callable[[str], None]] = {}  # ticket -> callback, guarded by _cond
+        self._cancel: set[int] = set()  # tickets to drop in flight, guarded by _cond
         self._tickets = 0
         self._stopped: BaseException | None = None
         self._closing = False
         self._thread = threading.Thread(target=self._run, name="mahalo-engine", daemon=True)
         self._thread.start()
 
-    def submit(self, prompt: object) -> Future:
-        """Queue ``prompt`` (a string or message list); the future resolves when it ends."""
+    def submit(self, prompt: object, plan: Plan | None = None,
+               on_step: Callable[[str], None] | None = None) -> Future:
+        """Queue ``prompt`` (a string or message list), decoded by ``plan`` (default: the
+        controller's); the future resolves when it ends."""
         future: Future = Future()
         with self._cond:
             if self._stopped is not None or self._closing:
                 raise RuntimeError(f"the engine has stopped ({self._stopped or 'closed'})")
-            self._waiting.append((self._tickets, prompt))
-            self._futures[self._tickets] = future
+            ticket = self._tickets
+            self._waiting.append((ticket, prompt, plan))
+            self._futures[ticket] = future
+            self._tickets_of[id(future)] = ticket
+            if on_step is not None:
+                self._on_step[ticket] = on_step
             self._tickets += 1
             self._cond.notify()
         return future
+
+    def cancel(self, future: Future) -> None:
+        """Drop the prompt of ``future`` (a client that went away): a waiting prompt leaves the
+        queue, one in flight leaves the batch at the next step. The future is cancelled."""
+        with self._cond:
+            ticket = self._tickets_of.pop(id(future), None)
+            if ticket is None or ticket not in self._futures:
+                return
+            waiting = [w for w in self._waiting if w[0] == ticket]
+            if waiting:
+                self._waiting.remove(waiting[0])
+            else:
+                self._cancel.add(ticket)
+            self._futures.pop(ticket)
+            self._on_step.pop(ticket, None)
+            self._cond.notify()
+        future.cancel()
+
+    @property
+    def pending(self) -> int:
+        """Prompts submitted and not yet answered (waiting or in flight)."""
+        with self._cond:
+            return len(self._futures)
 
     def close(self) -> None:
         """Finish the prompts already submitted, then stop the thread."""
@@ -132,9 +171,15 @@ class Engine:
                     failed += self.controller.admit(batch)
                 for ticket, out in failed:
                     self._deliver(ticket, out)
+                with self._cond:
+                    cancel, self._cancel = self._cancel, set()
+                for ticket in cancel:
+                    self.controller.cancel(ticket)
                 if self.controller.in_flight:
                     for ticket, out in self.controller.step():
                         self._deliver(ticket, out)
+                    for ticket, text in self.controller.accepted:
+                        self._step_done(ticket, text)
         except BaseException as err:  # noqa: BLE001 - handed to every waiting caller, then stop
             with self._cond:
                 self._stopped = err
@@ -143,25 +188,44 @@ class Engine:
             for future in futures:
                 future.set_exception(err)
 
-    def _take(self) -> tuple[list[tuple[int, object]] | None, list[tuple[int, ValueError]]]:
+    def _take(self) -> tuple[list[tuple] | None, list[tuple[int, ValueError]]]:
         """The waiting prompts that fit now (blocks while there is nothing to do); None: stop."""
         in_flight = self.controller.in_flight
+        rows = sum(s.plan.rows for s in self.controller.searches)
         with self._cond:
-            while not self._waiting and not in_flight and not self._closing:
+            while not self._waiting and not in_flight and not self._closing and not self._cancel:
                 self._cond.wait()
             if not self._waiting and not in_flight:
                 return None, []
             batch, failed = [], []
-            while self._waiting and _fits(in_flight + len(batch) + 1, self._per_prompt, self.max_prompts,
-                                          self.max_rows):
-                ticket, prompt = self._waiting.popleft()
+            while self._waiting:
+                ticket, prompt, plan = self._waiting[0]
+                need = (plan or self.controller.default).rows
+                prompts = in_flight + len(batch) + 1
+                if prompts > self.max_prompts or (self.max_rows and rows + need > self.max_rows and prompts > 1):
+                    break
+                self._waiting.popleft()
+                rows += need
                 try:
-                    batch.append((ticket, as_messages(prompt)))
+                    batch.append((ticket, as_messages(prompt), plan))
                 except ValueError as err:
                     failed.append((ticket, err))
         return batch, failed
 
     def _deliver(self, ticket: int, out: GuidedResult | ValueError) -> None:
         with self._cond:
-            future = self._futures.pop(ticket)
-        future.set_result(out)
+            future = self._futures.pop(ticket, None)
+            self._on_step.pop(ticket, None)
+            if future is not None:
+                self._tickets_of.pop(id(future), None)
+        if future is not None and not future.cancelled():
+            future.set_result(out)
+
+    def _step_done(self, ticket: int, text: str) -> None:
+        with self._cond:
+            callback = self._on_step.get(ticket)
+        if callback is not None:
+            try:
+                callback(text)
+            except Exception:  # noqa: BLE001 - a caller's callback must not stop the engine for everyone
+                log.exception("on_step callback of prompt %d failed", ticket)

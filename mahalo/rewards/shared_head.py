@@ -80,19 +80,24 @@ class SharedHeadReward:
         live = [i for i, (h, k) in enumerate(zip(held, reuse)) if k == len(h)]
         cut = [i for i, (h, k) in enumerate(zip(held, reuse)) if k < len(h)]
         kv: KVRows = candidates.policy.kv
+        at = candidates.rows if candidates.rows is not None else list(range(len(ids)))  # policy row of each
         hidden = [None] * len(ids)
         # 2. rows that hold a prefix of their ids: forward the rest as extra columns, then crop them
         if live:
-            new = [ids[i][reuse[i]:] if i in set(live) else [self._pad_id] for i in range(len(ids))]
-            block, mask = right_padded(new, self._pad_id, kv.mask.device)  # (R, T)
-            mask[cut] = 0
-            out = self.policy.hidden(kv, block, mask)  # (R, T, H)
+            new = [[self._pad_id] for _ in range(kv.rows)]  # every policy row takes part (holes)
+            for i in live:
+                new[at[i]] = ids[i][reuse[i]:]
+            block, mask = right_padded(new, self._pad_id, kv.mask.device)  # (R_policy, T)
+            fed = torch.zeros(kv.rows, dtype=torch.bool)
+            fed[[at[i] for i in live]] = True
+            mask[~fed.to(mask.device)] = 0
+            out = self.policy.hidden(kv, block, mask)  # (R_policy, T, H)
             kv.crop(block.shape[1])
             for i in live:
-                hidden[i] = out[i, len(new[i]) - 1]
+                hidden[i] = out[at[i], len(new[at[i]]) - 1]
         # 3. rows whose ids differ: a copy cut back to the common prefix, forwarded from there
         if cut:
-            rows = kv.take(torch.tensor(cut))
+            rows = kv.take(torch.tensor([at[i] for i in cut]))
             rows.keep_valid(torch.tensor([reuse[i] for i in cut]))
             new = [ids[i][reuse[i]:] for i in cut]
             block, mask = right_padded(new, self._pad_id, kv.mask.device)

@@ -1,0 +1,117 @@
+"""``python -m mahalo.serve``: an OpenAI-compatible server with guidance per request.
+
+    python -m mahalo.serve                                   # embedded models, 127.0.0.1:8000
+    python -m mahalo.serve models=llama3_8b +objective=truth server.port=8080
+    MAHALO_API_KEY=secret python -m mahalo.serve server.host=0.0.0.0
+
+compose (Hydra) -> ServeConfig (typed, validated) -> load the models once -> one many-prompt
+engine -> FastAPI on uvicorn. Requests: ``POST /v1/chat/completions`` (see
+:mod:`mahalo.app.server`), ``GET /v1/models``, ``GET /health``. Bad configuration ends with one
+line on stderr and exit code 2. Needs the ``serve`` extra: ``pip install 'mahalo[serve]'``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import sys
+from typing import Any
+
+from hydra import compose, initialize_config_dir
+from hydra.core.config_store import ConfigStore
+from hydra.errors import HydraException
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from mahalo.app.config import ServeConfig
+from mahalo.decode import CONF_DIR, _check_group_overrides, _one_line, group_options
+from mahalo.engine.controller import Controller
+from mahalo.engine.scheduler import Engine, max_prompts_for
+from mahalo.rewards import PROGRAMMATIC
+
+USAGE = __doc__.split("\n\n")[1]
+GROUPS = ("models", "objective", "search")
+log = logging.getLogger("mahalo.serve")
+
+
+def compose_serve_config(overrides: list[str]) -> ServeConfig:
+    """Compose ``conf/serve.yaml`` with ``overrides`` into a validated :class:`ServeConfig`.
+
+    Raises:
+        ValueError: an unknown group option, a bad override or an invalid value.
+    """
+    _check_group_overrides(overrides)
+    ConfigStore.instance().store(name="serve_schema", node=ServeConfig)
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+            cfg = compose(config_name="serve", overrides=overrides)
+        return OmegaConf.to_object(cfg)
+    except (HydraException, OmegaConfBaseException) as err:
+        raise ValueError(_one_line(err)) from None
+
+
+def require_server() -> None:
+    """Raises ValueError naming the install command when FastAPI or uvicorn is missing."""
+    missing = [m for m in ("fastapi", "uvicorn") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ValueError(f"{' and '.join(missing)} not installed: pip install 'mahalo[serve]'")
+
+
+def build_engine(cfg: ServeConfig) -> tuple[Engine, list[str]]:
+    """Load the models once and start the engine; returns it and the objectives it can weight."""
+    from mahalo.app.registry import load_guide
+
+    objectives = cfg.loaded_objectives()
+    for name in objectives:
+        if cfg.models.provider(name) is None and name not in PROGRAMMATIC:
+            raise ValueError(
+                f"objective {name!r} needs a reward model that models={cfg.models.name} does not provide "
+                f"(it has {sorted(cfg.models.objectives())}; programmatic: {sorted(PROGRAMMATIC)})"
+            )
+    policy, prms = load_guide(cfg.models, objectives)
+    controller = Controller(policy, prms, cfg.guide())
+    return Engine(controller, max_prompts_for(controller, cfg.batch.max_prompts), cfg.batch.max_rows), objectives
+
+
+def build_server(cfg: ServeConfig, engine: Engine, objectives: list[str]) -> Any:
+    """The :class:`~mahalo.app.server.Server` of ``cfg`` on ``engine``."""
+    from mahalo.app.server import Server
+
+    key = cfg.server.api_key or os.environ.get("MAHALO_API_KEY") or None
+    return Server(engine, cfg.guide(), objectives, cfg.server, cfg.server.model_name or cfg.models.name, key)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the server until interrupted; returns the exit code (2: bad configuration)."""
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in argv):
+        print(USAGE + "\n\ngroups: " + "; ".join(f"{g}: {group_options(g)}" for g in GROUPS))
+        return 0
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        require_server()
+        cfg = compose_serve_config(argv)
+        if not cfg.verbose:
+            logging.getLogger().setLevel(logging.WARNING)
+        engine, objectives = build_engine(cfg)
+        server = build_server(cfg, engine, objectives)
+    except ValueError as e:
+        print(f"mahalo: error: {e}", file=sys.stderr)
+        return 2
+    import uvicorn
+
+    from mahalo.app.server import create_app
+
+    where = f"http://{cfg.server.host}:{cfg.server.port}/v1"
+    print(f"mahalo: serving {server.model_id} (objectives {objectives}) at {where}", file=sys.stderr, flush=True)
+    try:
+        uvicorn.run(create_app(server), host=cfg.server.host, port=cfg.server.port,
+                    log_level="info" if cfg.verbose else "warning")
+    finally:
+        engine.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
