@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
-from mahalo.chat import Messages
+from mahalo.chat import Messages, as_messages, with_system
 from mahalo.config import GuideConfig, config_from_options
 from mahalo.engine.controller import Controller
 from mahalo.engine.scheduler import max_prompts_for, schedule
@@ -23,6 +23,7 @@ def guided_generate_many(
     *,
     config: GuideConfig | None = None,
     errors: str = "raise",
+    system_prompt: str | None = None,
     **options: Any,
 ) -> Iterator[tuple[int, GuidedResult]]:
     """Answer many prompts, several in flight at once, guided by the reward models ``prms``.
@@ -33,11 +34,13 @@ def guided_generate_many(
 
     Args:
         policy, prms: as for :func:`guided_generate`.
-        prompts: user messages or chat message lists, read lazily.
+        prompts: user messages or chat conversations (OpenAI-style ``messages`` lists: system,
+            user and assistant turns, ending with a user turn), read lazily.
         config, **options: as for :func:`guided_generate`, plus ``max_prompts`` (prompts in
             flight; 0 picks for the device) and ``max_rows`` (a bound on policy rows).
         errors: ``raise`` (a failing prompt raises its ``ValueError``) or ``return`` (it is
             yielded as ``(index, ValueError)`` and the others go on).
+        system_prompt: a system turn put first in every conversation that has none.
 
     Yields:
         ``(input index, GuidedResult)`` as each prompt finishes (not in input order).
@@ -52,10 +55,22 @@ def guided_generate_many(
     rewards = {name: as_reward(obj, name) for name, obj in dict(prms or {}).items()}
     controller = Controller(as_policy(policy), rewards, cfg)
     limit = max_prompts_for(controller, cfg.batch.max_prompts)
-    for index, out in schedule(controller, prompts, limit, cfg.batch.max_rows):
+    if system_prompt is not None and not (isinstance(system_prompt, str) and system_prompt.strip()):
+        raise ValueError("system_prompt must be a non-empty string (or None)")
+    for index, out in schedule(controller, _with_system(prompts, system_prompt), limit, cfg.batch.max_rows):
         if isinstance(out, ValueError) and errors == "raise":
             raise out
         yield index, out
+
+
+def _with_system(prompts: Iterable[str | Messages], system_prompt: str | None) -> Iterator[str | Messages]:
+    """Each prompt as a conversation with the system turn; a malformed one is passed on as it is,
+    for the scheduler to report as that prompt's error."""
+    for prompt in prompts:
+        try:
+            yield with_system(as_messages(prompt), system_prompt)
+        except ValueError:
+            yield prompt
 
 
 def guided_generate(
@@ -64,6 +79,7 @@ def guided_generate(
     prompt: str | Messages,
     *,
     config: GuideConfig | None = None,
+    system_prompt: str | None = None,
     **options: Any,
 ) -> GuidedResult:
     """Answer ``prompt`` with ``policy``, guided step by step by the reward models ``prms``.
@@ -73,7 +89,11 @@ def guided_generate(
         prms: objective name -> reward model: a :class:`mahalo.rewards.RewardModel`, a
             ``(sequence-classification model, tokenizer)`` pair, or a callable
             ``(prompt, response) -> float``. Empty or None: unguided decoding.
-        prompt: a user message, or a list of chat messages; the policy's chat template is applied.
+        prompt: a user message, or a conversation (a list of ``{"role", "content"}`` turns:
+            an optional first ``system`` turn, then ``user`` and ``assistant`` turns ending with
+            the user's); the policy's chat template is applied, and reward models read the whole
+            conversation as their own chat template renders it.
+        system_prompt: a system turn put first when ``prompt`` has none.
         config: a base :class:`GuideConfig` (defaults: MAHALO's step best-of-5); ``options``
             override its fields.
         **options: ``strategy``, ``num_candidates``, ``beam_width``, ``weights``, ``normalize``,
@@ -87,5 +107,6 @@ def guided_generate(
     Raises:
         ValueError: an invalid option, prompt, model or weight; the message says which.
     """
-    ((_, result),) = guided_generate_many(policy, prms, [prompt], config=config, **options)
+    ((_, result),) = guided_generate_many(policy, prms, [prompt], config=config, system_prompt=system_prompt,
+                                          **options)
     return result

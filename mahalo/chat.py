@@ -31,11 +31,18 @@ _PAD = " \n"  # whitespace around the placeholder: tells whether the template tr
 _PROBE = "Probe answer. It has 2 sentences."
 
 
+ROLES = ("system", "user", "assistant")
+
+
 def as_messages(prompt: str | Messages) -> Messages:
-    """Normalise a prompt (a user string or a list of chat messages) to a message list.
+    """Normalise a prompt (a user string or an OpenAI-style list of chat messages) to a message list.
+
+    A conversation is a list of ``{"role", "content"}`` turns: roles ``system`` (first turn
+    only), ``user`` and ``assistant``, each with non-empty text, ending with a user turn (the
+    turn the policy answers).
 
     Raises:
-        ValueError: on an empty prompt or a malformed message list.
+        ValueError: on an empty prompt or a malformed conversation, naming the turn and the fix.
     """
     if isinstance(prompt, str):
         if not prompt.strip():
@@ -43,10 +50,28 @@ def as_messages(prompt: str | Messages) -> Messages:
         return [{"role": "user", "content": prompt}]
     if not isinstance(prompt, (list, tuple)) or not prompt:
         raise ValueError("prompt must be a non-empty string or a non-empty list of chat messages")
-    for m in prompt:
+    out = []
+    for i, m in enumerate(prompt):
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            raise ValueError(f"chat message {m!r} must be a dict with 'role' and 'content'")
-    return [dict(m) for m in prompt]
+            raise ValueError(f"chat message {i} ({m!r}) must be a dict with 'role' and 'content'")
+        if m["role"] not in ROLES:
+            raise ValueError(f"chat message {i} has unknown role {m['role']!r}: use one of {list(ROLES)}")
+        if m["role"] == "system" and i > 0:
+            raise ValueError(f"chat message {i} is a system turn: a system turn may only come first")
+        if not isinstance(m["content"], str) or not m["content"].strip():
+            raise ValueError(f"chat message {i} ({m['role']}) has empty content: give it text")
+        out.append({"role": m["role"], "content": m["content"]})
+    if out[-1]["role"] != "user":
+        raise ValueError(
+            f"the last chat message is a {out[-1]['role']} turn: a conversation must end with the user's turn")
+    return out
+
+
+def with_system(messages: Messages, system_prompt: str | None) -> Messages:
+    """``messages`` with ``system_prompt`` as their first turn when they have no system turn."""
+    if not system_prompt or (messages and messages[0]["role"] == "system"):
+        return messages
+    return [{"role": "system", "content": system_prompt}, *messages]
 
 
 def _render(tokenizer: Any, messages: Messages, add_generation_prompt: bool) -> str:

@@ -34,7 +34,7 @@ from rich.progress import (
 from rich.table import Table
 
 from mahalo.api import guided_generate_many
-from mahalo.app.config import RESUMABLE_KEYS, RunConfig
+from mahalo.app.config import RESUMABLE_KEYS, RunConfig, read_system_prompt
 from mahalo.app.io import (
     Existing,
     PromptItem,
@@ -46,6 +46,7 @@ from mahalo.app.io import (
     read_prompts,
 )
 from mahalo.app.registry import check_sources, load_guide
+from mahalo.chat import as_messages, with_system
 from mahalo.launch import Unanswered
 from mahalo.result import GuidedResult
 from mahalo.rewards import PROGRAMMATIC
@@ -179,6 +180,7 @@ def run(cfg: RunConfig, console: Console) -> Outcome:
     context) gets an error record and the run goes on.
     """
     objectives = _resolve_objectives(cfg)
+    system = read_system_prompt(cfg.system_prompt)
     check_output(cfg.output)
     items = [PromptItem(0, cfg.prompt)] if cfg.prompt is not None else read_prompts(cfg.prompts, cfg.prompt_field)
     config = OmegaConf.to_container(OmegaConf.structured(cfg))
@@ -191,7 +193,8 @@ def run(cfg: RunConfig, console: Console) -> Outcome:
     if not todo:
         return outcome
     launch = _on_ray if cfg.launcher.kind == "ray" else _here
-    answers = launch(cfg, objectives, [it.prompt for it in todo], console)  # bad options raise here
+    prompts = [with_system(as_messages(it.conversation), system) for it in todo]
+    answers = launch(cfg, objectives, prompts, console)  # bad options raise here
     t1 = time.perf_counter()
     with ResultWriter(cfg.output) as writer, _progress(console, len(todo) > 1) as bar:
         task = bar.add_task("decoding", total=len(todo))
@@ -215,7 +218,7 @@ def run(cfg: RunConfig, console: Console) -> Outcome:
 Answers = Iterator[tuple[int, GuidedResult | ValueError, dict[str, Any]]]
 
 
-def _here(cfg: RunConfig, objectives: list[str], prompts: list[str], console: Console) -> Answers:
+def _here(cfg: RunConfig, objectives: list[str], prompts: list[Any], console: Console) -> Answers:
     """``launcher=local``: load the models in this process, decode with many prompts in flight."""
     t0 = time.perf_counter()
     policy, prms = load_guide(cfg.models, objectives)
@@ -224,7 +227,7 @@ def _here(cfg: RunConfig, objectives: list[str], prompts: list[str], console: Co
     return ((k, res, {}) for k, res in answers)
 
 
-def _on_ray(cfg: RunConfig, objectives: list[str], prompts: list[str], console: Console) -> Answers:
+def _on_ray(cfg: RunConfig, objectives: list[str], prompts: list[Any], console: Console) -> Answers:
     """``launcher=ray``: join the cluster and check the options now; replicas load the models."""
     from mahalo.launch import ray as on_ray
 

@@ -319,3 +319,19 @@ def test_json_of_a_vetoed_score_is_valid():
 
     assert json.loads(json.dumps(_json_safe({"a": float("-inf"), "b": [1.0, float("nan")]}))) == {
         "a": None, "b": [1.0, None]}
+
+
+def test_conversations_pass_through_unchanged(running):
+    """A multi-turn conversation with a system turn gets the library's answer for the same
+    conversation and options; a malformed one gets 400 naming messages."""
+    from mahalo import guided_generate
+
+    conversation = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Is it flat?"},
+                    {"role": "assistant", "content": "No."}, {"role": "user", "content": "Why not?"}]
+    r = running.client().chat.completions.create(model="tiny", messages=conversation, max_tokens=20, seed=7)
+    lib = guided_generate(tiny_policy(), {"truth": tiny_reward(seed=1)}, conversation,
+                          **{**DEFAULTS, "max_new_tokens": 20, "seed": 7})
+    assert r.choices[0].message.content == lib.text
+    with pytest.raises(openai.BadRequestError) as err:
+        running.client().chat.completions.create(model="tiny", messages=conversation[:3], max_tokens=4)
+    assert _error_param(err.value) == "messages" and "must end with the user's turn" in str(err.value)

@@ -335,7 +335,11 @@ class RunConfig:
     prompts: str | None = None
     """A JSONL file, one JSON object per line, the prompt in field ``prompt_field``."""
     prompt_field: str = "prompt"
-    """Field of each JSONL object that holds the prompt."""
+    """Field of each JSONL object that holds the prompt (a string or a conversation); a record
+    without it may carry an OpenAI-style conversation in ``messages``."""
+    system_prompt: str | None = None
+    """A system turn put first in every conversation that has none (the same for every prompt):
+    the text, or ``@path`` to read it from a file."""
     output: str | None = None
     """JSONL file that gets one record per prompt, appended and flushed; a re-run resumes."""
     verbose: bool = False
@@ -352,6 +356,8 @@ class RunConfig:
         )
         _check(self.prompt is None or bool(self.prompt.strip()), "prompt is empty: pass prompt=\"your question\"")
         _check(self.resume in RESUME, f"resume must be one of {list(RESUME)}, got {self.resume!r}")
+        _check(self.system_prompt is None or bool(self.system_prompt.strip()),
+               "system_prompt is empty: give the text, @path of a file, or null")
         if not self.objective.weights and self.search.strategy != "sample":
             log.info("no objective: unguided sampling (add +objective=truth to guide)")
             self.search.strategy = "sample"
@@ -418,3 +424,22 @@ class ServeConfig:
         if self.server.objectives is not None:
             return list(dict.fromkeys([*self.server.objectives, *self.objective.weights]))
         return list(dict.fromkeys([*self.models.objectives(), *self.objective.weights]))
+
+
+def read_system_prompt(value: str | None) -> str | None:
+    """``system_prompt``: the text, or the contents of the file ``@path``.
+
+    Raises:
+        ValueError: a missing or empty file.
+    """
+    if value is None or not value.startswith("@"):
+        return value
+    from pathlib import Path
+
+    path = Path(value[1:]).expanduser()
+    if not path.is_file():
+        raise ValueError(f"system_prompt file not found: {path} (give the text, or @path of a file)")
+    text = path.read_text(encoding="utf-8").strip()
+    if not text:
+        raise ValueError(f"system_prompt file {path} is empty")
+    return text

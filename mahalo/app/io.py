@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+from mahalo.chat import as_messages
+
 log = logging.getLogger(__name__)
 
 
@@ -29,8 +31,14 @@ class PromptItem:
     """One prompt to answer: its position in the input, its text and the input record's fields."""
 
     index: int
-    prompt: str
+    prompt: str  # the (last) user message
     fields: dict[str, Any] = field(default_factory=dict)
+    messages: list[dict[str, str]] | None = None  # a whole conversation, when the record gives one
+
+    @property
+    def conversation(self) -> str | list[dict[str, str]]:
+        """What is decoded: the conversation, or the prompt string."""
+        return self.messages if self.messages is not None else self.prompt
 
     def input_fields(self) -> dict[str, Any]:
         """The input record's fields for the output record (``input_<name>`` where mahalo's own
@@ -44,10 +52,13 @@ class PromptItem:
 
 
 def read_prompts(path: str, field: str) -> list[PromptItem]:
-    """Prompts of a JSONL file, one object per line, the prompt in ``field``.
+    """Prompts of a JSONL file, one object per line: the prompt in ``field`` (a string, or a
+    conversation), or, when the record has no ``field``, an OpenAI-style conversation in
+    ``messages``.
 
     Raises:
-        ValueError: a missing file, malformed JSON, a missing or empty field (file:line).
+        ValueError: a missing file, malformed JSON, a missing or empty field, a malformed
+            conversation (file:line).
     """
     file = Path(path).expanduser()
     if not file.is_file():
@@ -58,7 +69,7 @@ def read_prompts(path: str, field: str) -> list[PromptItem]:
             if not line.strip():
                 continue
             obj = _object_of(line, f"{path}:{lineno}")
-            items.append(PromptItem(len(items), _prompt_of(obj, field, f"{path}:{lineno}"), obj))
+            items.append(_item_of(len(items), obj, field, f"{path}:{lineno}"))
     if not items:
         raise ValueError(f"prompts file {path} has no prompts")
     return items
@@ -74,13 +85,21 @@ def _object_of(line: str, where: str) -> dict[str, Any]:
     return obj
 
 
-def _prompt_of(obj: dict[str, Any], field: str, where: str) -> str:
-    if field not in obj:
-        raise ValueError(f"{where}: no field {field!r} (set prompt_field=NAME to the field holding the prompt)")
-    value = obj[field]
-    if not isinstance(value, str) or not value.strip():
-        raise ValueError(f"{where}: field {field!r} must be a non-empty string")
-    return value
+def _item_of(index: int, obj: dict[str, Any], field: str, where: str) -> PromptItem:
+    key = field if field in obj else "messages" if "messages" in obj else None
+    if key is None:
+        raise ValueError(f"{where}: no field {field!r} and no 'messages' (set prompt_field=NAME to the field "
+                         "holding the prompt)")
+    value = obj[key]
+    if isinstance(value, str):
+        if not value.strip():
+            raise ValueError(f"{where}: field {key!r} must be a non-empty string")
+        return PromptItem(index, value, obj)
+    try:
+        messages = as_messages(value)
+    except ValueError as err:
+        raise ValueError(f"{where}: field {key!r}: {err}") from None
+    return PromptItem(index, messages[-1]["content"], obj, messages)
 
 
 def check_output(path: str | None) -> None:

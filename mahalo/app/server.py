@@ -29,7 +29,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from mahalo.app.config import ServerConfig
-from mahalo.chat import Messages, generation_prompt_ids
+from mahalo.chat import Messages, as_messages, generation_prompt_ids
 from mahalo.config import GuideConfig, config_from_options
 from mahalo.engine.controller import Plan
 from mahalo.engine.scheduler import Engine
@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 GUIDE_FIELDS = ("strategy", "num_candidates", "beam_width", "weights", "normalize", "top_k", "min_step_tokens",
                 "max_step_tokens", "dedupe", "length_penalty")
 MAHALO_FIELDS = (*GUIDE_FIELDS, "return_steps")
-ROLES = ("system", "user", "assistant", "tool", "developer")
+ROLES = ("system", "user", "assistant", "developer")  # developer: OpenAI's newer name for system
 
 
 class BadRequest(ValueError):
@@ -244,9 +244,10 @@ def _messages(value: Any) -> Messages:
         if not isinstance(content, str):
             raise BadRequest(f"messages[{i}].content must be a string", f"messages[{i}].content")
         out.append({"role": "system" if m["role"] == "developer" else m["role"], "content": content})
-    if not any(m["content"].strip() for m in out):
-        raise BadRequest("messages are empty: send some text", "messages")
-    return out
+    try:
+        return as_messages(out)  # the same rules as the library: passed through unchanged
+    except ValueError as err:
+        raise BadRequest(str(err), "messages") from None
 
 
 def _finish(result: GuidedResult) -> str:

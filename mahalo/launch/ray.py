@@ -21,6 +21,7 @@ retried after its first answer arrived) is handed on once.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -171,7 +172,7 @@ class Replica:
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         import numpy as np
 
-        futures = [self.engine.submit(str(p)) for p in batch["prompt"]]
+        futures = [self.engine.submit(json.loads(str(p))) for p in batch["prompt"]]
         answers = [pickle.dumps(f.result()) for f in futures]
         return {
             "k": batch["k"],
@@ -192,7 +193,7 @@ class Answer:
     ready: float  # when that replica had loaded its models (time.time())
 
 
-def answer_many(cfg: RunConfig, objectives: list[str], prompts: list[str], cluster: Cluster) -> Iterator[Answer]:
+def answer_many(cfg: RunConfig, objectives: list[str], prompts: list[Any], cluster: Cluster) -> Iterator[Answer]:
     """Answer ``prompts`` on ``cluster``'s replicas; answers come back as they finish, each once.
 
     Raises:
@@ -208,7 +209,7 @@ def answer_many(cfg: RunConfig, objectives: list[str], prompts: list[str], clust
     per_actor = math.ceil(replica_prompts(launcher, cfg.batch.max_prompts) / launcher.batch_size)
     remaining = dict(enumerate(prompts))
     for attempt in range(1, launcher.max_passes + 1):
-        rows = [{"k": k, "prompt": p} for k, p in sorted(remaining.items())]
+        rows = [{"k": k, "prompt": json.dumps(p)} for k, p in sorted(remaining.items())]  # conversations as JSON
         batches = math.ceil(len(rows) / launcher.batch_size)
         # First pass: every replica loaded before the first batch goes out (else the first one ready
         # takes them all). A retry pass takes the replicas as they come: the last pass's may still
