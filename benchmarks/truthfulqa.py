@@ -13,7 +13,10 @@ best_of_n      N = 5 whole responses, the best by final truth reward
 
 All sampled strategies use temperature ``--temperature`` (1) and top-k ``--top-k`` (50), the
 same ``--seed`` for every question, sentence steps (at least 8 tokens) and the truth reward
-model as the only objective.
+model as the only objective. ``--system-prompt`` puts the same system turn before every question
+for every strategy (guided and unguided alike). ``--batch K`` decodes each strategy's questions K
+at a time with the many-prompt engine (same answers; ``wall_s`` is then seconds per question at
+that concurrency).
 
 Every answer is scored two ways:
 
@@ -89,7 +92,10 @@ def strategy_options(name: str, args: argparse.Namespace) -> dict[str, Any]:
     }
     if name not in specs:
         raise ValueError(f"unknown strategy {name!r}: choose from {list(STRATEGY_NAMES)}")
-    return specs[name]
+    options = specs[name]
+    if getattr(args, "system_prompt", None):  # the same system turn for every strategy: a fair comparison
+        options = {**options, "system_prompt": args.system_prompt}
+    return options
 
 
 def _shard(text: str) -> tuple[int, int]:
@@ -122,6 +128,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     s.add_argument("--beam-candidates", type=int, default=4, help="N per beam of step_beam_b2 / step_beam_b4")
     s.add_argument("--temperature", type=float, default=1.0, help="temperature of the sampled strategies")
     s.add_argument("--top-k", type=int, default=50)
+    s.add_argument("--system-prompt", default=None,
+                   help="a system turn before every question, the same for every strategy (text, or @file)")
+    s.add_argument("--batch", type=int, default=0, metavar="K",
+                   help="decode each strategy's questions K at a time with the many-prompt engine "
+                        "(wall_s is then the strategy's wall time / questions); 0: one question at a time, "
+                        "strategies alternating per question")
     j = p.add_argument_group("judge")
     j.add_argument("--judge", choices=("minilm", "none"), default="minilm",
                    help="minilm: all-MiniLM-L6-v2 similarity judge; none: truth reward only")
@@ -140,6 +152,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-plot", action="store_true", help="skip the PNG")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     args = p.parse_args(argv)
+    if args.system_prompt is not None:
+        from mahalo.app.config import read_system_prompt
+
+        try:
+            args.system_prompt = read_system_prompt(args.system_prompt)
+        except ValueError as err:
+            p.error(str(err))
+    if args.batch < 0:
+        p.error("--batch must be >= 0")
     if args.report_only and args.fresh:
         p.error("--report-only and --fresh cannot be combined: --fresh would discard the answers to report")
     for name in args.strategies:
@@ -286,6 +307,9 @@ def decode_all(args: argparse.Namespace, models: common.BenchModels, questions: 
     for _ in range(args.warmup if todo else 0):  # one-off initialisation is not billed to an answer
         guided_generate(engine[0], engine[1], questions[0].question, strategy="step_best_of_n",
                         num_candidates=2, max_new_tokens=16, seed=args.seed)
+    if args.batch:
+        decode_batched(engine, todo, args, path, console)
+        return
     for n, (q, name) in enumerate(todo, 1):
         try:
             rec = decode_answer(engine, name, q, args)
@@ -295,6 +319,39 @@ def decode_all(args: argparse.Namespace, models: common.BenchModels, questions: 
         common.append_jsonl(path, rec)
         console.print(f"[{n}/{len(todo)}] q{q.index} {name}: {rec['wall_s']:.2f} s, {rec['response_tokens']} tok, "
                       f"truth {common.fmt(rec['truth'], 3)}", style="dim", markup=False)
+
+
+def decode_batched(engine: tuple[Any, dict[str, Any]], todo: list[tuple[common.Question, str]],
+                   args: argparse.Namespace, path: Path, console: Any) -> None:
+    """Each strategy's questions ``--batch`` at a time (the many-prompt engine); a record's
+    ``wall_s`` is the strategy's wall time divided by its questions (seconds per question at
+    that concurrency), marked ``"wall": "batch_mean"``."""
+    from mahalo.api import guided_generate_many
+
+    policy, prms = engine
+    for name in dict.fromkeys(n for _, n in todo):
+        qs = [q for q, n in todo if n == name]
+        options = strategy_options(name, args)
+        t0 = time.perf_counter()
+        results = dict(guided_generate_many(policy, prms, [q.question for q in qs], errors="return",
+                                            max_new_tokens=args.max_new_tokens, seed=args.seed, max_prompts=args.batch,
+                                            **options))
+        per_question = (time.perf_counter() - t0) / len(qs)
+        for i, q in enumerate(qs):
+            res = results[i]
+            if isinstance(res, ValueError):
+                log.error("question %d, %s failed: %s", q.index, name, res)
+                continue
+            s = res.stats
+            common.append_jsonl(path, {
+                "models": args.models, "strategy": name, "options": options, "max_new_tokens": args.max_new_tokens,
+                "seed": args.seed, "question_index": q.index, "question": q.question, "text": res.text,
+                "truth": res.scores.get("truth", math.nan), "wall_s": per_question, "wall": "batch_mean",
+                "batch": args.batch, "policy_tokens": s.policy_tokens, "rm_tokens": s.prm_tokens,
+                "response_tokens": s.response_tokens, "steps": s.steps, "stop_reason": res.stop_reason,
+            })
+        console.print(f"{name}: {len(qs)} questions, {per_question:.2f} s per question at batch {args.batch}",
+                      style="dim", markup=False)
 
 
 # --------------------------------------------------------------------------- report

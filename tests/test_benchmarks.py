@@ -230,6 +230,31 @@ def test_gpu_check_runs_on_a_tiny_shape(tmp_path, capsys):
     assert "weight-read floor" in capsys.readouterr().out
 
 
+def test_truthfulqa_batched_with_a_system_prompt(questions_csv, tmp_path):
+    """--batch decodes each strategy's questions together (the same answers as one at a time) and
+    --system-prompt puts the same system turn before every question, for every strategy."""
+    out = tmp_path / "out"
+    base = _common_argv(questions_csv, out) + ["--num-questions", "2", "--max-new-tokens", "8", "--strategies",
+                                               "sample,step_best_of_n", "--judge", "none", "--no-plot"]
+    assert truthfulqa.main(base + ["--system-prompt", "Answer truthfully.", "--batch", "2"]) == 0
+    batched = common.read_jsonl(out / "truthfulqa_answers.jsonl")
+    assert len(batched) == 4 and all(r["wall"] == "batch_mean" and r["batch"] == 2 for r in batched)
+    assert all(r["options"]["system_prompt"] == "Answer truthfully." for r in batched)
+    one = tmp_path / "one"
+    assert truthfulqa.main(_common_argv(questions_csv, one) + [
+        "--num-questions", "2", "--max-new-tokens", "8", "--strategies", "sample,step_best_of_n", "--judge", "none",
+        "--no-plot", "--system-prompt", "Answer truthfully."]) == 0
+    single = common.read_jsonl(one / "truthfulqa_answers.jsonl")
+    key = lambda r: (r["strategy"], r["question_index"])  # noqa: E731
+    assert {key(r): r["text"] for r in batched} == {key(r): r["text"] for r in single}
+    plain = tmp_path / "plain"
+    assert truthfulqa.main(_common_argv(questions_csv, plain) + [
+        "--num-questions", "2", "--max-new-tokens", "8", "--strategies", "sample", "--judge", "none",
+        "--no-plot"]) == 0
+    unprompted = {r["question_index"]: r["text"] for r in common.read_jsonl(plain / "truthfulqa_answers.jsonl")}
+    assert unprompted != {r["question_index"]: r["text"] for r in single if r["strategy"] == "sample"}
+
+
 def test_truthfulqa_paired_differences():
     """Gains are per-question differences against the baseline, on shared questions only."""
     def row(strategy, q, truthful, truth):
