@@ -480,9 +480,9 @@ def paired_table(paired: list[dict[str, Any]], title: str = "gain over {base}") 
     return table
 
 
-def summary_table(summary: list[dict[str, Any]]) -> Table:
-    """One row per strategy."""
-    table = Table(title=f"TruthfulQA dev (bootstrap 95% CI, {BOOTSTRAP_RESAMPLES} resamples)")
+def summary_table(summary: list[dict[str, Any]], split: str = "dev") -> Table:
+    """One row per strategy (``split``: which questions, named in the title)."""
+    table = Table(title=f"TruthfulQA {split} (bootstrap 95% CI, {BOOTSTRAP_RESAMPLES} resamples)")
     for col in ("strategy", "questions", "% truthful [95% CI]", "mean truth [95% CI]", "s/question",
                 "total s", "resp tok", "policy tok", "RM tok"):
         table.add_column(col, justify="left" if col == "strategy" else "right", no_wrap=col == "strategy")
@@ -563,7 +563,8 @@ def main(argv: list[str] | None = None) -> int:
     common.write_json(args.out_dir / f"{stem}_summary.json",
                       {"meta": meta, "summary": summary, "paired": paired, "versus": versus})
     plot = None if args.no_plot or not summary else write_plot(summary, args.out_dir / f"{stem}.png")
-    console.print(summary_table(summary))
+    split = "train" if "train" in Path(args.questions).name else "dev"
+    console.print(summary_table(summary, split))
     if paired:
         console.print(paired_table(paired))
     if versus:
