@@ -86,18 +86,19 @@ def _check_group_overrides(overrides: list[str]) -> None:
             raise ValueError(f"unknown {group} {value!r}: choose one of {group_options(group)}")
 
 
-def compose_config(overrides: list[str]) -> RunConfig:
-    """Compose ``conf/decode.yaml`` with ``overrides`` into a validated :class:`RunConfig`.
+def compose_config(overrides: list[str], config_name: str = "decode", schema: type = RunConfig) -> Any:
+    """Compose ``conf/<config_name>.yaml`` with ``overrides`` into a validated ``schema``
+    (:class:`RunConfig` for the CLI; ``mahalo.serve`` composes ``serve.yaml`` the same way).
 
     Raises:
         ValueError: an unknown group option, a bad override or an invalid value.
     """
     _check_group_overrides(overrides)
-    # The typed schema is the first default of decode.yaml: every key exists and is type-checked.
-    ConfigStore.instance().store(name="decode_schema", node=RunConfig)
+    # The typed schema is the first default of the yaml file: every key exists and is type-checked.
+    ConfigStore.instance().store(name=f"{config_name}_schema", node=schema)
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-            cfg = compose(config_name="decode", overrides=overrides)
+            cfg = compose(config_name=config_name, overrides=overrides)
         return OmegaConf.to_object(cfg)
     except (HydraException, OmegaConfBaseException) as err:
         raise ValueError(_one_line(err)) from None

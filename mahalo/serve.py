@@ -18,14 +18,8 @@ import os
 import sys
 from typing import Any
 
-from hydra import compose, initialize_config_dir
-from hydra.core.config_store import ConfigStore
-from hydra.errors import HydraException
-from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
-
 from mahalo.app.config import ServeConfig
-from mahalo.decode import CONF_DIR, _check_group_overrides, _one_line, group_options
+from mahalo.decode import compose_config, group_options
 from mahalo.engine.controller import Controller
 from mahalo.engine.scheduler import Engine, max_prompts_for
 from mahalo.rewards import PROGRAMMATIC
@@ -41,14 +35,7 @@ def compose_serve_config(overrides: list[str]) -> ServeConfig:
     Raises:
         ValueError: an unknown group option, a bad override or an invalid value.
     """
-    _check_group_overrides(overrides)
-    ConfigStore.instance().store(name="serve_schema", node=ServeConfig)
-    try:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-            cfg = compose(config_name="serve", overrides=overrides)
-        return OmegaConf.to_object(cfg)
-    except (HydraException, OmegaConfBaseException) as err:
-        raise ValueError(_one_line(err)) from None
+    return compose_config(overrides, "serve", ServeConfig)
 
 
 def require_server() -> None:

@@ -317,11 +317,8 @@ class LauncherConfig:
 
 
 @dataclass
-class RunConfig:
-    """``python -m mahalo.decode``: models, search and prompts in, JSONL out.
-
-    Without an objective (no ``objective.weights``) the search is plain ``sample``: unguided.
-    """
+class GuidedModels:
+    """What the CLI and the server share: the models and the library's options of a decode."""
 
     models: ModelsConfig = field(default_factory=ModelsConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
@@ -329,6 +326,19 @@ class RunConfig:
     step: StepConfig = field(default_factory=StepConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     batch: BatchConfig = field(default_factory=BatchConfig)
+
+    def guide(self) -> GuideConfig:
+        """The library part of this config."""
+        return GuideConfig(self.search, self.sampling, self.step, self.objective, self.batch)
+
+
+@dataclass
+class RunConfig(GuidedModels):
+    """``python -m mahalo.decode``: models, search and prompts in, JSONL out.
+
+    Without an objective (no ``objective.weights``) the search is plain ``sample``: unguided.
+    """
+
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
     prompt: str | None = None
     """One user message to answer."""
@@ -363,10 +373,6 @@ class RunConfig:
             self.search.strategy = "sample"
         self.guide()  # the library's own cross-checks (greedy with N > 1 ...), before any model loads
 
-    def guide(self) -> GuideConfig:
-        """The library part of this config."""
-        return GuideConfig(self.search, self.sampling, self.step, self.objective, self.batch)
-
 
 @dataclass
 class ServerConfig:
@@ -398,26 +404,16 @@ class ServerConfig:
 
 
 @dataclass
-class ServeConfig:
+class ServeConfig(GuidedModels):
     """``python -m mahalo.serve``: the models to load once, the default search of a request
     (each request may override it in its ``mahalo`` field), and the server."""
 
-    models: ModelsConfig = field(default_factory=ModelsConfig)
-    search: SearchConfig = field(default_factory=SearchConfig)
-    sampling: SamplingConfig = field(default_factory=SamplingConfig)
-    step: StepConfig = field(default_factory=StepConfig)
-    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
-    batch: BatchConfig = field(default_factory=BatchConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     verbose: bool = False
     """Log each request."""
 
     def __post_init__(self) -> None:
         self.guide()  # the library's own cross-checks, before any model loads
-
-    def guide(self) -> GuideConfig:
-        """The default options of a request."""
-        return GuideConfig(self.search, self.sampling, self.step, self.objective, self.batch)
 
     def loaded_objectives(self) -> list[str]:
         """The objectives the server loads."""
