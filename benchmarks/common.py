@@ -121,8 +121,11 @@ class BenchModels:
     description: dict[str, Any] = field(default_factory=dict)
 
 
-def models_config(kind: str, device: str = "cpu", dtype: str = "float32", truth_head: str | None = None) -> ModelsConfig:
-    """The :class:`ModelsConfig` of ``--models KIND`` (truth objective only)."""
+def models_config(kind: str, device: str = "cpu", dtype: str = "float32", truth_head: str | None = None,
+                  shared: bool = False) -> ModelsConfig:
+    """The :class:`ModelsConfig` of ``--models KIND`` (truth objective only); ``shared``: the
+    embedded truth head read from the policy's own hidden states (the CLI's default), else a
+    separate reward model."""
     if kind == "tiny":
         return ModelsConfig(
             name="tiny",
@@ -134,20 +137,21 @@ def models_config(kind: str, device: str = "cpu", dtype: str = "float32", truth_
     return ModelsConfig(
         name="embedded",
         policy=ModelConfig(kind="embedded", dtype=dtype, device=device),
-        # a separate reward model (the reference decoder needs one; compare_reference.py also runs the
-        # head on the policy's backbone from it)
+        # a separate reward model unless ``shared`` (the reference decoder needs one; compare_reference.py
+        # also runs the head on the policy's backbone from it)
         rewards={"truth": ModelConfig(kind="embedded", dtype=dtype, device=device, head_file=truth_head,
-                                      share_backbone=False)},
+                                      share_backbone=True if shared else False)},
     )
 
 
-def load_bench_models(kind: str, device: str = "cpu", dtype: str = "float32", truth_head: str | None = None) -> BenchModels:
+def load_bench_models(kind: str, device: str = "cpu", dtype: str = "float32", truth_head: str | None = None,
+                      shared: bool = False) -> BenchModels:
     """Load the policy and the truth reward model of ``--models KIND``.
 
     Raises:
         ValueError: a missing embedded model or truth head (the message says how to fix it).
     """
-    cfg = models_config(kind, device, dtype, truth_head)
+    cfg = models_config(kind, device, dtype, truth_head, shared and kind == "embedded")
     if kind == "embedded":  # fail before the slow policy load, with the fix in the message
         head = Path(truth_head) if truth_head else EMBEDDED_TRUTH_HEAD
         if not head.is_file():
@@ -160,7 +164,7 @@ def load_bench_models(kind: str, device: str = "cpu", dtype: str = "float32", tr
         "models": kind,
         "policy": type(loaded.policy[0]).__name__,
         "policy_params": sum(p.numel() for p in loaded.policy[0].parameters()),
-        "truth_rm": type(loaded.rewards["truth"].model).__name__,
+        "truth_rm": type(getattr(loaded.rewards["truth"], "model", loaded.rewards["truth"])).__name__,
         "truth_score_at": loaded.rewards["truth"].score_at,
         "truth_head": truth_head or ("embedded default" if kind == "embedded" else "random"),
         "dtype": dtype if kind == "embedded" else "float32",

