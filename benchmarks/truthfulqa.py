@@ -46,6 +46,7 @@ Example (smoke run, tiny random models)::
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import json
 import logging
@@ -114,6 +115,11 @@ def strategy_options(name: str, args: argparse.Namespace) -> dict[str, Any]:
 def cli_truth_options() -> dict[str, Any]:
     """``python -m mahalo.decode +objective=truth`` as ``guided_generate`` options: the search,
     step and sampling settings and the system turn of ``conf/objective/truth.yaml``."""
+    return dict(_cli_truth_options())
+
+
+@functools.lru_cache(maxsize=1)
+def _cli_truth_options() -> dict[str, Any]:
     from mahalo.decode import compose_config
 
     run = compose_config(["+objective=truth", "prompt=-"])

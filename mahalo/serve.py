@@ -18,7 +18,7 @@ import os
 import sys
 from typing import Any
 
-from mahalo.app.config import ServeConfig
+from mahalo.app.config import ServeConfig, read_system_prompt
 from mahalo.decode import compose_config, group_options
 from mahalo.engine.controller import Controller
 from mahalo.engine.scheduler import Engine, max_prompts_for
@@ -61,12 +61,14 @@ def build_engine(cfg: ServeConfig) -> tuple[Engine, list[str]]:
     return Engine(controller, max_prompts_for(controller, cfg.batch.max_prompts), cfg.batch.max_rows), objectives
 
 
-def build_server(cfg: ServeConfig, engine: Engine, objectives: list[str]) -> Any:
-    """The :class:`~mahalo.app.server.Server` of ``cfg`` on ``engine``."""
+def build_server(cfg: ServeConfig, engine: Engine, objectives: list[str], system_prompt: str | None = None) -> Any:
+    """The :class:`~mahalo.app.server.Server` of ``cfg`` on ``engine`` (``system_prompt``: the
+    text of ``cfg.system_prompt``, read by :func:`read_system_prompt`)."""
     from mahalo.app.server import Server
 
     key = cfg.server.api_key or os.environ.get("MAHALO_API_KEY") or None
-    return Server(engine, cfg.guide(), objectives, cfg.server, cfg.server.model_name or cfg.models.name, key)
+    return Server(engine, cfg.guide(), objectives, cfg.server, cfg.server.model_name or cfg.models.name, key,
+                  system_prompt)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,10 +81,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         require_server()
         cfg = compose_serve_config(argv)
+        system = read_system_prompt(cfg.system_prompt)  # a missing file fails before the models load
         if not cfg.verbose:
             logging.getLogger().setLevel(logging.WARNING)
         engine, objectives = build_engine(cfg)
-        server = build_server(cfg, engine, objectives)
+        server = build_server(cfg, engine, objectives, system)
     except ValueError as e:
         print(f"mahalo: error: {e}", file=sys.stderr)
         return 2

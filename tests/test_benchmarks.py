@@ -281,6 +281,63 @@ def test_truthfulqa_strategy_options():
         truthfulqa.parse_args(["--strategies", "greedy,nope"])
 
 
+def test_truthfulqa_truth_default_is_the_shipped_cli_config():
+    """``truth_default`` decodes with what ``python -m mahalo.decode +objective=truth`` runs;
+    ``truth_default_sample`` is unguided sampling with the same system turn (a fair baseline)."""
+    from mahalo import decode
+
+    args = truthfulqa.parse_args(["--models", "tiny", "--system-prompt", "Be brief."])
+    cli = decode.compose_config(["+objective=truth", "prompt=hi"])
+    guide = cli.guide()
+    opts = truthfulqa.strategy_options("truth_default", args)
+    assert (opts["strategy"], opts["beam_width"], opts["num_candidates"]) == (
+        guide.search.strategy, guide.search.beam_width, guide.search.num_candidates)
+    assert (opts["step"], opts["min_step_tokens"], opts["max_step_tokens"]) == (
+        guide.step.kind, guide.step.min_step_tokens, guide.step.max_step_tokens)
+    assert (opts["temperature"], opts["top_k"]) == (guide.sampling.temperature, guide.sampling.top_k)
+    assert opts["system_prompt"] == cli.system_prompt  # the conf's turn, not --system-prompt
+    base = truthfulqa.strategy_options("truth_default_sample", args)
+    assert base == {"strategy": "sample", "temperature": 1.0, "top_k": 50, "top_p": 1.0,
+                    "system_prompt": cli.system_prompt}
+    assert truthfulqa.strategy_options("sample", args)["system_prompt"] == "Be brief."
+
+
+def test_truthfulqa_custom_strategies_and_compare():
+    args = truthfulqa.parse_args(["--models", "tiny", "--strategies", "sample,b3", "--custom",
+                                  "b3:strategy=step_beam,beam_width=3,num_candidates=2,temperature=0.7",
+                                  "--compare", "b3:sample"])
+    assert truthfulqa.strategy_options("b3", args) == {"strategy": "step_beam", "beam_width": 3, "num_candidates": 2,
+                                                       "temperature": 0.7, "top_k": 50}
+    assert args.compare == [("b3", "sample")]
+    for bad in (["--strategies", "b9", "--custom", "b3:strategy=step_beam"],  # unknown name
+                ["--custom", "sample:strategy=step_beam"],  # shadows a built-in
+                ["--custom", "b3:beam_width"],  # no value
+                ["--strategies", "b3", "--custom", "b3:beam_width=0"],  # invalid option, before any model loads
+                ["--strategies", "sample", "--compare", "sample:greedy"]):  # greedy is not decoded
+        with pytest.raises(SystemExit):
+            truthfulqa.parse_args(["--models", "tiny", *bad])
+
+
+def test_truthfulqa_compared_differences_pair_each_strategy_with_its_own_baseline():
+    def row(strategy, q, truthful, truth):
+        return {"strategy": strategy, "question_index": q, "truthful": truthful, "truth": truth}
+
+    rows = [row("a", q, 1, -5.0) for q in range(4)] + [row("a0", q, q % 2, -7.0) for q in range(4)]
+    rows += [row("b", q, 0, -6.0) for q in range(4)] + [row("b0", q, 0, -6.5) for q in range(3)]
+    d = {(x["strategy"], x["baseline"]): x for x in truthfulqa.compared_differences(rows, [("a", "a0"), ("b", "b0"),
+                                                                                           ("a", "b")])}
+    assert d["a", "a0"]["d_pct_truthful"] == pytest.approx(50.0) and d["a", "a0"]["d_mean_truth"] == pytest.approx(2.0)
+    assert d["b", "b0"]["questions"] == 3 and d["b", "b0"]["d_mean_truth"] == pytest.approx(0.5)
+    assert d["a", "b"]["d_pct_truthful"] == pytest.approx(100.0) and d["a", "b"]["d_pct_truthful_low"] == 100.0
+    table = truthfulqa.paired_table(list(d.values()))
+    assert [c.header for c in table.columns][:2] == ["strategy", "versus"]
+
+
+def test_truthfulqa_counts_declined_answers():
+    assert truthfulqa.no_comment("I have no comment.") and truthfulqa.no_comment("No comment")
+    assert not truthfulqa.no_comment("Nothing happens if you eat watermelon seeds.")
+
+
 # --------------------------------------------------------------------------- statistics
 
 

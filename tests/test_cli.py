@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
 from mahalo import decode
 from mahalo.app.config import RunConfig
@@ -29,7 +30,8 @@ def test_every_config_composes_and_validates(models, objective, search):
     if objective:
         overrides.append(f"+objective={objective}")
     cfg = decode.compose_config(overrides)  # no model is loaded, nothing is downloaded
-    assert isinstance(cfg, RunConfig) and cfg.search.strategy == (search if objective else "sample")
+    strategy = OmegaConf.load(decode.CONF_DIR / "search" / f"{search}.yaml").strategy  # the command line wins
+    assert isinstance(cfg, RunConfig) and cfg.search.strategy == (strategy if objective else "sample")
     names = list(cfg.objective.weights)
     if all(n in cfg.models.objectives() or n == "concise" for n in names):
         assert decode._resolve_objectives(cfg) == names
@@ -238,7 +240,7 @@ def test_failing_prompts_get_error_records_and_exit_1(tmp_path, monkeypatch, cap
 
 def test_greedy_with_several_candidates_is_exit_2_before_loading(capsys):
     assert decode.main(["models=embedded", "+objective=truth", "prompt=hi", "sampling.temperature=0"]) == 2
-    assert "temperature=0 (greedy) makes all 5 candidates" in capsys.readouterr().err
+    assert "temperature=0 (greedy) makes all 16 candidates of step_beam" in capsys.readouterr().err
     # unguided greedy is plain sampling: allowed
     assert decode.main(["models=tiny", "prompt=hi", "sampling.temperature=0", "search.max_new_tokens=4"]) == 0
 

@@ -93,8 +93,9 @@ def test_cli_reads_conversations_and_a_system_prompt_file(tmp_path, policy, rewa
     system = tmp_path / "system.txt"
     system.write_text("You answer truthfully and briefly.\n")
     out = tmp_path / "out.jsonl"
-    args = ["models=tiny", "+objective=truth", f"prompts={prompts}", f"output={out}", f"system_prompt=@{system}",
-            "search.max_new_tokens=12", "step.kind=max_tokens", "step.min_step_tokens=0", "step.max_step_tokens=4"]
+    args = ["models=tiny", "+objective=truth", "search=step_best_of_n", f"prompts={prompts}", f"output={out}",
+            f"system_prompt=@{system}", "search.max_new_tokens=12", "step.kind=max_tokens", "step.min_step_tokens=0",
+            "step.max_step_tokens=4"]
     assert decode.main(args) == 0
     records = {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}
     assert records["a"]["prompt"] == "Why do some people think so?" and records["a"]["messages"] == CONVERSATION[1:]
@@ -124,3 +125,61 @@ def test_cli_bad_conversations_exit_2_with_one_line(tmp_path, capsys, record, me
 def test_cli_missing_system_prompt_file_exits_2(tmp_path, capsys):
     assert decode.main(["models=tiny", "prompt=hi", f"system_prompt=@{tmp_path / 'nope.txt'}"]) == 2
     assert "system_prompt file not found" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- the truth default (issue 13)
+
+PRIMER_QUESTIONS = ["What is human life expectancy in the United States?",
+                    "Who was president of the United States in 1955?", "Which party did he belong to?",
+                    "What is the square root of banana?", "How does a telescope work?",
+                    "Where were the 1992 Olympics held?"]
+
+
+def test_truth_objective_is_a_step_beam_with_the_truthfulqa_primer():
+    cfg = decode.compose_config(["+objective=truth", "prompt=hi"])
+    search = cfg.guide().search
+    assert (search.strategy, search.beam_width, search.num_candidates) == ("step_beam", 4, 4)
+    assert cfg.guide().objective.weights == {"truth": 1.0} and cfg.guide().step.kind == "sentence"
+    primer = cfg.system_prompt
+    assert primer.startswith("Answer the question truthfully in one short sentence")
+    assert [ln[3:] for ln in primer.splitlines() if ln.startswith("Q: ")] == PRIMER_QUESTIONS
+    # the command line wins over the objective's choices
+    dvts = decode.compose_config(["+objective=truth", "search=dvts", "prompt=hi"]).guide().search
+    assert dvts.strategy == "dvts"
+    best_of_n = decode.compose_config(["search=step_best_of_n", "+objective=truth", "prompt=hi"]).guide().search
+    assert best_of_n.strategy == "step_best_of_n"
+    assert decode.compose_config(["+objective=truth", "system_prompt=null", "prompt=hi"]).system_prompt is None
+    narrower = decode.compose_config(["+objective=truth", "search.beam_width=2", "prompt=hi"]).guide().search
+    assert narrower.beam_width == 2
+    # other objectives keep MAHALO's best-of-5 and no system turn
+    concise = decode.compose_config(["+objective=truth_concise", "prompt=hi"])
+    assert concise.guide().search.strategy == "step_best_of_n" and concise.system_prompt is None
+
+
+def test_primer_holds_no_truthfulqa_question():
+    """The primer is TruthfulQA's generic QA primer: none of its questions is a dataset question."""
+    import csv
+    from pathlib import Path
+
+    data = Path(__file__).resolve().parents[2] / "shared" / "data" / "truthfulqa"
+    files = [data / "questions_train.csv", data / "questions_dev.csv"]
+    if not all(f.is_file() for f in files):
+        pytest.skip(f"TruthfulQA files not found under {data}")
+    questions = {row["Question"].strip() for f in files for row in csv.DictReader(f.open(newline=""))}
+    assert len(questions) == 612 and not questions & set(PRIMER_QUESTIONS)
+
+
+def test_cli_truth_default_equals_the_library_with_the_primer(tmp_path, policy, reward):
+    out = tmp_path / "out.jsonl"
+    assert decode.main(["models=tiny", "+objective=truth", "prompt=Is the earth flat?", f"output={out}",
+                        "search.max_new_tokens=24"]) == 0
+    (record,) = map(json.loads, out.read_text().splitlines())
+    primer = decode.compose_config(["+objective=truth", "prompt=hi"]).system_prompt
+    lib = guided_generate(policy, {"truth": reward}, "Is the earth flat?", system_prompt=primer,
+                          strategy="step_beam", beam_width=4, num_candidates=4, max_new_tokens=24,
+                          weights={"truth": 1.0})
+    assert record["text"] == lib.text
+    unprimed = guided_generate(policy, {"truth": reward}, "Is the earth flat?", strategy="step_beam", beam_width=4,
+                               num_candidates=4, max_new_tokens=24, weights={"truth": 1.0})
+    assert record["scores"]["truth"] == pytest.approx(lib.scores["truth"], abs=1e-6)
+    assert (unprimed.text, unprimed.scores["truth"]) != (lib.text, lib.scores["truth"])  # the primer is read

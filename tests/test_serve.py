@@ -76,14 +76,14 @@ class Running:
         self.server.engine.close()
 
 
-def _start(api_key=None, max_queue=64, max_prompts=16) -> Running:
+def _start(api_key=None, max_queue=64, max_prompts=16, system_prompt=None) -> Running:
     policy = tiny_policy()
     rewards = {"truth": tiny_reward(seed=1), "helpful": tiny_reward(seed=2), "flaky": flaky, "slow": slow}
     cfg = config_from_options(None, **DEFAULTS)
     controller = Controller(as_policy(policy), {k: as_reward(v, k) for k, v in rewards.items()}, cfg)
     engine = Engine(controller, max_prompts=max_prompts)
     server_cfg = ServerConfig(max_tokens_cap=64, max_queue=max_queue)
-    return Running(Server(engine, cfg, list(rewards), server_cfg, "tiny", api_key))
+    return Running(Server(engine, cfg, list(rewards), server_cfg, "tiny", api_key, system_prompt))
 
 
 @pytest.fixture(scope="module")
@@ -122,6 +122,33 @@ def test_a_plain_completion(running):
     steps = _ask(running.client(), max_tokens=20, seed=1, extra_body={"mahalo": {"return_steps": True}})
     assert steps.choices[0].message.content == text
     assert len(steps.model_extra["mahalo"]["steps"]) == extra["steps_taken"] >= 2
+
+
+def test_a_configured_system_prompt_goes_first_when_a_request_has_none():
+    """``system_prompt`` (e.g. ``+objective=truth``'s primer) is the system turn of requests without
+    one; a request's own system turn is kept."""
+    primer = "Answer in one short sentence."
+    r = _start(system_prompt=primer)
+    try:
+        client = r.client()
+        question = [{"role": "user", "content": "Is the earth flat?"}]
+
+        def text(messages):
+            out = client.chat.completions.create(model="tiny", messages=messages, max_tokens=16, seed=3)
+            return out.choices[0].message.content, out.usage.prompt_tokens
+
+        configured = text(question)
+        assert configured == text([{"role": "system", "content": primer}, *question])
+        own = text([{"role": "system", "content": "You are terse."}, *question])
+        assert own != configured
+    finally:
+        r.stop()
+    plain = _start()
+    try:
+        out = plain.client().chat.completions.create(model="tiny", messages=question, max_tokens=16, seed=3)
+        assert out.usage.prompt_tokens < configured[1]  # no system turn without the option
+    finally:
+        plain.stop()
 
 
 def test_models_and_health(running):

@@ -326,6 +326,14 @@ class GuidedModels:
     step: StepConfig = field(default_factory=StepConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     batch: BatchConfig = field(default_factory=BatchConfig)
+    system_prompt: str | None = None
+    """A system turn put first in every conversation that has none (the same for every prompt
+    or request): the text, or ``@path`` to read it from a file. ``+objective=truth`` sets
+    TruthfulQA's QA primer; ``system_prompt=null`` removes it."""
+
+    def __post_init__(self) -> None:
+        _check(self.system_prompt is None or bool(self.system_prompt.strip()),
+               "system_prompt is empty: give the text, @path of a file, or null")
 
     def guide(self) -> GuideConfig:
         """The library part of this config."""
@@ -347,9 +355,6 @@ class RunConfig(GuidedModels):
     prompt_field: str = "prompt"
     """Field of each JSONL object that holds the prompt (a string or a conversation); a record
     without it may carry an OpenAI-style conversation in ``messages``."""
-    system_prompt: str | None = None
-    """A system turn put first in every conversation that has none (the same for every prompt):
-    the text, or ``@path`` to read it from a file."""
     output: str | None = None
     """JSONL file that gets one record per prompt, appended and flushed; a re-run resumes."""
     verbose: bool = False
@@ -366,8 +371,7 @@ class RunConfig(GuidedModels):
         )
         _check(self.prompt is None or bool(self.prompt.strip()), "prompt is empty: pass prompt=\"your question\"")
         _check(self.resume in RESUME, f"resume must be one of {list(RESUME)}, got {self.resume!r}")
-        _check(self.system_prompt is None or bool(self.system_prompt.strip()),
-               "system_prompt is empty: give the text, @path of a file, or null")
+        super().__post_init__()
         if not self.objective.weights and self.search.strategy != "sample":
             log.info("no objective: unguided sampling (add +objective=truth to guide)")
             self.search.strategy = "sample"
@@ -413,6 +417,7 @@ class ServeConfig(GuidedModels):
     """Log each request."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         self.guide()  # the library's own cross-checks, before any model loads
 
     def loaded_objectives(self) -> list[str]:

@@ -29,7 +29,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from mahalo.app.config import ServerConfig
-from mahalo.chat import Messages, as_messages, generation_prompt_ids
+from mahalo.chat import Messages, as_messages, generation_prompt_ids, with_system
 from mahalo.config import GuideConfig, config_from_options
 from mahalo.engine.controller import Plan
 from mahalo.engine.scheduler import Engine
@@ -73,8 +73,9 @@ class Server:
     """What the routes need: the engine, the default options and the limits."""
 
     def __init__(self, engine: Engine, defaults: GuideConfig, objectives: list[str], cfg: ServerConfig,
-                 model_id: str, api_key: str | None = None) -> None:
+                 model_id: str, api_key: str | None = None, system_prompt: str | None = None) -> None:
         self.engine, self.defaults, self.cfg, self.model_id = engine, defaults, cfg, model_id
+        self.system_prompt = system_prompt  # put first in a request that has no system turn
         self.objectives = list(objectives)  # what the server loaded
         self.default_objectives = [n for n in defaults.objective.weights]
         self.api_key = api_key
@@ -103,7 +104,7 @@ class Server:
         """
         if not isinstance(body, dict):
             raise BadRequest("the request body must be a JSON object", None)
-        messages = _messages(body.get("messages"))
+        messages = with_system(_messages(body.get("messages")), self.system_prompt)
         n = body.get("n")
         if n is not None and n != 1:
             raise BadRequest(f"n must be 1 (one answer per request; send more requests), got {n!r}", "n")
