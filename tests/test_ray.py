@@ -19,7 +19,10 @@ from mahalo import decode  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 N = 12
 # Tiny random models, 12 prompts; each prompt decodes several sentence steps of 3 candidates.
-BASE = ["models=tiny", "+objective=truth", "search.max_new_tokens=64", "search.num_candidates=3", "search.seed=7"]
+# MAHALO's best-of-N without a system turn (the launcher is under test, not the truth default): the
+# tiny models' 1024-token context holds a prompt and 400 new tokens.
+BASE = ["models=tiny", "+objective=truth", "search=step_best_of_n", "system_prompt=null", "search.max_new_tokens=64",
+        "search.num_candidates=3", "search.seed=7"]
 
 
 @pytest.fixture(scope="module")
