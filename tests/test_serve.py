@@ -332,6 +332,8 @@ def test_the_serve_command(tmp_path):
     (["server.port=0"], "server.port must be in 1..65535"),
     (["models=tiny", "+objective=nope"], "unknown objective 'nope'"),
     (["models=tiny", "server.objectives=[nope]"], "objective 'nope' needs a reward model"),
+    (["models=tiny", "system_prompt=@/no/such/primer.txt"], "system_prompt file not found: /no/such/primer.txt"),
+    (["models=tiny", "system_prompt=' '"], "system_prompt is empty"),
 ])
 def test_bad_serve_configuration_is_one_line_and_exit_2(capsys, args, message):
     from mahalo import serve
