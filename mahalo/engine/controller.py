@@ -142,9 +142,7 @@ class Controller:
         self.policy, self.rewards, self.cfg = policy, rewards, cfg
         self.boundary: StepBoundary = make_boundary(cfg.step.kind, cfg.step.min_step_tokens)
         self.table: TokenTable | None = None  # built when a stepwise search first needs it
-        self.default = self.plan(cfg)
-        self.strategy: Strategy = self.default.strategy
-        self.weights = self.default.weights
+        self.default = self.plan(cfg)  # the plan of a prompt that brings none
         self.eos_ids = frozenset(policy.eos_ids) | frozenset(cfg.sampling.stop_token_ids)
         self.searches: list[Search] = []
         self.accepted: list[tuple[int, str]] = []  # after a step: (input index, text so far) of final steps

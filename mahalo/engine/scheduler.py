@@ -51,8 +51,7 @@ def schedule(
         (input index, result) as each prompt finishes, or (input index, ValueError) for a prompt
         that failed (a malformed or too long prompt, a reward model's NaN).
     """
-    strategy = controller.strategy
-    per_prompt = strategy.beams * strategy.candidates  # rows a prompt may hold (its first step)
+    per_prompt = controller.default.rows  # rows a prompt may hold (its first step)
     waiting = enumerate(prompts)
     exhausted = False
     while True:
