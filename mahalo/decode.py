@@ -45,11 +45,10 @@ from mahalo.app.io import (
     pending,
     read_prompts,
 )
-from mahalo.app.registry import check_sources, load_guide
+from mahalo.app.registry import check_provided, check_sources, load_guide
 from mahalo.chat import as_messages, with_system
 from mahalo.launch import Unanswered
 from mahalo.result import GuidedResult
-from mahalo.rewards import PROGRAMMATIC
 
 
 def _conf_dir() -> Path:
@@ -123,14 +122,7 @@ def _one_line(err: BaseException) -> str:
 
 
 def _resolve_objectives(cfg: RunConfig) -> list[str]:
-    names = list(cfg.objective.weights)
-    for name in names:
-        if cfg.models.provider(name) is None and name not in PROGRAMMATIC:
-            raise ValueError(
-                f"objective {name!r} needs a reward model that models={cfg.models.name} does not provide "
-                f"(it has {sorted(cfg.models.objectives())}; programmatic: {sorted(PROGRAMMATIC)})"
-            )
-    return names
+    return check_provided(cfg.models, list(cfg.objective.weights))
 
 
 def _record(item: PromptItem, res: GuidedResult, config: dict[str, Any]) -> dict[str, Any]:

@@ -22,7 +22,6 @@ from mahalo.app.config import ServeConfig, read_system_prompt
 from mahalo.decode import compose_config, group_options
 from mahalo.engine.controller import Controller
 from mahalo.engine.scheduler import Engine, max_prompts_for
-from mahalo.rewards import PROGRAMMATIC
 
 USAGE = __doc__.split("\n\n")[1]
 GROUPS = ("models", "objective", "search")
@@ -47,15 +46,9 @@ def require_server() -> None:
 
 def build_engine(cfg: ServeConfig) -> tuple[Engine, list[str]]:
     """Load the models once and start the engine; returns it and the objectives it can weight."""
-    from mahalo.app.registry import load_guide
+    from mahalo.app.registry import check_provided, load_guide
 
-    objectives = cfg.loaded_objectives()
-    for name in objectives:
-        if cfg.models.provider(name) is None and name not in PROGRAMMATIC:
-            raise ValueError(
-                f"objective {name!r} needs a reward model that models={cfg.models.name} does not provide "
-                f"(it has {sorted(cfg.models.objectives())}; programmatic: {sorted(PROGRAMMATIC)})"
-            )
+    objectives = check_provided(cfg.models, cfg.loaded_objectives())
     policy, prms = load_guide(cfg.models, objectives)
     controller = Controller(policy, prms, cfg.guide())
     return Engine(controller, max_prompts_for(controller, cfg.batch.max_prompts), cfg.batch.max_rows), objectives

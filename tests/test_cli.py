@@ -15,6 +15,7 @@ from omegaconf import OmegaConf
 
 from mahalo import decode
 from mahalo.app.config import RunConfig
+from mahalo.rewards import PROGRAMMATIC
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -223,7 +224,7 @@ def test_failing_prompts_get_error_records_and_exit_1(tmp_path, monkeypatch, cap
     def concise_nan_on_3(prompt: str, response: str) -> float:
         return float("nan") if "3" in prompt else -len(response) / 50
 
-    monkeypatch.setitem(decode.PROGRAMMATIC, "concise", concise_nan_on_3)
+    monkeypatch.setitem(PROGRAMMATIC, "concise", concise_nan_on_3)  # the registry reads this table
     assert decode.main(_run_args(prompts, out)) == 1
     captured = capsys.readouterr()
     errors = sorted(ln for ln in captured.err.splitlines() if ln.startswith("mahalo: error: prompt"))

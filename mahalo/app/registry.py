@@ -225,6 +225,21 @@ def load_models(cfg: ModelsConfig, objectives: list[str]) -> LoadedModels:
     return LoadedModels(policy, rewards)
 
 
+def check_provided(cfg: ModelsConfig, objectives: list[str]) -> list[str]:
+    """``objectives``, each provided by a reward model of ``cfg`` or programmatic.
+
+    Raises:
+        ValueError: an objective neither provides, naming what ``cfg`` has.
+    """
+    for name in objectives:
+        if cfg.provider(name) is None and name not in PROGRAMMATIC:
+            raise ValueError(
+                f"objective {name!r} needs a reward model that models={cfg.name} does not provide "
+                f"(it has {sorted(cfg.objectives())}; programmatic: {sorted(PROGRAMMATIC)})"
+            )
+    return list(objectives)
+
+
 def load_guide(cfg: ModelsConfig, objectives: list[str]) -> tuple[Policy, dict[str, RewardModel]]:
     """The policy and one reward per objective, ready for the engine: model-backed ones loaded
     from ``cfg``, the rest programmatic (:data:`mahalo.rewards.PROGRAMMATIC`)."""
