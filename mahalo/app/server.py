@@ -29,8 +29,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from mahalo.app.config import ServerConfig
+from mahalo.chat import ROLES as CHAT_ROLES
 from mahalo.chat import Messages, as_messages, generation_prompt_ids, with_system
-from mahalo.config import GuideConfig, config_from_options
+from mahalo.config import GuideConfig, _is_int, config_from_options
 from mahalo.engine.controller import Plan
 from mahalo.engine.scheduler import Engine
 from mahalo.result import GuidedResult
@@ -41,7 +42,7 @@ log = logging.getLogger(__name__)
 GUIDE_FIELDS = ("strategy", "num_candidates", "beam_width", "weights", "normalize", "top_k", "min_step_tokens",
                 "max_step_tokens", "dedupe", "length_penalty")
 MAHALO_FIELDS = (*GUIDE_FIELDS, "return_steps")
-ROLES = ("system", "user", "assistant", "developer")  # developer: OpenAI's newer name for system
+ROLES = (*CHAT_ROLES, "developer")  # developer: OpenAI's newer name for system
 
 
 class BadRequest(ValueError):
@@ -217,10 +218,6 @@ class Server:
         body = {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": self.model_id,
                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}], **extra}
         return f"data: {json.dumps(body)}\n\n"
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _param(option: str) -> str:
