@@ -140,7 +140,7 @@ def models_config(kind: str, device: str = "cpu", dtype: str = "float32", truth_
         # a separate reward model unless ``shared`` (the reference decoder needs one; compare_reference.py
         # also runs the head on the policy's backbone from it)
         rewards={"truth": ModelConfig(kind="embedded", dtype=dtype, device=device, head_file=truth_head,
-                                      share_backbone=True if shared else False)},
+                                      share_backbone=shared)},
     )
 
 

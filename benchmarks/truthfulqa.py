@@ -67,7 +67,7 @@ from rich.table import Table  # noqa: E402
 
 from benchmarks import common  # noqa: E402
 from mahalo.api import guided_generate  # noqa: E402
-from mahalo.config import config_from_options  # noqa: E402
+from mahalo.config import OPTIONS, config_from_options  # noqa: E402
 from mahalo.policy import as_policy  # noqa: E402
 from mahalo.rewards import as_reward  # noqa: E402
 
@@ -124,9 +124,7 @@ def _cli_truth_options() -> dict[str, Any]:
 
     run = compose_config(["+objective=truth", "prompt=-"])
     guide = run.guide()
-    sections = (guide.search, guide.sampling, guide.step, guide.objective)
-    fields = {("kind" if k == "step" else k): k for k in CLI_OPTIONS}
-    options = {name: getattr(sec, attr) for attr, name in fields.items() for sec in sections if hasattr(sec, attr)}
+    options = {name: getattr(getattr(guide, OPTIONS[name][0]), OPTIONS[name][1]) for name in CLI_OPTIONS}
     if run.system_prompt:
         options["system_prompt"] = run.system_prompt
     return options
@@ -360,12 +358,18 @@ def decode_answer(engine: tuple[Any, dict[str, Any]], name: str, q: common.Quest
     options = strategy_options(name, args)
     t0 = time.perf_counter()
     res = guided_generate(policy, prms, q.question, max_new_tokens=args.max_new_tokens, seed=args.seed, **options)
-    wall = time.perf_counter() - t0
+    return answer_record(args, name, options, q, res, time.perf_counter() - t0)
+
+
+def answer_record(args: argparse.Namespace, name: str, options: dict[str, Any], q: common.Question, res: Any,
+                  wall_s: float, **timing: Any) -> dict[str, Any]:
+    """The JSONL record of ``res``, the answer to ``q`` with strategy ``name`` (``timing``: how
+    ``wall_s`` was measured, when not one question alone)."""
     s = res.stats
     return {
         "models": args.models, "strategy": name, "options": options, "max_new_tokens": args.max_new_tokens,
         "seed": args.seed, "question_index": q.index, "question": q.question, "text": res.text,
-        "truth": res.scores.get("truth", math.nan), "wall_s": wall, "policy_tokens": s.policy_tokens,
+        "truth": res.scores.get("truth", math.nan), "wall_s": wall_s, **timing, "policy_tokens": s.policy_tokens,
         "rm_tokens": s.prm_tokens, "response_tokens": s.response_tokens, "steps": s.steps,
         "stop_reason": res.stop_reason,
     }
@@ -423,14 +427,8 @@ def decode_batched(engine: tuple[Any, dict[str, Any]], todo: list[tuple[common.Q
             if isinstance(res, ValueError):
                 log.error("question %d, %s failed: %s", q.index, name, res)
                 continue
-            s = res.stats
-            common.append_jsonl(path, {
-                "models": args.models, "strategy": name, "options": options, "max_new_tokens": args.max_new_tokens,
-                "seed": args.seed, "question_index": q.index, "question": q.question, "text": res.text,
-                "truth": res.scores.get("truth", math.nan), "wall_s": per_question, "wall": "batch_mean",
-                "batch": args.batch, "policy_tokens": s.policy_tokens, "rm_tokens": s.prm_tokens,
-                "response_tokens": s.response_tokens, "steps": s.steps, "stop_reason": res.stop_reason,
-            })
+            common.append_jsonl(path, answer_record(args, name, options, q, res, per_question, wall="batch_mean",
+                                                    batch=args.batch))
         console.print(f"{name}: {len(qs)} questions, {per_question:.2f} s per question at batch {args.batch}",
                       style="dim", markup=False)
 
@@ -513,9 +511,7 @@ def paired_differences(rows: list[dict[str, Any]], strategies: list[str], baseli
     The per-question differences (truthful 0/1 in percentage points; truth score) are
     bootstrapped over questions, so each interval is paired: question difficulty cancels out.
     """
-    by_q = {(r["strategy"], r["question_index"]): r for r in rows}
-    return _paired(rows, [n for n in strategies if n != baseline],
-                   lambda r: by_q.get((baseline, r["question_index"])), baseline)
+    return compared_differences(rows, [(n, baseline) for n in strategies if n != baseline])
 
 
 def versus_differences(rows: list[dict[str, Any]], earlier: list[dict[str, Any]], strategies: list[str],
