@@ -11,6 +11,10 @@ different prompts live side by side: :meth:`KVRows.cat` appends rows, left-paddi
 cache with holes. Holes cost attention work, not correctness, so :meth:`KVRows.tidy` slices off
 columns that are holes in every row (cheap) and right-aligns rows (a gather over every layer) only
 when holes fill a large part of the cache.
+
+Appending is in place: each layer keeps its keys and values as the first L columns of a buffer
+with spare columns (:class:`GrowingLayer`), so a decode step writes one column instead of copying
+the whole cache, as ``torch.cat`` does in transformers' ``DynamicLayer``.
 """
 
 from __future__ import annotations
@@ -19,6 +23,177 @@ from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+# Spare columns a layer's buffer gets when it grows: a quarter of its length, at least 16. A
+# decode step then copies the cache once per L/4 tokens instead of once per token; the cost is up
+# to 25% more cache memory.
+SPARE_FRACTION = 0.25
+MIN_SPARE = 16
+
+
+class GrowingLayer(DynamicLayer):
+    """A ``DynamicLayer`` that appends in place and gathers rows into reused memory.
+
+    ``keys`` / ``values`` (R, H, L, D) are views of the first L columns of buffers
+    (R, H, capacity, D). :meth:`update` writes new columns into the spare ones and returns longer
+    views; :meth:`gather` writes selected rows into another buffer. Anything else assigned to
+    ``keys`` / ``values`` drops the buffer; a crop (a shorter view of the same buffer) keeps it,
+    and the next append overwrites the cropped columns.
+
+    On a CPU a buffer that is replaced is kept, flat, for the next one that fits: a fresh
+    allocation of a large tensor costs a page fault per 4 KiB, which made a row gather about ten
+    times slower than the copy itself (GPU allocators already reuse memory).
+    """
+
+    _kbuf: torch.Tensor | None = None  # (R, H, capacity, D), contiguous
+    _vbuf: torch.Tensor | None = None
+    _k: torch.Tensor | None = None  # (R, H, L, D), a prefix view of _kbuf
+    _v: torch.Tensor | None = None
+    _kspare: torch.Tensor | None = None  # flat memory to reuse (CPU only)
+    _vspare: torch.Tensor | None = None
+
+    @property
+    def keys(self) -> torch.Tensor | None:
+        return self._k
+
+    @keys.setter
+    def keys(self, tensor: torch.Tensor | None) -> None:
+        self._k = tensor
+        if self._kbuf is not None and not _is_prefix(tensor, self._kbuf):
+            if not _shares_memory(tensor, self._kbuf):  # a slice of the buffer keeps it alive, not spare
+                self._kspare = _spare(self._kbuf, self._kspare)
+            self._kbuf = None
+
+    @property
+    def values(self) -> torch.Tensor | None:
+        return self._v
+
+    @values.setter
+    def values(self, tensor: torch.Tensor | None) -> None:
+        self._v = tensor
+        if self._vbuf is not None and not _is_prefix(tensor, self._vbuf):
+            if not _shares_memory(tensor, self._vbuf):  # a slice of the buffer keeps it alive, not spare
+                self._vspare = _spare(self._vbuf, self._vspare)
+            self._vbuf = None
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        if self._k is None or self._k.numel() == 0:  # first append: nothing to keep
+            self._k, self._v = key_states[:, :, :0], value_states[:, :, :0]
+        self._k, self._kbuf, self._kspare = _append(self._k, self._kbuf, self._kspare, key_states)
+        self._v, self._vbuf, self._vspare = _append(self._v, self._vbuf, self._vspare, value_states)
+        return self._k, self._v
+
+    def gather(self, index: torch.Tensor) -> None:
+        """Keep rows ``index`` (R',) (repeats allowed), written into reused memory."""
+        self._k, self._kbuf, self._kspare = _gather(self._k, self._kbuf, self._kspare, index)
+        self._v, self._vbuf, self._vspare = _gather(self._v, self._vbuf, self._vspare, index)
+
+
+    def place(self, sources: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], rows: int, length: int) -> None:
+        """Become ``rows`` rows of ``length`` columns: each ``(keys, values, positions)`` source's
+        rows at its positions, left-padded with zeros (holes); written into reused memory."""
+        self._k, self._kbuf, self._kspare = _place([(k, p) for k, _, p in sources], self._kbuf, self._kspare,
+                                                  rows, length)
+        self._v, self._vbuf, self._vspare = _place([(v, p) for _, v, p in sources], self._vbuf, self._vspare,
+                                                  rows, length)
+
+
+def _is_prefix(view: torch.Tensor | None, buf: torch.Tensor) -> bool:
+    """True when ``view`` is ``buf[:, :, :L]`` for some L."""
+    return (
+        view is not None
+        and view.dim() == 4
+        and view.data_ptr() == buf.data_ptr()
+        and view.shape[:2] == buf.shape[:2]
+        and view.shape[3] == buf.shape[3]
+        and view.shape[2] <= buf.shape[2]
+        and view.stride() == buf.stride()
+    )
+
+
+def _shares_memory(tensor: torch.Tensor | None, buf: torch.Tensor) -> bool:
+    return tensor is not None and tensor.untyped_storage().data_ptr() == buf.untyped_storage().data_ptr()
+
+
+def _spare(old: torch.Tensor, spare: torch.Tensor | None) -> torch.Tensor | None:
+    """The flat memory to keep for reuse once buffer ``old`` is replaced: on a CPU the larger of the
+    two, elsewhere none."""
+    if old.device.type != "cpu":
+        return None
+    flat = old.view(-1)
+    return flat if spare is None or flat.numel() >= spare.numel() else spare
+
+
+def _buffer(like: torch.Tensor, rows: int, columns: int, spare: torch.Tensor | None,
+            extra: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A buffer (rows, H, capacity >= columns, D) shaped like ``like`` (R, H, L, D), carved from
+    ``spare`` when it fits (then no spare is left), else newly allocated with ``extra`` spare
+    columns. Returns ``(buffer, spare left)``."""
+    heads, dim = like.shape[1], like.shape[3]
+    per_column = rows * heads * dim
+    if spare is not None and spare.dtype == like.dtype and spare.device == like.device and per_column > 0 \
+            and spare.numel() >= per_column * columns:
+        capacity = spare.numel() // per_column
+        return spare[: per_column * capacity].view(rows, heads, capacity, dim), None
+    return like.new_empty(rows, heads, columns + extra, dim), spare
+
+
+@torch.inference_mode()  # the buffers are inference tensors (a forward made them)
+def _append(view: torch.Tensor, buf: torch.Tensor | None, spare: torch.Tensor | None,
+            new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``cat([view, new], dim=2)`` (R, H, L+T, D) as a view of a buffer with spare columns: ``buf``
+    when ``view`` is its prefix and the new columns fit, else another, larger one.
+    Returns ``(view, buffer, spare memory)``."""
+    length, add = view.shape[2], new.shape[2]
+    if buf is None or not _is_prefix(view, buf) or length + add > buf.shape[2]:
+        size = length + add
+        grown, spare = _buffer(new, new.shape[0], size, spare, max(MIN_SPARE, int(size * SPARE_FRACTION)))
+        grown[:, :, :length] = view
+        if buf is not None:
+            spare = _spare(buf, spare)
+        buf = grown
+    buf[:, :, length:length + add] = new
+    return buf[:, :, :length + add], buf, spare
+
+
+@torch.inference_mode()
+def _gather(view: torch.Tensor, buf: torch.Tensor | None, spare: torch.Tensor | None,
+            index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Rows ``index`` of ``view`` (R', H, L, D) in a buffer with room to append.
+    Returns ``(view, buffer, spare memory)``."""
+    length = view.shape[2]
+    out, spare = _buffer(view, index.numel(), length, spare, max(MIN_SPARE, int(length * SPARE_FRACTION)))
+    torch.index_select(view, 0, index, out=out[:, :, :length])
+    if buf is not None:
+        spare = _spare(buf, spare)
+    return out[:, :, :length], out, spare
+
+
+@torch.inference_mode()
+def _place(sources: list[tuple[torch.Tensor, torch.Tensor]], buf: torch.Tensor | None, spare: torch.Tensor | None,
+           rows: int, length: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Rows of every ``(tensor (R_i, H, L_i, D), positions (R_i,))`` source at its positions of a
+    (rows, H, length, D) view, left-padded with zeros. Returns ``(view, buffer, spare memory)``."""
+    out, spare = _buffer(sources[0][0], rows, length, spare, max(MIN_SPARE, int(length * SPARE_FRACTION)))
+    for tensor, positions in sources:
+        positions = positions.to(device=out.device, dtype=torch.long)
+        pad = length - tensor.shape[2]
+        if pad:
+            out[:, :, :pad].index_fill_(0, positions, 0)
+        out[:, :, pad:length].index_copy_(0, positions, tensor)
+    if buf is not None:
+        spare = _spare(buf, spare)
+    return out[:, :, :length], out, spare
+
+
+def new_cache() -> DynamicCache:
+    """An empty cache whose layers append in place (:class:`GrowingLayer`)."""
+    cache = DynamicCache()
+    cache.layer_class_to_replicate = GrowingLayer
+    return cache
 
 
 @dataclass
@@ -57,14 +232,42 @@ class KVRows:
             return
         on = _per_device(index)
         for layer in _filled_layers(self.cache):  # a model spread over GPUs has layers on each
-            layer.keys, layer.values = layer.keys[on(layer.keys)], layer.values[on(layer.values)]
+            if isinstance(layer, GrowingLayer):
+                layer.gather(on(layer.keys))
+            else:
+                layer.keys, layer.values = layer.keys[on(layer.keys)], layer.values[on(layer.values)]
         self.mask = self.mask[index]
+
+    def place(self, at: torch.Tensor, others: list[tuple[KVRows, torch.Tensor]]) -> None:
+        """Merge rows back in one copy: these rows go to positions ``at`` (R,) and each
+        ``(rows, positions)`` of ``others`` to its positions; the positions of all parts together
+        are 0..R_total-1. A shorter cache is left-padded with holes."""
+        parts = [(self, at)] + list(others)
+        total = sum(len(p) for _, p in parts)
+        length = max(kv.length for kv, _ in parts)
+        mask = self.mask.new_zeros(total, length)
+        for kv, pos in parts:
+            mask[pos.to(mask.device), length - kv.length:] = kv.mask
+        layers = [_filled_layers(kv.cache) for kv, _ in parts]
+        if not all(isinstance(ly, GrowingLayer) for part in layers for ly in part) or \
+                len({len(part) for part in layers}) != 1:  # other caches: append, then reorder
+            order = torch.cat([p.to(torch.long) for _, p in parts])
+            for kv, _ in parts[1:]:
+                self.cat(kv)
+            inverse = torch.empty_like(order)
+            inverse[order] = torch.arange(len(order))
+            self.select(inverse)
+            return
+        for mine, *theirs in zip(*layers):
+            sources = [(ly.keys, ly.values, pos) for ly, (_, pos) in zip([mine, *theirs], parts)]
+            mine.place(sources, total, length)
+        self.mask = mask
 
     def take(self, index: torch.Tensor) -> KVRows:
         """A new :class:`KVRows` holding copies of rows ``index``; these rows are unchanged."""
         index = index.to(self.mask.device)
         on = _per_device(index)
-        cache = DynamicCache()
+        cache = new_cache()
         for i, layer in enumerate(_filled_layers(self.cache)):
             cache.update(layer.keys[on(layer.keys)], layer.values[on(layer.values)], i)
         return KVRows(cache, self.mask[index])
@@ -181,4 +384,4 @@ def right_padded(seqs: list[list[int]], pad_id: int, device: torch.device | str)
 
 def empty_rows(device: torch.device | str = "cpu", rows: int = 1) -> KVRows:
     """A fresh zero-length cache of ``rows`` rows."""
-    return KVRows(DynamicCache(), torch.ones(rows, 0, dtype=torch.long, device=device))
+    return KVRows(new_cache(), torch.ones(rows, 0, dtype=torch.long, device=device))

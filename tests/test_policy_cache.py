@@ -130,3 +130,73 @@ def test_other_heads_use_the_model_forward(policy):
         assert _check_rows(model, state, [ids]) <= TOL
     finally:
         model.__class__ = Wrapped.__mro__[1]
+
+
+def test_growing_cache_rows_equal_plain_tensor_operations():
+    """The in-place cache (appends into spare columns, gathers into reused memory) holds exactly
+    what concatenation, slicing and indexing of plain tensors give, through every KVRows operation
+    the controller uses, in the order that once overwrote live rows (a left slice, then a gather)."""
+    from mahalo.kv import GrowingLayer, empty_rows
+
+    gen = torch.Generator().manual_seed(0)
+
+    def rand(rows, cols):
+        return torch.randn(rows, 2, cols, 4, generator=gen)
+
+    kv = empty_rows("cpu", 3)
+    ref_k, ref_v = rand(3, 5), rand(3, 5)
+    with torch.inference_mode():
+        kv.cache.update(ref_k, ref_v, 0)
+    kv.mask = torch.ones(3, 5, dtype=torch.long)
+    layer = kv.cache.layers[0]
+    assert isinstance(layer, GrowingLayer)
+
+    def append(cols=1):
+        nonlocal ref_k, ref_v
+        k, v = rand(kv.rows, cols), rand(kv.rows, cols)
+        kv.extend(torch.ones(kv.rows, cols, dtype=torch.long))
+        with torch.inference_mode():
+            kv.cache.update(k, v, 0)
+        ref_k, ref_v = torch.cat([ref_k, k], 2), torch.cat([ref_v, v], 2)
+
+    def check():
+        assert torch.equal(layer.keys, ref_k) and torch.equal(layer.values, ref_v)
+        assert kv.mask.shape == (ref_k.shape[0], ref_k.shape[2])
+
+    buffer = None
+    for i in range(6):  # decode steps write into the same buffer
+        append()
+        check()
+        buffer = buffer or layer.keys.data_ptr()
+        assert layer.keys.data_ptr() == buffer
+    kv.mask[:, 0] = 0  # column 0 is a hole in every row: tidy slices it off (a view into the buffer)
+    kv.tidy()
+    ref_k, ref_v = ref_k[:, :, 1:], ref_v[:, :, 1:]
+    check()
+    kv.select(torch.tensor([2, 0, 0, 1]))  # fan out: a gather must not land on the sliced rows
+    ref_k, ref_v = ref_k[[2, 0, 0, 1]], ref_v[[2, 0, 0, 1]]
+    check()
+    append(3)
+    check()
+    kv.crop(2)  # a probe's columns removed; the next append overwrites them
+    ref_k, ref_v = ref_k[:, :, :-2], ref_v[:, :, :-2]
+    check()
+    append()
+    check()
+    # park rows 1 and 3, decode the others, put every row back at its place
+    parked = kv.take(torch.tensor([1, 3]))
+    parked_k, parked_v = ref_k[[1, 3]], ref_v[[1, 3]]
+    kv.select(torch.tensor([0, 2]))
+    ref_k, ref_v = ref_k[[0, 2]], ref_v[[0, 2]]
+    append(2)
+    kv.place(torch.tensor([0, 2]), [(parked, torch.tensor([1, 3]))])
+    pad = ref_k.shape[2] - parked_k.shape[2]
+    full_k = torch.zeros(4, 2, ref_k.shape[2], 4)
+    full_v = torch.zeros_like(full_k)
+    full_k[[0, 2]], full_v[[0, 2]] = ref_k, ref_v
+    full_k[[1, 3], :, pad:], full_v[[1, 3], :, pad:] = parked_k, parked_v
+    ref_k, ref_v = full_k, full_v
+    check()
+    assert kv.mask[[1, 3], :pad].sum() == 0 and bool(kv.mask[[1, 3], pad:].all())
+    append()
+    check()

@@ -404,13 +404,7 @@ class Controller:
 
     def _unpark(self, live: list[int], parked: list[tuple[PolicyState, list[int]]]) -> None:
         """Put the set-aside rows back, every row at its place again."""
-        order = list(live)
-        for state, ids in parked:
-            self.state.cat(state)
-            order += ids
-        inverse = torch.empty(len(order), dtype=torch.long)
-        inverse[torch.tensor(order)] = torch.arange(len(order))
-        self.state.select(inverse)
+        self.state.place(torch.tensor(live), [(state, torch.tensor(ids)) for state, ids in parked])
 
     def _advance(self, row: Row, token: int, logprob: float, flags: int) -> str:
         """Row sampled ``token``: keep it or end the step. Returns why the row's step ends:

@@ -36,6 +36,16 @@ class PolicyState:
         """A new state holding copies of rows ``index`` (these rows stay)."""
         return PolicyState(self.kv.take(index), self.logits[index.to(self.logits.device)])
 
+    def place(self, at: torch.Tensor, others: list[tuple[PolicyState, torch.Tensor]]) -> None:
+        """Merge rows back in one copy: these rows go to positions ``at`` and each ``(state,
+        positions)`` of ``others`` to its positions (see :meth:`KVRows.place`)."""
+        total = len(at) + sum(len(p) for _, p in others)
+        logits = self.logits.new_empty(total, self.logits.shape[1])
+        for state, pos in [(self, at), *others]:
+            logits[pos.to(logits.device)] = state.logits.to(logits)
+        self.kv.place(at, [(state.kv, pos) for state, pos in others])
+        self.logits = logits
+
     def cat(self, other: PolicyState) -> None:
         """Append ``other``'s rows (another batch of prompts) after these."""
         self.logits = other.logits if self.rows == 0 else torch.cat([self.logits, other.logits.to(self.logits)])
