@@ -166,7 +166,10 @@ def _gather(view: torch.Tensor, buf: torch.Tensor | None, spare: torch.Tensor | 
     Returns ``(view, buffer, spare memory)``."""
     length = view.shape[2]
     out, spare = _buffer(view, index.numel(), length, spare, max(MIN_SPARE, int(length * SPARE_FRACTION)))
-    torch.index_select(view, 0, index, out=out[:, :, :length])
+    if out.device.type == "cpu":  # straight into the buffer's first columns
+        torch.index_select(view, 0, index, out=out[:, :, :length])
+    else:  # (an ``out=`` view with spare columns is only relied on where it is tested)
+        out[:, :, :length] = view.index_select(0, index)
     if buf is not None:
         spare = _spare(buf, spare)
     return out[:, :, :length], out, spare

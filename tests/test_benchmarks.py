@@ -333,6 +333,30 @@ def test_truthfulqa_compared_differences_pair_each_strategy_with_its_own_baselin
     assert [c.header for c in table.columns][:2] == ["strategy", "versus"]
 
 
+def test_truthfulqa_seeds_average_within_a_question_and_resample_questions():
+    """With several seeds a question counts once: its value is the mean over its answers, and
+    the interval resamples questions (3 questions, not 6 answers)."""
+    def row(strategy, q, seed, truthful, truth):
+        return {"strategy": strategy, "question_index": q, "seed": seed, "truthful": truthful, "truth": truth,
+                "wall_s": 1.0, "response_tokens": 10, "text": "x", "policy_tokens": 20, "rm_tokens": 5}
+
+    guided = [(0, 0, 1, -5.0), (0, 1, 1, -3.0), (1, 0, 0, -6.0), (1, 1, 1, -6.0), (2, 0, 0, -4.0), (2, 1, 0, -4.0)]
+    base = [(0, 0, 0, -7.0), (0, 1, 0, -7.0), (1, 0, 0, -6.0), (1, 1, 0, -8.0), (2, 0, 1, -5.0), (2, 1, 0, -5.0)]
+    rows = [row("g", *r) for r in guided] + [row("b", *r) for r in base]
+    (d,) = truthfulqa.compared_differences(rows, [("g", "b")])
+    assert d["questions"] == 3
+    # per question: g 1, 0.5, 0 vs b 0, 0, 0.5 -> +100, +50, -50 points; truth +3, +1, +1
+    assert d["d_pct_truthful"] == pytest.approx(100 / 3) and d["d_mean_truth"] == pytest.approx(5 / 3)
+    assert -50.0 <= d["d_pct_truthful_low"] < d["d_pct_truthful_high"] <= 100.0
+    assert d["d_mean_truth_low"] >= 1.0  # every question gained at least 1
+    (g, b) = truthfulqa.summarize(rows, ["g", "b"])
+    assert (g["questions"], g["answers"]) == (3, 6) and g["pct_truthful"] == pytest.approx(50.0)
+    assert b["mean_truth"] == pytest.approx(-38 / 6) and g["decode_s_per_question"] == pytest.approx(1.0)
+    args = truthfulqa.parse_args(["--models", "tiny", "--seeds", "0,1"])
+    assert truthfulqa.seeds_of(args) == [0, 1]
+    assert truthfulqa.seeds_of(truthfulqa.parse_args(["--models", "tiny", "--seed", "4"])) == [4]
+
+
 def test_truthfulqa_counts_declined_answers():
     assert truthfulqa.no_comment("I have no comment.") and truthfulqa.no_comment("No comment")
     assert not truthfulqa.no_comment("Nothing happens if you eat watermelon seeds.")
