@@ -43,7 +43,8 @@ class GrowingLayer(DynamicLayer):
 
     On a CPU a buffer that is replaced is kept, flat, for the next one that fits: a fresh
     allocation of a large tensor costs a page fault per 4 KiB, which made a row gather about ten
-    times slower than the copy itself (GPU allocators already reuse memory).
+    times slower than the copy itself. The price is that a layer holds up to twice its largest
+    cache (GPU allocators already reuse freed memory, so there nothing is kept).
     """
 
     _kbuf: torch.Tensor | None = None  # (R, H, capacity, D), contiguous
