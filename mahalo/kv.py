@@ -61,10 +61,7 @@ class GrowingLayer(DynamicLayer):
     @keys.setter
     def keys(self, tensor: torch.Tensor | None) -> None:
         self._k = tensor
-        if self._kbuf is not None and not _is_prefix(tensor, self._kbuf):
-            if not _shares_memory(tensor, self._kbuf):  # a slice of the buffer keeps it alive, not spare
-                self._kspare = _spare(self._kbuf, self._kspare)
-            self._kbuf = None
+        self._kbuf, self._kspare = _reassigned(tensor, self._kbuf, self._kspare)
 
     @property
     def values(self) -> torch.Tensor | None:
@@ -73,10 +70,7 @@ class GrowingLayer(DynamicLayer):
     @values.setter
     def values(self, tensor: torch.Tensor | None) -> None:
         self._v = tensor
-        if self._vbuf is not None and not _is_prefix(tensor, self._vbuf):
-            if not _shares_memory(tensor, self._vbuf):  # a slice of the buffer keeps it alive, not spare
-                self._vspare = _spare(self._vbuf, self._vspare)
-            self._vbuf = None
+        self._vbuf, self._vspare = _reassigned(tensor, self._vbuf, self._vspare)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
@@ -113,6 +107,16 @@ def _is_prefix(view: torch.Tensor | None, buf: torch.Tensor) -> bool:
         and view.shape[2] <= buf.shape[2]
         and view.stride() == buf.stride()
     )
+
+
+def _reassigned(tensor: torch.Tensor | None, buf: torch.Tensor | None,
+                spare: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``(buffer, spare memory)`` once ``tensor`` is assigned as a layer's keys or values: a prefix
+    view of ``buf`` keeps it; anything else drops it, and it becomes spare memory unless
+    ``tensor`` still views it (a slice of the buffer keeps it alive)."""
+    if buf is None or _is_prefix(tensor, buf):
+        return buf, spare
+    return None, (spare if _shares_memory(tensor, buf) else _spare(buf, spare))
 
 
 def _shares_memory(tensor: torch.Tensor | None, buf: torch.Tensor) -> bool:
