@@ -86,7 +86,6 @@ class GrowingLayer(DynamicLayer):
         self._k, self._kbuf, self._kspare = _gather(self._k, self._kbuf, self._kspare, index)
         self._v, self._vbuf, self._vspare = _gather(self._v, self._vbuf, self._vspare, index)
 
-
     def place(self, sources: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], rows: int, length: int) -> None:
         """Become ``rows`` rows of ``length`` columns: each ``(keys, values, positions)`` source's
         rows at its positions, left-padded with zeros (holes); written into reused memory."""
@@ -132,18 +131,21 @@ def _spare(old: torch.Tensor, spare: torch.Tensor | None) -> torch.Tensor | None
     return flat if spare is None or flat.numel() >= spare.numel() else spare
 
 
-def _buffer(like: torch.Tensor, rows: int, columns: int, spare: torch.Tensor | None,
-            extra: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """A buffer (rows, H, capacity >= columns, D) shaped like ``like`` (R, H, L, D), carved from
-    ``spare`` when it fits (then no spare is left), else newly allocated with ``extra`` spare
-    columns. Returns ``(buffer, spare left)``."""
+def _buffer(like: torch.Tensor, rows: int, columns: int, old: torch.Tensor | None,
+            spare: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A buffer (rows, H, capacity >= columns, D) shaped like ``like`` (R, H, L, D) to replace
+    buffer ``old``: carved from ``spare`` when it fits, else newly allocated with room to append
+    (``SPARE_FRACTION``, at least ``MIN_SPARE`` columns). ``old`` becomes spare memory (it is
+    only written again by a later call). Returns ``(buffer, spare memory)``."""
     heads, dim = like.shape[1], like.shape[3]
     per_column = rows * heads * dim
     if spare is not None and spare.dtype == like.dtype and spare.device == like.device and per_column > 0 \
             and spare.numel() >= per_column * columns:
         capacity = spare.numel() // per_column
-        return spare[: per_column * capacity].view(rows, heads, capacity, dim), None
-    return like.new_empty(rows, heads, columns + extra, dim), spare
+        out, spare = spare[: per_column * capacity].view(rows, heads, capacity, dim), None
+    else:
+        out = like.new_empty(rows, heads, columns + max(MIN_SPARE, int(columns * SPARE_FRACTION)), dim)
+    return out, (spare if old is None else _spare(old, spare))
 
 
 @torch.inference_mode()  # the buffers are inference tensors (a forward made them)
@@ -154,11 +156,8 @@ def _append(view: torch.Tensor, buf: torch.Tensor | None, spare: torch.Tensor | 
     Returns ``(view, buffer, spare memory)``."""
     length, add = view.shape[2], new.shape[2]
     if buf is None or not _is_prefix(view, buf) or length + add > buf.shape[2]:
-        size = length + add
-        grown, spare = _buffer(new, new.shape[0], size, spare, max(MIN_SPARE, int(size * SPARE_FRACTION)))
+        grown, spare = _buffer(new, new.shape[0], length + add, buf, spare)
         grown[:, :, :length] = view
-        if buf is not None:
-            spare = _spare(buf, spare)
         buf = grown
     buf[:, :, length:length + add] = new
     return buf[:, :, :length + add], buf, spare
@@ -170,13 +169,11 @@ def _gather(view: torch.Tensor, buf: torch.Tensor | None, spare: torch.Tensor | 
     """Rows ``index`` of ``view`` (R', H, L, D) in a buffer with room to append.
     Returns ``(view, buffer, spare memory)``."""
     length = view.shape[2]
-    out, spare = _buffer(view, index.numel(), length, spare, max(MIN_SPARE, int(length * SPARE_FRACTION)))
+    out, spare = _buffer(view, index.numel(), length, buf, spare)
     if out.device.type == "cpu":  # straight into the buffer's first columns
         torch.index_select(view, 0, index, out=out[:, :, :length])
     else:  # (an ``out=`` view with spare columns is only relied on where it is tested)
         out[:, :, :length] = view.index_select(0, index)
-    if buf is not None:
-        spare = _spare(buf, spare)
     return out[:, :, :length], out, spare
 
 
@@ -185,15 +182,13 @@ def _place(sources: list[tuple[torch.Tensor, torch.Tensor]], buf: torch.Tensor |
            rows: int, length: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Rows of every ``(tensor (R_i, H, L_i, D), positions (R_i,))`` source at its positions of a
     (rows, H, length, D) view, left-padded with zeros. Returns ``(view, buffer, spare memory)``."""
-    out, spare = _buffer(sources[0][0], rows, length, spare, max(MIN_SPARE, int(length * SPARE_FRACTION)))
+    out, spare = _buffer(sources[0][0], rows, length, buf, spare)
     for tensor, positions in sources:
         positions = positions.to(device=out.device, dtype=torch.long)
         pad = length - tensor.shape[2]
         if pad:
             out[:, :, :pad].index_fill_(0, positions, 0)
         out[:, :, pad:length].index_copy_(0, positions, tensor)
-    if buf is not None:
-        spare = _spare(buf, spare)
     return out[:, :, :length], out, spare
 
 
