@@ -275,6 +275,39 @@ class KVRows:
             cache.update(layer.keys[on(layer.keys)], layer.values[on(layer.values)], i)
         return KVRows(cache, self.mask[index])
 
+    @staticmethod
+    def concat(parts: list[KVRows]) -> KVRows:
+        """A new batch of the rows of ``parts``, in order, each part left-padded with holes to
+        the longest; written into new memory, so the parts stay as they were."""
+        length = max(p.length for p in parts)
+        total = sum(p.rows for p in parts)
+        mask = parts[0].mask.new_zeros(total, length)
+        positions, offset = [], 0
+        for p in parts:
+            mask[offset:offset + p.rows, length - p.length:] = p.mask
+            positions.append(torch.arange(offset, offset + p.rows))
+            offset += p.rows
+        layers = [_filled_layers(p.cache) for p in parts]
+        if len({len(part) for part in layers}) != 1:
+            raise ValueError("cannot concatenate caches with different numbers of layers")
+        cache = new_cache()
+        for group in zip(*layers):
+            layer = GrowingLayer()
+            layer.lazy_initialization(group[0].keys, group[0].values)
+            layer.place([(ly.keys, ly.values, pos) for ly, pos in zip(group, positions)], total, length)
+            cache.layers.append(layer)
+        return KVRows(cache, mask)
+
+    def split(self, sizes: list[int]) -> list[KVRows]:
+        """These rows cut into consecutive groups of ``sizes`` rows, each a new batch (copies)."""
+        out, start = [], 0
+        for n in sizes:
+            part = self.take(torch.arange(start, start + n, device=self.mask.device))
+            part.tidy()
+            out.append(part)
+            start += n
+        return out
+
     def crop(self, columns: int) -> None:
         """Drop the last ``columns`` columns of every row (what a probe forward appended)."""
         if columns <= 0:

@@ -15,7 +15,7 @@ from mahalo.rewards.backbone import BackboneReward, HeadReader, TokenReader
 from mahalo.rewards.callable import PROGRAMMATIC, CallableReward, concise
 from mahalo.rewards.combine import combine, normalize
 from mahalo.rewards.judge import judge_reward
-from mahalo.rewards.protocol import Candidates, RewardModel, RowCost
+from mahalo.rewards.protocol import Candidates, RewardModel, RowCost, RowFaults
 from mahalo.rewards.registry import REWARD_ADAPTERS, as_reward
 from mahalo.rewards.seqcls import RewardOutput, SequenceClassifierReward
 from mahalo.rewards.shared_head import SharedHeadReward
@@ -23,7 +23,7 @@ from mahalo.rewards.step_prm import causal_lm_prm, token_classifier_prm
 from mahalo.rewards.value_head import load_value_head, value_head_reward
 
 __all__ = [
-    "Candidates", "RowCost", "RewardModel", "BackboneReward", "HeadReader", "TokenReader",
+    "Candidates", "RowCost", "RowFaults", "RewardModel", "BackboneReward", "HeadReader", "TokenReader",
     "SequenceClassifierReward", "RewardOutput", "SharedHeadReward", "token_classifier_prm", "causal_lm_prm",
     "value_head_reward", "load_value_head", "judge_reward", "CallableReward", "PROGRAMMATIC", "concise",
     "combine", "normalize", "as_reward", "REWARD_ADAPTERS",

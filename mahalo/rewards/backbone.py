@@ -25,7 +25,7 @@ import torch
 
 from mahalo.chat import Messages
 from mahalo.kv import KVRows, empty_rows, right_padded
-from mahalo.rewards.protocol import Candidates, RowCost
+from mahalo.rewards.protocol import Candidates, RowCost, RowFaults
 
 AGGREGATES = ("last", "min", "prod", "mean")
 
@@ -186,7 +186,10 @@ class BackboneReward:
             missing = [q for q in pos if q < k and q not in state.reads[p]]
             reuse.append(min([k, *missing]))
         new = [r[k:] for r, k in zip(ids, reuse)]
-        self._check_context(max(len(r) for r in ids))
+        if self.max_context is not None:  # before the state changes: those candidates' prompts fail alone
+            over = {i: self._too_long(len(r)) for i, r in enumerate(ids) if len(r) > self.max_context}
+            if over:
+                raise RowFaults(over, too_long=True)
         # 2. fan the beams' rows out to their candidates; cached ids past the reuse become holes
         state.kv.select(candidates.parents)
         state.kv.keep_valid(torch.tensor(reuse, device=self.device))
@@ -231,10 +234,36 @@ class BackboneReward:
         )
         return out.last_hidden_state  # (R, T, H)
 
+    def merge(self, states: list[_State]) -> _State:
+        """One state with the rows of ``states`` in order (their caches copied, they stay as they are)."""
+        return _State(KVRows.concat([st.kv for st in states]), [f for st in states for f in st.formats],
+                      [i for st in states for i in st.ids], [r for st in states for r in st.reads])
+
+    def split(self, state: _State, sizes: list[int]) -> list[_State]:
+        """``state``'s rows as consecutive groups of ``sizes`` rows, one state each."""
+        out, start = [], 0
+        for kv, n in zip(state.kv.split(sizes), sizes):
+            end = start + n
+            out.append(_State(kv, state.formats[start:end], state.ids[start:end], state.reads[start:end]))
+            start = end
+        return out
+
+    def context_need(self, messages: Messages, response_tokens: int, steps: int) -> tuple[int, int | None]:
+        """The most tokens this model reads for a response of ``response_tokens`` tokens in at most
+        ``steps`` steps, and its context. The response is counted in the policy's tokens: exact
+        when both share a tokenizer; with another vocabulary ``score`` still refuses an overflow
+        (the prompt fails alone)."""
+        fmt = self.layout.format(self.tokenizer, messages)
+        empty = Candidates(torch.zeros(1, dtype=torch.long), [[]], [""], [[""]])
+        base = len(self.layout.ids(self.tokenizer, [fmt], empty)[0])  # the prompt, an empty response, the suffix
+        per_step = getattr(self.layout, "step_tokens", lambda tokenizer: 0)(self.tokenizer)
+        return base + response_tokens + max(0, steps - 1) * per_step, self.max_context
+
+    def _too_long(self, length: int) -> str:
+        return (f"the reward model's input ({length} tokens) exceeds its context ({self.max_context}): "
+                "lower max_new_tokens or shorten the prompt")
+
     def _check_context(self, length: int) -> None:
         if self.max_context is not None and length > self.max_context:
-            raise ValueError(
-                f"the reward model's input ({length} tokens) exceeds its context "
-                f"({self.max_context}): lower max_new_tokens or shorten the prompt"
-            )
+            raise ValueError(self._too_long(length))
 

@@ -16,6 +16,14 @@ between calls in its state, so other reward families fit without touching the co
 * programmatic rewards: :class:`~mahalo.rewards.callable.CallableReward`.
 
 The model-backed ones share :mod:`mahalo.rewards.backbone`.
+
+Faults stay with their prompt. The engine keeps one state per prompt; an adapter that can
+``merge`` states and ``split`` them again lets several prompts' candidates share one forward
+(``merge`` copies, so the prompts' own states are untouched until the step is kept). A ``score``
+that cannot score some candidates raises :class:`RowFaults` *before changing its state*, naming
+those rows, and the engine fails only their prompts; any other exception fails the prompts it was
+scoring (each is then retried alone, so only the culprit fails). ``context_need`` lets the engine
+refuse a prompt that would overflow the model's context before decoding it.
 """
 
 from __future__ import annotations
@@ -56,6 +64,16 @@ class RowCost:
         return cls([0] * rows, [0] * rows, [0] * rows)
 
 
+class RowFaults(ValueError):
+    """Candidates a reward model cannot score, raised by ``score`` before it changes its state:
+    ``rows`` maps each candidate's index to the reason. ``too_long``: they exceed the model's
+    context (the prompt is at fault, as if it had been refused before decoding)."""
+
+    def __init__(self, rows: dict[int, str], too_long: bool = False) -> None:
+        super().__init__("; ".join(f"candidate {r}: {why}" for r, why in sorted(rows.items())))
+        self.rows, self.too_long = dict(rows), too_long
+
+
 @runtime_checkable
 class RewardModel(Protocol):
     """What the controller needs from a reward model. A state may set ``cost``
@@ -76,3 +94,19 @@ class RewardModel(Protocol):
     def keep(self, state: Any, rows: torch.Tensor) -> None:
         """Continue from candidates ``rows`` (B',) of the last ``score`` call, in that order."""
         ...
+
+
+# Optional methods (duck-typed; the engine checks with ``hasattr``):
+#
+#   merge(states: list) -> state
+#       One state holding the rows of ``states`` in order, for one batched ``score`` and ``keep``;
+#       ``states`` themselves are left unchanged (it copies what it must).
+#   split(state, sizes: list[int]) -> list
+#       The state's rows cut into consecutive groups of ``sizes`` rows, one new state each.
+#   context_need(messages, response_tokens: int, steps: int) -> tuple[int, int | None]
+#       (the most tokens the model reads for a response of ``response_tokens`` policy tokens in
+#       at most ``steps`` steps, the model's context or None): lets the engine refuse the prompt
+#       before decoding it.
+#   shares_policy: bool
+#       True when ``score`` forwards through the policy's own rows (a head on its backbone): an
+#       exception other than RowFaults may have left them changed, so it stops the engine.

@@ -109,3 +109,8 @@ class RewardOutput:
 
     def keep(self, state: Any, rows: torch.Tensor) -> None:
         self.source.keep(state, rows)
+
+    def __getattr__(self, name: str) -> Any:  # the source's optional methods (merge, split, context_need ...)
+        if name in ("merge", "split", "context_need", "shares_policy"):
+            return getattr(self.source, name)
+        raise AttributeError(name)

@@ -57,8 +57,27 @@ class SharedHeadReward:
         self.reader = HeadReader(head, "logit" if num_labels == 1 else "prob")
         self._pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
 
+    shares_policy = True  # score forwards through the policy's rows (see mahalo.rewards.protocol)
+
     def start(self) -> _SharedState:
         return _SharedState()
+
+    def merge(self, states: list[_SharedState]) -> _SharedState:
+        return _SharedState([f for st in states for f in st.formats], [p for st in states for p in st.prompts])
+
+    def split(self, state: _SharedState, sizes: list[int]) -> list[_SharedState]:
+        out, start = [], 0
+        for n in sizes:
+            out.append(_SharedState(state.formats[start:start + n], state.prompts[start:start + n]))
+            start += n
+        return out
+
+    def context_need(self, messages: Messages, response_tokens: int, steps: int) -> tuple[int, int | None]:
+        """The policy's prompt, the response and the scoring suffix, against the policy's context."""
+        fmt = scoring_format(self.tokenizer, messages, self.score_at)
+        suffix = len(scoring_ids(self.tokenizer, [fmt], [""])[0]) - len(fmt.prefix_ids(self.tokenizer))
+        prompt = len(self.policy.prompt_ids(messages))
+        return prompt + response_tokens + max(suffix, 1), getattr(self.policy, "max_context", None)
 
     def add(self, state: _SharedState, prompts: list[Messages]) -> None:
         """Nothing to forward: the policy's prefill holds the prompt."""

@@ -101,6 +101,10 @@ class StepLayout:
         steps = candidates.steps if candidates.steps is not None else [[t] for t in candidates.texts]
         return scoring_ids(tokenizer, formats, [self.content(s) for s in steps])
 
+    def step_tokens(self, tokenizer: Any) -> int:
+        """Tokens each further step adds besides its text: its tag and the join."""
+        return len(tokenizer(self.tag + self.join, add_special_tokens=False)["input_ids"])
+
     def positions(self, fmt: StepFormat, ids: list[int]) -> list[int]:
         found = [q for q in range(fmt.start, len(ids)) if ids[q] == self.tag_id]
         return found or [len(ids) - 1]
