@@ -5,6 +5,13 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 
+class PromptError(ValueError):
+    """A prompt that cannot be decoded as asked, found before any of it is decoded: longer than a
+    model's context at the most the search can reach, or malformed. The caller's input is at fault
+    (the server answers 400); other ``ValueError`` results arise while decoding (a reward model's
+    NaN, a reward model that raised: the server answers 500)."""
+
+
 @dataclass
 class Candidate:
     """One candidate chunk of one step."""

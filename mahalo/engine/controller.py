@@ -34,12 +34,12 @@ import torch
 
 from mahalo.chat import Messages
 from mahalo.config import GuideConfig
+from mahalo.engine import scoring
 from mahalo.engine.strategies import Selection, Strategy, final_pick, first_copies, select, strategy_for
 from mahalo.policy import Policy, PolicyState
-from mahalo.result import Candidate, GuidedResult, Stats, Step
+from mahalo.result import Candidate, GuidedResult, PromptError, Stats, Step
 from mahalo.rewards import Candidates, RewardModel
 from mahalo.rewards.combine import check_scores, combine
-from mahalo.rewards.seqcls import RewardOutput
 from mahalo.sampling import child_stream, root_stream, sample_tokens
 from mahalo.steps import ChunkText, NoBoundary, StepBoundary, TokenTable, make_boundary, token_table
 
@@ -88,9 +88,26 @@ class Plan:
         return self.strategy.beams * self.strategy.candidates
 
     @property
+    def max_steps(self) -> int:
+        """The most steps a response can take (each step at least one token, and at least
+        ``min_step_tokens`` unless it is the last)."""
+        budget = self.cfg.search.max_new_tokens
+        return -(-budget // max(1, self.cfg.step.min_step_tokens)) if self.strategy.stepwise else 1
+
+    @property
     def streams_steps(self) -> bool:
         """Each accepted step is final as soon as it is selected (one beam, step by step)."""
         return self.strategy.stepwise and self.strategy.beams == 1 and not self.strategy.per_beam
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """A prompt ready to join the batch: its conversation, the policy's token ids and its plan,
+    checked against every model's context (:meth:`Controller.prepare`)."""
+
+    messages: Messages
+    ids: list[int]
+    plan: Plan
 
 
 @dataclass
@@ -102,6 +119,7 @@ class Search:
     stats: Stats
     t0: float
     plan: Plan
+    rewards: dict[int, Any] = field(default_factory=dict)  # source index -> its state (one row per beam)
     origins: list[int] = field(default_factory=lambda: [-1])  # each beam's candidate index last step
     finished: list[Finished] = field(default_factory=list)
     steps: list[Step] = field(default_factory=list)
@@ -149,11 +167,8 @@ class Controller:
         self.cancelled: set[int] = set()  # input indices to drop at the next step
         self.state: PolicyState | None = None
         # objectives read from one model (a multi-output model, or one model named twice) share
-        # its state and its forward: source model -> [(objective, output column or None)]
-        # Each source tracks the rows of the prompts guided by one of its objectives only.
-        self.sources = _sources(rewards)
-        self.reward_states = [rm.start() for rm, _ in self.sources]
-        self._scored: list[list[int] | None] = [None] * len(self.sources)  # rows each source scored last step
+        # its forward; each prompt keeps a state per source it reads (mahalo.engine.scoring)
+        self.sources = scoring.sources_of(rewards)
         self.flags: torch.Tensor | None = None  # (V,) int per-token flags, on the policy's device
         self.host_flags: list[int] = []
 
@@ -190,60 +205,81 @@ class Controller:
 
     # -- admission ------------------------------------------------------------------------
 
+    def prepare(self, messages: Messages, plan: Plan | None = None) -> Prompt:
+        """Tokenise a prompt for the policy and check that every model it will read has room for
+        it at the most its search can reach (prompt + ``max_new_tokens`` + scoring suffix, in each
+        model's own tokens). Safe to call from another thread (it only reads the tokenizers).
+
+        Raises:
+            PromptError: a model's context is too small, naming the model and the fix.
+        """
+        plan = plan or self.default
+        ids = self.policy.prompt_ids(messages)
+        ctx, budget = self.policy.max_context, plan.cfg.search.max_new_tokens
+        if ctx is not None and len(ids) + budget > ctx:
+            raise PromptError(
+                f"prompt ({len(ids)} tokens) + max_new_tokens ({budget}) exceeds the policy's "
+                f"context ({ctx} tokens): shorten the prompt or lower max_new_tokens"
+            )
+        for source in self.sources:
+            need = getattr(source.model, "context_need", None)
+            if need is None or not source.used_by(plan.weights):
+                continue
+            tokens, limit = need(messages, budget, plan.max_steps)
+            if limit is not None and tokens > limit:
+                raise PromptError(
+                    f"the reward model of {source.names} would read up to {tokens} tokens (prompt + max_new_tokens "
+                    f"({budget}) + its scoring suffix), above its context ({limit} tokens): shorten the prompt "
+                    "or lower max_new_tokens"
+                )
+        return Prompt(messages, ids, plan)
+
     def admit(self, prompts: list[tuple]) -> list[tuple[int, ValueError]]:
         """Prefill ``prompts`` together and add them to the batch: (input index, messages) pairs,
-        or (input index, messages, :class:`Plan`) for a prompt with its own options.
+        (input index, messages, :class:`Plan`) for a prompt with its own options, or (input
+        index, :class:`Prompt`) for a prompt already prepared.
 
         Returns:
-            the prompts that could not join, with the reason (a prompt longer than the context).
+            the prompts that could not join, with the reason (a prompt longer than a model's
+            context, a reward model that could not read it).
         """
-        ok, failed, plans = [], [], []
-        for index, messages, *rest in prompts:
-            plan = rest[0] if rest and rest[0] is not None else self.default
+        ok: list[tuple[int, Prompt, dict[int, Any], list]] = []
+        failed = []
+        for index, item, *rest in prompts:
             try:
-                ok.append((index, messages, self._prompt_ids(messages, plan)))
-                plans.append(plan)
+                prompt = item if isinstance(item, Prompt) else self.prepare(item, rest[0] if rest else None)
+                states, costs = {}, []
+                for k, source in enumerate(self.sources):  # before the policy: a failure here touches no row
+                    if source.used_by(prompt.plan.weights):
+                        states[k], cost = scoring.add(source, prompt.messages)
+                        costs.append(cost)
             except ValueError as err:
                 failed.append((index, err))
+                continue
+            ok.append((index, prompt, states, costs))
         if not ok:
             return failed
+        plans = [prompt.plan for _, prompt, _, _ in ok]
         if any(p.strategy.stepwise for p in plans) and self.table is None and not isinstance(self.boundary, NoBoundary):
             self.table = token_table(self.policy.tokenizer, self.boundary)
             if self.state is not None:
                 self._check_vocab(self.state.logits.shape[-1])
         t0 = time.perf_counter()
-        new = self.policy.prefill([ids for _, _, ids in ok])
+        new = self.policy.prefill([prompt.ids for _, prompt, _, _ in ok])
         if self.state is None:
             self.state = new
             self._check_vocab(new.logits.shape[-1])
         else:
             self.state.cat(new)
         policy_s = time.perf_counter() - t0
-        costs = []
-        t1 = time.perf_counter()
-        for k, ((rm, _), state) in enumerate(zip(self.sources, self.reward_states)):
-            mine = [i for i, plan in enumerate(plans) if self._uses(k, plan)]
-            if mine:
-                rm.add(state, [ok[i][1] for i in mine])
-                costs.append((getattr(state, "cost", None), {i: j for j, i in enumerate(mine)}))
-        prm_s = time.perf_counter() - t1
-        width = max(len(ids) for _, _, ids in ok)
-        for i, ((index, _, ids), plan) in enumerate(zip(ok, plans)):
-            stats = Stats(policy_tokens=len(ids), policy_tokens_padded=width, policy_s=policy_s, prm_s=prm_s,
-                          prompt_tokens=len(ids))
-            self._charge(stats, costs, [i])
-            self.searches.append(Search(index, [Beam(stream=plan.root)], stats, t0, plan))
+        width = max(len(prompt.ids) for _, prompt, _, _ in ok)
+        for index, prompt, states, costs in ok:
+            n = len(prompt.ids)
+            stats = Stats(policy_tokens=n, policy_tokens_padded=width, policy_s=policy_s, prompt_tokens=n)
+            for cost in costs:
+                scoring.charge(stats, cost)
+            self.searches.append(Search(index, [Beam(stream=prompt.plan.root)], stats, t0, prompt.plan, states))
         return failed
-
-    def _prompt_ids(self, messages: Messages, plan: Plan) -> list[int]:
-        ids = self.policy.prompt_ids(messages)
-        ctx, budget = self.policy.max_context, plan.cfg.search.max_new_tokens
-        if ctx is not None and len(ids) + budget > ctx:
-            raise ValueError(
-                f"prompt ({len(ids)} tokens) + max_new_tokens ({budget}) exceeds the policy's "
-                f"context ({ctx} tokens): shorten the prompt or lower max_new_tokens"
-            )
-        return ids
 
     def _check_vocab(self, vocab: int) -> None:
         outside = sorted(i for i in self.cfg.sampling.stop_token_ids if i >= vocab)
@@ -259,25 +295,28 @@ class Controller:
 
         Returns:
             the prompts whose search ended: (input index, result), or (input index, ValueError)
-            for a prompt whose reward model returned NaN or +inf.
+            for a prompt that failed (a reward model returned NaN or +inf, raised, or could not
+            read it); the other prompts go on unchanged.
         """
         # 1. fan out: beam b of a prompt -> its rows b*N .. b*N+N-1 (a new prompt -> B*N rows)
         rows, parents, spans = self._fan_out()
         self.state.select(torch.tensor(parents))
         # 2. expand every row of every prompt in lockstep
         self._expand(rows)
-        # 3. score every candidate of every prompt, one batch per objective
-        cands = self._candidates(rows, parents)
-        raw = self._score(cands, spans)
+        # 3. score every candidate of every prompt, one batch per reward model; a fault stays with its prompt
+        cands = [self._candidates(rows, a, b) for a, b in spans]
+        raw, errors, scored = self._score(cands)
         # 4-5. per prompt: combine, select, record (a cancelled prompt just leaves)
-        keep, done, survivors = [], [], []
+        keep, done, survivors, kept = [], [], [], {}
         self.accepted = []
-        for s, (a, b) in zip(self.searches, spans):
+        for i, (s, (a, b)) in enumerate(zip(self.searches, spans)):
             if s.index in self.cancelled:
-                self.cancelled.discard(s.index)
+                continue
+            if i in errors:
+                done.append((s.index, errors[i]))
                 continue
             try:
-                active = self._select(s, rows[a:b], cands, {k: raw[k][a:b] for k in s.plan.weights}, a)
+                active = self._select(s, rows[a:b], cands[i].texts, raw[i])
             except ValueError as err:
                 done.append((s.index, err))
                 continue
@@ -285,25 +324,50 @@ class Controller:
                 done.append((s.index, self._result(s)))
             else:
                 keep += [a + r for r in active]
+                kept[i] = active
                 survivors.append(s)
                 if s.plan.streams_steps:
                     self.accepted.append((s.index, s.beams[0].text))
+        self.cancelled.clear()
         # 6. keep the survivors' rows on both sides; finished prompts leave the batch
+        for k, (users, result) in scored.items():
+            states = [self.searches[i].rewards[k] for i in users]
+            scoring.keep(result, states, {j: kept[i] for j, i in enumerate(users) if i in kept})
+            for i, state in zip(users, states):
+                self.searches[i].rewards[k] = state
         self.searches = survivors
-        index = torch.tensor(keep, dtype=torch.long)
-        self.state.select(index)
+        self.state.select(torch.tensor(keep, dtype=torch.long))
         self.state.kv.tidy()
-        for k, ((rm, _), state) in enumerate(zip(self.sources, self.reward_states)):
-            scored = self._scored[k]
-            if scored is None:
-                continue
-            at = {r: j for j, r in enumerate(scored)}
-            rm.keep(state, torch.tensor([at[r] for r in keep if r in at], dtype=torch.long))
         return done
 
-    def _uses(self, k: int, plan: Plan) -> bool:
-        """Does a prompt searched by ``plan`` read source ``k``?"""
-        return any(name in plan.weights for name, _ in self.sources[k][1])
+    def _score(self, cands: list[Candidates]) -> tuple[list[dict[str, torch.Tensor]], dict[int, ValueError], dict]:
+        """Every source scores the candidates of the prompts it guides, one batch each.
+
+        Returns:
+            per prompt its raw scores (objective -> (R_s,)); the prompts that failed, with why;
+            and per source its users and what :func:`scoring.keep` needs.
+        """
+        t = time.perf_counter()
+        raw: list[dict[str, torch.Tensor]] = [{} for _ in self.searches]
+        errors: dict[int, ValueError] = {}
+        scored = {}
+        for k, source in enumerate(self.sources):
+            users = [i for i, s in enumerate(self.searches) if source.used_by(s.plan.weights)]
+            if not users:
+                continue
+            result = scoring.score(source, [self.searches[i].rewards[k] for i in users], [cands[i] for i in users],
+                                   [len(self.searches[i].beams) for i in users])
+            for j, i in enumerate(users):
+                if j in result.errors:
+                    errors.setdefault(i, result.errors[j])
+                else:
+                    raw[i].update(source.columns(result.scores[j]))
+                    scoring.charge(self.searches[i].stats, result.costs.get(j))
+            scored[k] = (users, result)
+        elapsed = time.perf_counter() - t
+        for s in self.searches:
+            s.stats.prm_s += elapsed
+        return raw, errors, scored
 
     def _fan_out(self) -> tuple[list[Row], list[int], list[tuple[int, int]]]:
         """Candidate rows of every prompt, the policy row each extends, and each prompt's span."""
@@ -459,71 +523,19 @@ class Controller:
                 row.text.append(t)
         return row.text.current()
 
-    def _candidates(self, rows: list[Row], parents: list[int]) -> Candidates:
-        ids = [row.beam.token_ids + row.tokens for row in rows]
+    def _candidates(self, rows: list[Row], a: int, b: int) -> Candidates:
+        """One prompt's candidates (rows ``a:b`` of the batch), their parents among its own beams."""
+        mine = rows[a:b]
+        ids = [row.beam.token_ids + row.tokens for row in mine]
         texts = [self.policy.decode(i) for i in ids]
-        steps = [_split_steps(row.beam.steps, t) for row, t in zip(rows, texts)]
-        held = [len(row.beam.token_ids) + row.fed for row in rows]  # a "length" row's last token was not fed
-        return Candidates(torch.tensor(parents), ids, texts, steps, self.state, held)
-
-    def _score(self, cands: Candidates, spans: list[tuple[int, int]]) -> dict[str, torch.Tensor]:
-        """Raw scores (R,) per objective; a source scores only the rows of prompts it guides
-        (the others get NaN, never read)."""
-        t = time.perf_counter()
-        raw, costs = {}, []
-        total = len(cands.texts)
-        for k, ((rm, outputs), state) in enumerate(zip(self.sources, self.reward_states)):
-            users = [i for i, s in enumerate(self.searches) if self._uses(k, s.plan)]
-            self._scored[k] = None
-            if not users:
-                continue
-            rows = [r for i in users for r in range(*spans[i])]
-            sub = cands if len(users) == len(self.searches) else self._subset(cands, users, spans, rows)
-            scores = rm.score(state, sub).double().cpu()  # (R_k,) or (R_k, K)
-            for name, column in outputs:
-                full = torch.full((total,), float("nan"), dtype=torch.float64)
-                full[rows] = scores if column is None else scores[:, column]
-                raw[name] = full
-            costs.append((getattr(state, "cost", None), {r: j for j, r in enumerate(rows)}))
-            self._scored[k] = rows
-        elapsed = time.perf_counter() - t
-        for s, (a, b) in zip(self.searches, spans):
-            s.stats.prm_s += elapsed
-            self._charge(s.stats, costs, range(a, b))
-        return raw
-
-    def _subset(self, cands: Candidates, users: list[int], spans: list[tuple[int, int]], rows: list[int]) -> Candidates:
-        """The candidates of the prompts ``users``, their parents renumbered among those prompts' beams."""
-        first_beam, local, offset = [], {}, 0
-        for s in self.searches:
-            first_beam.append(offset)
-            offset += len(s.beams)
-        offset = 0
-        for i in users:
-            local[i] = offset
-            offset += len(self.searches[i].beams)
-        search_of = [i for i, (a, b) in enumerate(spans) for _ in range(a, b)]
-        parents = [local[search_of[r]] + int(cands.parents[r]) - first_beam[search_of[r]] for r in rows]
-        pick = lambda xs: None if xs is None else [xs[r] for r in rows]  # noqa: E731
-        return Candidates(torch.tensor(parents), pick(cands.token_ids), pick(cands.texts), pick(cands.steps),
-                          cands.policy, pick(cands.held), rows)
-
-    @staticmethod
-    def _charge(stats: Stats, costs: list[tuple[Any, dict[int, int]]], rows: Any) -> None:
-        """Add the reward models' per-row cost of ``rows`` (global rows) to a prompt's stats."""
-        for cost, at in costs:
-            if cost is None:
-                continue
-            local = [at[r] for r in rows if r in at]
-            stats.prm_tokens += sum(cost.tokens[j] for j in local)
-            stats.prm_tokens_padded += sum(cost.padded[j] for j in local)
-            stats.prm_full_rescore_tokens += sum(cost.full[j] for j in local)
+        steps = [_split_steps(row.beam.steps, t) for row, t in zip(mine, texts)]
+        held = [len(row.beam.token_ids) + row.fed for row in mine]  # a "length" row's last token was not fed
+        return Candidates(torch.tensor([row.parent for row in mine]), ids, texts, steps, self.state, held,
+                          list(range(a, b)))
 
     # -- per prompt -----------------------------------------------------------------------
 
-    def _select(
-        self, s: Search, rows: list[Row], cands: Candidates, raw: dict[str, torch.Tensor], offset: int
-    ) -> list[int] | None:
+    def _select(self, s: Search, rows: list[Row], texts: list[str], raw: dict[str, torch.Tensor]) -> list[int] | None:
         """Combine, select and record one prompt's step. Returns the rows (local) that go on, or
         None when its search ended."""
         step, shape = len(s.steps), s.plan.strategy
@@ -533,7 +545,6 @@ class Controller:
         ended = torch.tensor([row.end != "step" for row in rows])
         eligible = self._eligible(s.plan, rows, groups)
         selection = select(shape, combined, ended, groups, eligible, len(s.finished))
-        texts = cands.texts[offset:offset + len(rows)]
         s.steps.append(self._record(shape, rows, texts, raw, combined, selection, s.origins))
         s.stats.steps += 1
         s.finished += [
@@ -598,16 +609,6 @@ class Controller:
             text=best.beam.text, token_ids=best.beam.token_ids, stop_reason=best.reason, steps=s.steps,
             stats=s.stats, scores=best.scores,
         )
-
-
-def _sources(rewards: dict[str, RewardModel]) -> list[tuple[RewardModel, list[tuple[str, int | None]]]]:
-    """Group objectives by the model that computes them: a :class:`RewardOutput` by its source
-    (column = its output), any other reward by identity (column None)."""
-    groups: dict[int, tuple[RewardModel, list[tuple[str, int | None]]]] = {}
-    for name, rm in rewards.items():
-        source, column = (rm.source, rm.column) if isinstance(rm, RewardOutput) else (rm, None)
-        groups.setdefault(id(source), (source, []))[1].append((name, column))
-    return list(groups.values())
 
 
 def _split_steps(steps: list[str], full: str) -> list[str]:
