@@ -21,7 +21,8 @@ from concurrent.futures import Future
 import torch
 
 from mahalo.chat import as_messages
-from mahalo.engine.controller import Controller, Plan
+from mahalo.config import GuideConfig
+from mahalo.engine.controller import Controller, Plan, Prompt
 from mahalo.result import GuidedResult
 
 # max_prompts=0 picks by the policy's device. CPU: benchmarks/throughput.py on the 2-core sandbox
@@ -79,25 +80,40 @@ def _fits(prompts: int, per_prompt: int, max_prompts: int, max_rows: int) -> boo
     return prompts <= max_prompts and (max_rows == 0 or prompts * per_prompt <= max_rows)
 
 
+class EngineStopped(RuntimeError):
+    """The engine's thread has stopped (closed, or an unexpected error); nothing more is decoded."""
+
+
+class Busy(RuntimeError):
+    """More prompts are pending than the caller's limit allows (a server's ``max_queue``)."""
+
+
 class Engine:
     """Continuous batching for prompts that arrive over time, from any thread.
 
     A background thread runs the scheduler's loop (admit what fits, step, hand back what ended);
     :meth:`submit` queues a prompt and returns a future of its ``GuidedResult``, or of its
-    ``ValueError`` for a prompt that failed. A prompt gets the same answer as through
-    :func:`schedule`: the controller's answers never depend on their neighbours.
+    ``ValueError`` for a prompt that failed (a :class:`~mahalo.result.PromptError` when it was
+    refused before decoding). A prompt gets the same answer as through :func:`schedule`: the
+    controller's answers never depend on their neighbours.
 
-    A prompt may bring its own :class:`~mahalo.engine.controller.Plan` (the controller's
-    ``plan(cfg)``: another strategy, N, weights, seed ...) and an ``on_step`` callback, called from
-    the engine thread with the response text so far each time a step becomes final (one-beam step
-    searches). :meth:`cancel` drops a prompt: at once while it waits, at the next step in flight.
+    A prompt may bring its own :class:`~mahalo.engine.controller.Plan` (:meth:`plan`: another
+    strategy, N, weights, seed ...) and an ``on_step`` callback, called from the engine thread
+    with the response text so far each time a step becomes final (one-beam step searches).
+    :meth:`prepare` checks a prompt against every model's context from the caller's thread, so a
+    server refuses it before it queues. :meth:`cancel` drops a prompt: at once while it waits,
+    at the next step in flight; a cancel never stops the engine.
 
-    Any other exception in the loop (a bug, out of memory) fails every pending future with it and
-    stops the engine; later :meth:`submit` calls raise ``RuntimeError``.
+    Faults of one prompt stay with it (its future gets the ``ValueError``). Any other exception in
+    the loop (a bug, out of memory) stops the engine: every pending future fails with it,
+    :attr:`stopped` holds it, ``on_stop(err)`` is called (a server then exits so that a
+    supervisor restarts it), and later :meth:`submit` calls raise :class:`EngineStopped`.
     """
 
-    def __init__(self, controller: Controller, max_prompts: int, max_rows: int = 0) -> None:
+    def __init__(self, controller: Controller, max_prompts: int, max_rows: int = 0,
+                 on_stop: Callable[[BaseException], None] | None = None) -> None:
         self.controller, self.max_prompts, self.max_rows = controller, max_prompts, max_rows
+        self.on_stop = on_stop
         self._cond = threading.Condition()
         self._waiting: deque[tuple[int, object, Plan | None]] = deque()  # guarded by _cond
         self._futures: dict[int, Future] = {}  # ticket -> future, guarded by _cond
@@ -110,14 +126,35 @@ class Engine:
         self._thread = threading.Thread(target=self._run, name="mahalo-engine", daemon=True)
         self._thread.start()
 
-    def submit(self, prompt: object, plan: Plan | None = None,
-               on_step: Callable[[str], None] | None = None) -> Future:
-        """Queue ``prompt`` (a string or message list), decoded by ``plan`` (default: the
-        controller's); the future resolves when it ends."""
+    def plan(self, cfg: GuideConfig, objectives: list[str] | None = None) -> Plan:
+        """The plan of a prompt decoded with ``cfg`` (see :meth:`Controller.plan`)."""
+        return self.controller.plan(cfg, objectives)
+
+    def prepare(self, prompt: object, plan: Plan | None = None) -> Prompt:
+        """``prompt`` (a string or message list) tokenised and checked against every model's
+        context, ready to :meth:`submit`.
+
+        Raises:
+            ValueError: a malformed conversation; :class:`~mahalo.result.PromptError` for a prompt
+                too long for a model it will read.
+        """
+        return self.controller.prepare(as_messages(prompt), plan)
+
+    def submit(self, prompt: object, plan: Plan | None = None, on_step: Callable[[str], None] | None = None,
+               limit: int | None = None) -> Future:
+        """Queue ``prompt`` (a string, a message list, or a :class:`Prompt` from :meth:`prepare`),
+        decoded by ``plan`` (default: the controller's); the future resolves when it ends.
+
+        Raises:
+            Busy: ``limit`` prompts are already pending (nothing was queued).
+            EngineStopped: the engine has stopped.
+        """
         future: Future = Future()
         with self._cond:
             if self._stopped is not None or self._closing:
-                raise RuntimeError(f"the engine has stopped ({self._stopped or 'closed'})")
+                raise EngineStopped(f"the engine has stopped ({self._stopped or 'closed'})")
+            if limit is not None and len(self._futures) >= limit:
+                raise Busy(f"{len(self._futures)} prompts are pending (limit {limit})")
             ticket = self._tickets
             self._waiting.append((ticket, prompt, plan))
             self._futures[ticket] = future
@@ -151,6 +188,11 @@ class Engine:
         with self._cond:
             return len(self._futures)
 
+    @property
+    def stopped(self) -> BaseException | None:
+        """Why the engine stopped on its own (None while it runs, and after :meth:`close`)."""
+        return self._stopped
+
     def close(self) -> None:
         """Finish the prompts already submitted, then stop the thread."""
         with self._cond:
@@ -180,31 +222,39 @@ class Engine:
                     for ticket, text in self.controller.accepted:
                         self._step_done(ticket, text)
         except BaseException as err:  # noqa: BLE001 - handed to every waiting caller, then stop
+            log.error("the engine stopped: %s: %s", type(err).__name__, err, exc_info=err)
             with self._cond:
                 self._stopped = err
                 futures, self._futures = list(self._futures.values()), {}
                 self._waiting.clear()
             for future in futures:
-                future.set_exception(err)
+                if not future.cancelled():
+                    future.set_exception(err)
+            if self.on_stop is not None:
+                self.on_stop(err)
 
     def _take(self) -> tuple[list[tuple] | None, list[tuple[int, ValueError]]]:
-        """The waiting prompts that fit now (blocks while there is nothing to do); None: stop."""
+        """The waiting prompts that fit now (blocks while there is nothing to do: nothing waits,
+        nothing is in flight, no cancel to apply); None: closed and drained, stop."""
         in_flight = self.controller.in_flight
         rows = sum(s.plan.rows for s in self.controller.searches)
         with self._cond:
             while not self._waiting and not in_flight and not self._closing and not self._cancel:
                 self._cond.wait()
-            if not self._waiting and not in_flight:
+            if not self._waiting and not in_flight and self._closing:
                 return None, []
             batch, failed = [], []
             while self._waiting:
                 ticket, prompt, plan = self._waiting[0]
-                need = (plan or self.controller.default).rows
+                need = (prompt.plan if isinstance(prompt, Prompt) else plan or self.controller.default).rows
                 prompts = in_flight + len(batch) + 1
                 if prompts > self.max_prompts or (self.max_rows and rows + need > self.max_rows and prompts > 1):
                     break
                 self._waiting.popleft()
                 rows += need
+                if isinstance(prompt, Prompt):
+                    batch.append((ticket, prompt))
+                    continue
                 try:
                     batch.append((ticket, as_messages(prompt), plan))
                 except ValueError as err:
