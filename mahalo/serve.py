@@ -88,11 +88,21 @@ def main(argv: list[str] | None = None) -> int:
 
     where = f"http://{cfg.server.host}:{cfg.server.port}/v1"
     print(f"mahalo: serving {server.model_id} (objectives {objectives}) at {where}", file=sys.stderr, flush=True)
+    web = uvicorn.Server(uvicorn.Config(create_app(server), host=cfg.server.host, port=cfg.server.port,
+                                        log_level="info" if cfg.verbose else "warning"))
+    # The engine stopping on its own (a bug, out of memory) ends the process (exit 1), so that a
+    # supervisor restarts it instead of a server that accepts requests it can never answer.
+    engine.on_stop = lambda err: setattr(web, "should_exit", True)
+    if engine.stopped is not None:  # stopped before the callback was set
+        web.should_exit = True
     try:
-        uvicorn.run(create_app(server), host=cfg.server.host, port=cfg.server.port,
-                    log_level="info" if cfg.verbose else "warning")
+        web.run()
     finally:
         engine.close()
+    if engine.stopped is not None:
+        err = engine.stopped
+        print(f"mahalo: error: the engine stopped ({type(err).__name__}: {err}); exiting", file=sys.stderr)
+        return 1
     return 0
 
 

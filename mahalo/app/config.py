@@ -393,7 +393,9 @@ class ServerConfig:
     max_tokens_cap: int = 1024
     """Largest ``max_tokens`` a request may ask for (above: 400)."""
     max_queue: int = 64
-    """Requests waiting or in flight at once; one more gets 429 (retry later)."""
+    """Requests waiting or in flight at once, streams included; one more gets 429 (retry later)."""
+    max_body_bytes: int = 4 * 2**20
+    """Largest request body, in bytes (4 MiB); a larger one gets 413 before it is read whole."""
     model_name: str | None = None
     """The model id ``/v1/models`` lists and responses carry. Null: the models preset's name."""
     objectives: list[str] | None = None
@@ -404,6 +406,7 @@ class ServerConfig:
         _check(1 <= self.port <= 65535, f"server.port must be in 1..65535, got {self.port}")
         _check(self.max_tokens_cap >= 1, f"server.max_tokens_cap must be at least 1, got {self.max_tokens_cap}")
         _check(self.max_queue >= 1, f"server.max_queue must be at least 1, got {self.max_queue}")
+        _check(self.max_body_bytes >= 1024, f"server.max_body_bytes must be at least 1024, got {self.max_body_bytes}")
         _check(self.api_key is None or bool(self.api_key.strip()), "server.api_key is empty: set a key or null")
 
 

@@ -9,12 +9,18 @@ each with its own search (the ``mahalo`` field of the body, the OpenAI client's 
 ``stream=true`` sends each accepted step as an OpenAI chunk as soon as it is selected
 (``step_best_of_n``); other searches send their answer when it is final. Bad requests get 400
 with an OpenAI-style error naming the field; a reward-model fault fails its request only (500).
+
+Faults stay with their request: a body over ``max_body_bytes`` is 413 before it is read whole;
+parsing and tokenising run off the event loop (``/health`` stays responsive); a prompt too long
+for any model it would read is 400 before it queues; ``max_queue`` counts streams too (429); a
+client that leaves has its prompt dropped. If the engine itself stops (a bug, out of memory),
+``/health`` answers 503 with the reason, every pending request fails at once (503) and
+``mahalo.serve`` exits non-zero so that a supervisor restarts it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import copy
 import json
 import logging
 import math
@@ -30,11 +36,11 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from mahalo.app.config import ServerConfig
 from mahalo.chat import ROLES as CHAT_ROLES
-from mahalo.chat import Messages, as_messages, generation_prompt_ids, with_system
+from mahalo.chat import Messages, as_messages, with_system
 from mahalo.config import GuideConfig, _is_int, config_from_options
-from mahalo.engine.controller import Plan
-from mahalo.engine.scheduler import Engine
-from mahalo.result import GuidedResult
+from mahalo.engine.controller import Plan, Prompt
+from mahalo.engine.scheduler import Busy, Engine, EngineStopped
+from mahalo.result import GuidedResult, PromptError
 
 log = logging.getLogger(__name__)
 
@@ -61,13 +67,19 @@ def error_response(err: BadRequest) -> JSONResponse:
 
 @dataclass
 class ChatRequest:
-    """A validated chat-completion request."""
+    """A validated chat-completion request, its prompt checked against every model's context."""
 
-    messages: Messages
-    plan: Plan
+    prompt: Prompt
     stream: bool
     return_steps: bool
-    prompt_tokens: int
+
+    @property
+    def plan(self) -> Plan:
+        return self.prompt.plan
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.prompt.ids)
 
 
 class Server:
@@ -80,10 +92,6 @@ class Server:
         self.objectives = list(objectives)  # what the server loaded
         self.default_objectives = [n for n in defaults.objective.weights]
         self.api_key = api_key
-        controller = engine.controller
-        # The event loop's own tokenizer: the engine thread uses the policy's at the same time.
-        self.tokenizer = copy.deepcopy(controller.policy.tokenizer)
-        self.max_context = controller.policy.max_context
         self.created = int(time.time())
 
     # -- requests -------------------------------------------------------------------------
@@ -98,7 +106,8 @@ class Server:
                              "authentication_error")
 
     def parse(self, body: Any) -> ChatRequest:
-        """Validate a chat-completion body into a :class:`ChatRequest`.
+        """Validate a chat-completion body into a :class:`ChatRequest`: its options, then its
+        prompt against every model it will read. Tokenises: run it off the event loop.
 
         Raises:
             BadRequest: naming the field.
@@ -143,16 +152,14 @@ class Server:
         objectives = self._objectives(options)
         cfg = self._config(options)
         try:
-            plan = self.engine.controller.plan(cfg, objectives)
+            plan = self.engine.plan(cfg, objectives)
         except ValueError as err:
             raise BadRequest(str(err), "mahalo.weights") from None
-        prompt_tokens = len(generation_prompt_ids(self.tokenizer, messages))
-        budget = cfg.search.max_new_tokens
-        if self.max_context is not None and prompt_tokens + budget > self.max_context:
-            raise BadRequest(
-                f"the prompt ({prompt_tokens} tokens) + max_tokens ({budget}) exceeds the model's context "
-                f"({self.max_context} tokens): shorten the messages or lower max_tokens", "messages")
-        return ChatRequest(messages, plan, stream, return_steps, prompt_tokens)
+        try:
+            prompt = self.engine.prepare(messages, plan)
+        except PromptError as err:
+            raise BadRequest(str(err).replace("max_new_tokens", "max_tokens"), "messages") from None
+        return ChatRequest(prompt, stream, return_steps)
 
     def _objectives(self, options: dict[str, Any]) -> list[str]:
         """The objectives a request is guided by; unguided requests decode with ``sample``."""
@@ -266,18 +273,55 @@ def _stable(text: str) -> str:
 async def _wait(future: Any, request: Request, engine: Engine) -> Any:
     """The engine's answer; a client that goes away has its prompt dropped."""
     waiting = asyncio.wrap_future(future)
-    while True:
-        done, _ = await asyncio.wait({waiting}, timeout=0.25)
-        if done:
-            return waiting.result()
-        if await request.is_disconnected():
+    try:
+        while True:
+            done, _ = await asyncio.wait({waiting}, timeout=0.25)
+            if done:
+                return waiting.result()
+            if await request.is_disconnected():
+                raise asyncio.CancelledError
+    finally:
+        if not future.done():  # the client went away (or this task was cancelled): free its rows
             engine.cancel(future)
-            raise asyncio.CancelledError
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The request's body, refused (413) as soon as it is known to exceed ``limit`` bytes."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise _too_large(int(declared), limit)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(size, limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _too_large(size: int, limit: int) -> BadRequest:
+    return BadRequest(f"the request body ({size} bytes) is larger than this server's limit ({limit} bytes, "
+                      "server.max_body_bytes)", None, 413)
+
+
+def _decode_json(raw: bytes) -> Any:
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise BadRequest(f"malformed JSON: {err}", None) from None
+
+
+def _stopped(engine: Engine) -> BadRequest:
+    err = engine.stopped
+    reason = f"{type(err).__name__}: {err}" if err is not None else "closed"
+    return BadRequest(f"the engine has stopped ({reason}); the server is restarting", None, 503, "server_error")
 
 
 def create_app(server: Server) -> FastAPI:
-    """The FastAPI application of ``server``."""
-    app = FastAPI(title="mahalo", version="1")
+    """The FastAPI application of ``server`` (with an API key, the docs routes are off: they
+    would answer without it)."""
+    docs = {} if server.api_key is None else {"docs_url": None, "redoc_url": None, "openapi_url": None}
+    app = FastAPI(title="mahalo", version="1", **docs)
     app.state.server = server
 
     @app.exception_handler(BadRequest)
@@ -285,9 +329,13 @@ def create_app(server: Server) -> FastAPI:
         return error_response(err)
 
     @app.get("/health")
-    async def health() -> dict[str, Any]:
-        return {"status": "ok", "model": server.model_id, "objectives": server.objectives,
-                "pending": server.engine.pending}
+    async def health() -> JSONResponse:
+        stopped = server.engine.stopped
+        body = {"status": "ok" if stopped is None else "stopped", "model": server.model_id,
+                "objectives": server.objectives, "pending": server.engine.pending}
+        if stopped is not None:
+            body["reason"] = f"{type(stopped).__name__}: {stopped}"
+        return JSONResponse(body, status_code=200 if stopped is None else 503)
 
     @app.get("/v1/models")
     async def models(request: Request) -> dict[str, Any]:
@@ -298,22 +346,36 @@ def create_app(server: Server) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Any:
         server.authorize(request)
-        raw = await request.body()
-        try:
-            body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise BadRequest(f"malformed JSON: {err}", None) from None
-        req = server.parse(body)
-        if server.engine.pending >= server.cfg.max_queue:
+        if server.engine.stopped is not None:
+            raise _stopped(server.engine)
+        raw = await _read_body(request, server.cfg.max_body_bytes)
+        req = await asyncio.to_thread(lambda: server.parse(_decode_json(raw)))  # off the event loop
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+
+        def on_step(text: str) -> None:  # engine thread
+            loop.call_soon_threadsafe(events.put_nowait, text)
+
+        try:  # counted against max_queue now, streams too
+            future = server.engine.submit(req.prompt, None, on_step if req.stream and req.plan.streams_steps else None,
+                                          limit=server.cfg.max_queue)
+        except Busy:
             raise BadRequest(f"the server is busy ({server.cfg.max_queue} requests in progress): retry later",
-                             None, 429, "rate_limit_error")
+                             None, 429, "rate_limit_error") from None
+        except EngineStopped:
+            raise _stopped(server.engine) from None
         if req.stream:
-            return StreamingResponse(_stream(server, req), media_type="text/event-stream")
-        future = server.engine.submit(req.messages, req.plan)
+            future.add_done_callback(lambda _: loop.call_soon_threadsafe(events.put_nowait, None))
+            return StreamingResponse(_stream(server, req, future, events), media_type="text/event-stream")
         try:
             result = await _wait(future, request, server.engine)
         except asyncio.CancelledError:
             return JSONResponse({}, status_code=499)
+        except Exception as err:  # noqa: BLE001 - the engine stopped while this request waited
+            log.warning("request failed: the engine stopped (%s)", err)
+            raise _stopped(server.engine) from None
+        if isinstance(result, PromptError):
+            raise BadRequest(str(result), "messages")
         if isinstance(result, ValueError):
             log.warning("request failed: %s", result)
             raise BadRequest(f"the request failed: {result}", None, 500, "server_error")
@@ -322,16 +384,8 @@ def create_app(server: Server) -> FastAPI:
     return app
 
 
-async def _stream(server: Server, req: ChatRequest) -> AsyncIterator[str]:
+async def _stream(server: Server, req: ChatRequest, future: Any, events: asyncio.Queue) -> AsyncIterator[str]:
     """Server-sent events: the role, each accepted step's new text, the rest at the end, [DONE]."""
-    loop = asyncio.get_running_loop()
-    events: asyncio.Queue = asyncio.Queue()
-
-    def on_step(text: str) -> None:  # engine thread
-        loop.call_soon_threadsafe(events.put_nowait, text)
-
-    future = server.engine.submit(req.messages, req.plan, on_step if req.plan.streams_steps else None)
-    future.add_done_callback(lambda _: loop.call_soon_threadsafe(events.put_nowait, None))
     rid, sent = f"chatcmpl-{uuid.uuid4().hex}", ""
     try:
         yield server.chunk(rid, {"role": "assistant", "content": ""})
@@ -340,7 +394,10 @@ async def _stream(server: Server, req: ChatRequest) -> AsyncIterator[str]:
             if text.startswith(sent) and len(text) > len(sent):
                 yield server.chunk(rid, {"content": text[len(sent):]})
                 sent = text
-        result = future.result()
+        try:
+            result = future.result()
+        except Exception as err:  # noqa: BLE001 - the engine stopped while this request was in flight
+            result = ValueError(f"the engine has stopped ({type(err).__name__}: {err})")
         if isinstance(result, ValueError):
             log.warning("request failed: %s", result)
             error = {"message": f"the request failed: {result}", "type": "server_error", "param": None, "code": None}

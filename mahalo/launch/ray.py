@@ -172,6 +172,8 @@ class Replica:
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         import numpy as np
 
+        # A prompt's own fault is its answer (a ValueError, written as its error record); only an
+        # engine that stopped (a bug, out of memory) fails the batch, which the next pass retries.
         futures = [self.engine.submit(json.loads(str(p))) for p in batch["prompt"]]
         answers = [pickle.dumps(f.result()) for f in futures]
         return {
@@ -248,11 +250,13 @@ def answer_many(cfg: RunConfig, objectives: list[str], prompts: list[Any], clust
             raise Unanswered(f"{len(remaining)} prompts unanswered: the replicas failed ({reason})") from None
         if not remaining:
             return
-        log.warning("pass %d: %d prompts came back unanswered (their replica died); %s", attempt, len(remaining),
+        log.warning("pass %d: %d prompts came back unanswered (their replica died or its engine stopped: see Ray's "
+                    "log above); %s", attempt, len(remaining),
                     "retrying them" if attempt < launcher.max_passes else "giving up")
     raise Unanswered(
         f"{len(remaining)} prompts still unanswered after launcher.max_passes={launcher.max_passes} passes "
-        "(their replicas died each time; see Ray's log above): re-run the same command to retry them"
+        "(their replica died or its engine stopped each time; see Ray's log above): re-run the same command to "
+        "retry them"
     )
 
 
