@@ -16,6 +16,9 @@ from mahalo.steps import BOUNDARIES
 STRATEGIES = ("sample", "step_best_of_n", "step_beam", "dvts", "best_of_n")
 NORMALIZERS = ("none", "zscore")
 MIN_TEMPERATURE = 0.01  # below this (and above 0) logits / T overflow: clamped, with a warning
+# The most policy rows (B*N) one prompt may hold when batch.max_rows is 0: a typo such as
+# num_candidates=100000 is refused before anything is allocated (set max_rows to go higher).
+MAX_PROMPT_ROWS = 1024
 
 log = logging.getLogger(__name__)
 
@@ -199,7 +202,8 @@ class BatchConfig:
     benchmarks/gpu_check.sh)."""
     max_rows: int = 0
     """At most this many policy rows in flight, >= 0 (a prompt holds up to B*N rows, at its first
-    step). 0: no limit besides ``max_prompts``. Bounds the KV memory of wide searches."""
+    step). 0: no limit besides ``max_prompts``, and one prompt's B*N at most ``MAX_PROMPT_ROWS``
+    (1024). Bounds the KV memory of wide searches."""
 
     def __post_init__(self) -> None:
         _check(_is_int(self.max_prompts) and self.max_prompts >= 0,
@@ -224,6 +228,11 @@ class GuideConfig:
             self.batch.max_rows == 0 or self.batch.max_rows >= b * n,
             f"max_rows ({self.batch.max_rows}) is below the {b * n} rows one prompt needs (B*N = {b}*{n}): "
             "raise max_rows or set it to 0",
+        )
+        _check(
+            self.batch.max_rows > 0 or b * n <= MAX_PROMPT_ROWS,
+            f"one prompt would hold B*N = {b}*{n} = {b * n} rows, above the default bound of {MAX_PROMPT_ROWS} "
+            "(batch.max_rows=0): lower num_candidates or beam_width, or set max_rows to allow it",
         )
         _check(
             self.sampling.temperature > 0 or (b == 1 and n == 1),
