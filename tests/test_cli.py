@@ -275,3 +275,46 @@ def test_prompt_file_answers_do_not_depend_on_max_prompts(tmp_path, models):
                                 for r in _lines(out)}
     assert sorted(answers[1]) == list(range(len(questions)))
     assert answers[3] == answers[1] and answers[8] == answers[1]
+
+
+# --------------------------------------------------------------------------- bad input, as a user runs it
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    """``python -m mahalo.decode models=tiny ARGS`` in a fresh process."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "mahalo.decode", "models=tiny", "search.max_new_tokens=4", *args],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+
+
+def _refused(proc: subprocess.CompletedProcess, *words: str) -> str:
+    """Exit 2 with one ``mahalo: error:`` line holding ``words``, no traceback, no model loaded."""
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr and "models loaded" not in proc.stdout
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("mahalo: error: "), proc.stderr
+    for word in words:
+        assert word in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux /proc")
+@pytest.mark.parametrize("output", ["/proc/forbidden.jsonl", "/proc/no/such/dir/out.jsonl"])
+def test_unwritable_output_is_refused_before_loading(output):
+    line = _refused(_cli("+objective=truth", "prompt=hi", f"output={output}"))
+    assert line.startswith(f"mahalo: error: output={output} cannot be written (")
+    assert line.endswith("): choose a writable path")
+    assert not Path(output).exists()
+
+
+def test_output_check_leaves_nothing_behind(tmp_path):
+    from mahalo.app.io import check_output
+
+    check_output(str(tmp_path / "new" / "dirs" / "out.jsonl"))  # a file can be created there
+    assert list(tmp_path.iterdir()) == []
+    kept = tmp_path / "out.jsonl"
+    kept.write_bytes(b'{"index": 0}\n')
+    stat = kept.stat()
+    check_output(str(kept))  # opened for append, nothing written
+    assert kept.read_bytes() == b'{"index": 0}\n' and kept.stat().st_mtime_ns == stat.st_mtime_ns
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.jsonl"]

@@ -9,9 +9,11 @@ was written with another config.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -103,19 +105,34 @@ def _item_of(index: int, obj: dict[str, Any], field: str, where: str) -> PromptI
 
 
 def check_output(path: str | None) -> None:
-    """An output path must name a file that can be created or appended to.
+    """An output path must name a file that can be created or appended to. An existing file is
+    opened for append (nothing is written); for a missing one a nameless temporary file is created
+    in its nearest existing directory (the writer makes the directories between). Nothing is left
+    behind.
 
     Raises:
-        ValueError: the path is a directory, or its parent is a file.
+        ValueError: the path is a directory, its parent is a file, or it cannot be written.
     """
     if path is None:
         return
     file = Path(path).expanduser()
     if file.is_dir():
         raise ValueError(f"output={path} is a directory: give a file, e.g. output={file / 'answers.jsonl'}")
-    parent = next((p for p in file.parents if p.exists()), None)
-    if parent is not None and not parent.is_dir():
+    parent = next((p for p in file.parents if p.exists()), Path.cwd())
+    if not parent.is_dir():
         raise ValueError(f"output={path}: {parent} is a file, not a directory")
+    try:
+        if file.is_file():
+            with file.open("ab"):
+                pass
+        elif file.exists():  # a device or a pipe: opening it may block or act
+            if not os.access(file, os.W_OK):
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+        else:
+            with tempfile.TemporaryFile(dir=parent):
+                pass
+    except OSError as err:
+        raise ValueError(f"output={path} cannot be written ({err.strerror or err}): choose a writable path") from None
 
 
 @dataclass
