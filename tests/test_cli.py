@@ -318,3 +318,12 @@ def test_output_check_leaves_nothing_behind(tmp_path):
     check_output(str(kept))  # opened for append, nothing written
     assert kept.read_bytes() == b'{"index": 0}\n' and kept.stat().st_mtime_ns == stat.st_mtime_ns
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.jsonl"]
+
+
+def test_invalid_utf8_in_prompts_names_file_line_and_byte(tmp_path):
+    prompts, out = tmp_path / "qs.jsonl", tmp_path / "out.jsonl"
+    # a Latin-1 "é" (0xe9) after a UTF-8 one: the column counts characters
+    prompts.write_bytes('{"prompt": "a"}\n\n{"prompt": "café, '.encode() + b'caf\xe9"}\n{"prompt": "d"}\n')
+    _refused(_cli("+objective=truth", f"prompts={prompts}", f"output={out}"),
+             f"{prompts}:3: not valid UTF-8 (byte 0xe9 at column 22): save the file as UTF-8")
+    assert not out.exists()

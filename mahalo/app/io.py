@@ -59,22 +59,33 @@ def read_prompts(path: str, field: str) -> list[PromptItem]:
     ``messages``.
 
     Raises:
-        ValueError: a missing file, malformed JSON, a missing or empty field, a malformed
-            conversation (file:line).
+        ValueError: a missing file; a line that is not UTF-8, malformed JSON, a
+            missing or empty field, a malformed conversation (file:line).
     """
     file = Path(path).expanduser()
     if not file.is_file():
         raise ValueError(f"prompts file not found: {path}")
     items = []
-    with file.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            obj = _object_of(line, f"{path}:{lineno}")
-            items.append(_item_of(len(items), obj, field, f"{path}:{lineno}"))
+    # bytes.splitlines breaks lines where text mode does (\n, \r\n, \r), so line numbers agree
+    for lineno, raw in enumerate(file.read_bytes().splitlines(), 1):
+        line = _text_of(raw, f"{path}:{lineno}")
+        if not line.strip():
+            continue
+        obj = _object_of(line, f"{path}:{lineno}")
+        items.append(_item_of(len(items), obj, field, f"{path}:{lineno}"))
     if not items:
         raise ValueError(f"prompts file {path} has no prompts")
     return items
+
+
+def _text_of(raw: bytes, where: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        column = len(raw[: err.start].decode("utf-8")) + 1  # in characters, as an editor counts; valid up to there
+        raise ValueError(
+            f"{where}: not valid UTF-8 (byte 0x{raw[err.start]:02x} at column {column}): save the file as UTF-8"
+        ) from None
 
 
 def _object_of(line: str, where: str) -> dict[str, Any]:
