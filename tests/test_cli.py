@@ -327,3 +327,16 @@ def test_invalid_utf8_in_prompts_names_file_line_and_byte(tmp_path):
     _refused(_cli("+objective=truth", f"prompts={prompts}", f"output={out}"),
              f"{prompts}:3: not valid UTF-8 (byte 0xe9 at column 22): save the file as UTF-8")
     assert not out.exists()
+
+
+@pytest.mark.parametrize("missing", [False, True])
+def test_prompts_directory_or_missing_path(tmp_path, missing):
+    given, out = tmp_path / ("nope.jsonl" if missing else "qs"), tmp_path / "out.jsonl"
+    if not missing:
+        given.mkdir()
+    line = _refused(_cli("+objective=truth", f"prompts={given}", f"output={out}"))
+    if missing:
+        assert line == f"mahalo: error: prompts file not found: {given}"
+    else:
+        assert line == f"mahalo: error: prompts={given} is a directory: give a JSONL file (one JSON object per line)"
+    assert not out.exists()

@@ -59,10 +59,12 @@ def read_prompts(path: str, field: str) -> list[PromptItem]:
     ``messages``.
 
     Raises:
-        ValueError: a missing file; a line that is not UTF-8, malformed JSON, a
+        ValueError: a missing file or a directory; a line that is not UTF-8, malformed JSON, a
             missing or empty field, a malformed conversation (file:line).
     """
     file = Path(path).expanduser()
+    if file.is_dir():
+        raise ValueError(f"prompts={path} is a directory: give a JSONL file (one JSON object per line)")
     if not file.is_file():
         raise ValueError(f"prompts file not found: {path}")
     items = []
