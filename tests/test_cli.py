@@ -340,3 +340,47 @@ def test_prompts_directory_or_missing_path(tmp_path, missing):
     else:
         assert line == f"mahalo: error: prompts={given} is a directory: give a JSONL file (one JSON object per line)"
     assert not out.exists()
+
+
+def _answered(out: Path, config_args: list[str], records: list[dict], torn: str = "") -> bytes:
+    """Writes ``out`` as a run of ``config_args`` would have: ``records`` with that run's config."""
+    config = OmegaConf.to_container(OmegaConf.structured(decode.compose_config(["models=tiny", *config_args])))
+    out.write_text("".join(json.dumps({**r, "config": config}) + "\n" for r in records) + torn)
+    return out.read_bytes()
+
+
+@pytest.mark.parametrize("case", ["other_text", "index_beyond", "single_prompt"])
+def test_resume_into_answers_to_other_prompts_is_refused(tmp_path, case):
+    """A re-run whose prompts are not the ones in the output (same config) stops before loading."""
+    qs1, qs2, out = tmp_path / "qs1.jsonl", tmp_path / "qs2.jsonl", tmp_path / "answers.jsonl"
+    run = ["+objective=truth", "search.max_new_tokens=4", f"output={out}"]
+    answers = [{"index": 0, "prompt": "What is X?", "text": "X."},
+               {"index": 1, "prompt": "Why?", "text": "So."},
+               {"index": 2, "prompt": "Who?", "error": "objective 'truth' returned nan"}]  # errors count too
+    if case == "single_prompt":
+        before = _answered(out, [*run, "prompt=What is X?"], answers[:1])
+        _refused(_cli(*run, "prompt=Where is Y?"), f"{out} holds answers to other prompts",
+                 "index 0 is 'What is X?', not prompt='Where is Y?'", "resume=force")
+    else:
+        qs1.write_text("".join(json.dumps({"prompt": r["prompt"]}) + "\n" for r in answers))
+        before = _answered(out, [*run, f"prompts={qs1}"], answers)
+        if case == "other_text":
+            qs2.write_text(json.dumps({"prompt": "Where is Y?"}) + "\n" + json.dumps({"prompt": "Why?"}) + "\n")
+            expected = f"(index 0 is 'What is X?', not 'Where is Y?' of {qs2})"
+        else:  # the first two prompts agree; the file's error record of index 2 is not among them
+            qs2.write_text("".join(json.dumps({"prompt": r["prompt"]}) + "\n" for r in answers[:2]))
+            expected = f"(index 2 is 'Who?', but {qs2} has 2 prompts)"
+        _refused(_cli(*run, f"prompts={qs2}"), f"{out} holds answers to other prompts", expected,
+                 "use another output file, or add resume=force to append anyway")
+    assert out.read_bytes() == before
+
+
+def test_resume_force_appends_to_answers_of_other_prompts(tmp_path, capsys):
+    out = tmp_path / "answers.jsonl"
+    run = ["+objective=truth", "search.max_new_tokens=4", f"output={out}"]
+    before = _answered(out, [*run, "prompt=What is X?"], [{"index": 0, "prompt": "What is X?", "text": "X."}])
+    assert decode.main(["models=tiny", *run, "prompt=Where is Y?"]) == 2
+    assert "holds answers to other prompts" in capsys.readouterr().err
+    assert decode.main(["models=tiny", *run, "prompt=Where is Y?", "resume=force"]) == 0
+    assert out.read_bytes().startswith(before)
+    assert [(r["index"], r["prompt"]) for r in _lines(out)] == [(0, "What is X?"), (0, "Where is Y?")]

@@ -4,7 +4,7 @@ Each output line is one prompt's record, written with a single ``write`` and flu
 interrupted run loses at most the prompt in flight. Every field of the input record is copied into
 its output record. A re-run with the same output skips the prompts already written (matched by
 their index and text) and appends the rest; :func:`config_changes` tells a re-run that the file
-was written with another config.
+was written with another config, :func:`foreign` that it answers other prompts.
 """
 
 from __future__ import annotations
@@ -249,3 +249,10 @@ class ResultWriter:
 def pending(items: list[PromptItem], done: set[tuple[int, str]]) -> Iterator[PromptItem]:
     """The items not yet in ``done``."""
     return (it for it in items if (it.index, it.prompt) not in done)
+
+
+def foreign(items: list[PromptItem], done: set[tuple[int, str]]) -> tuple[int, str] | None:
+    """The (index, prompt) of ``done`` with the lowest index that is not one of ``items`` (its
+    index is not theirs, or the prompt at that index differs): the file answers other prompts."""
+    ours = {(it.index, it.prompt) for it in items}
+    return next((key for key in sorted(done) if key not in ours), None)
