@@ -384,3 +384,19 @@ def test_resume_force_appends_to_answers_of_other_prompts(tmp_path, capsys):
     assert decode.main(["models=tiny", *run, "prompt=Where is Y?", "resume=force"]) == 0
     assert out.read_bytes().startswith(before)
     assert [(r["index"], r["prompt"]) for r in _lines(out)] == [(0, "What is X?"), (0, "Where is Y?")]
+
+
+@pytest.mark.parametrize("change", ["prompts", "config"])
+def test_refused_resume_leaves_a_torn_last_line_in_place(tmp_path, change):
+    """Exit 2 leaves the output as it was, even the torn line of a killed run (cut only to append)."""
+    qs, out = tmp_path / "qs.jsonl", tmp_path / "answers.jsonl"
+    _write_prompts(qs, 2)
+    run = ["+objective=truth", "search.max_new_tokens=4", f"output={out}", f"prompts={qs}"]
+    before = _answered(out, run, [{"index": 0, "prompt": "Question number 0?", "text": "Yes."}],
+                       torn='{"index": 1, "prompt": "Quest')
+    if change == "prompts":
+        qs.write_text(json.dumps({"prompt": "Another question?"}) + "\n")
+        _refused(_cli(*run), "holds answers to other prompts")
+    else:
+        _refused(_cli(*run, "search.num_candidates=3"), "was written with another config")
+    assert out.read_bytes() == before

@@ -158,31 +158,31 @@ class Existing:
 
 
 def existing(path: str | None) -> Existing:
-    """The complete records already in the output file.
+    """The complete records already in the output file; the file is only read.
 
-    A torn last line (a run killed mid-write) is cut off so appending stays valid JSONL.
+    A torn last line (a run killed mid-write) is not a record: :class:`ResultWriter` cuts it off
+    before it appends, so a run that stops before answering anything leaves the file as it was.
 
     Raises:
         ValueError: a complete line that is not a mahalo record (the file is not ours).
     """
     found = Existing()
-    if path is None or not Path(path).is_file():
+    file = Path(path).expanduser() if path is not None else None
+    if file is None or not file.is_file():
         return found
-    _drop_torn_tail(Path(path))
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-                found.keys.add((int(rec["index"]), str(rec["prompt"])))
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-                raise ValueError(
-                    f"{path}:{lineno}: not a mahalo result record; choose another output file"
-                ) from None
-            if found.config is None and isinstance(rec.get("config"), dict):
-                found.config = rec["config"]
-            found.errors += "error" in rec
+    data = file.read_bytes()
+    complete = data[: data.rfind(b"\n") + 1]
+    for lineno, raw in enumerate(complete.split(b"\n"), 1):
+        if not raw.strip():
+            continue
+        try:
+            rec = json.loads(raw.decode("utf-8"))
+            found.keys.add((int(rec["index"]), str(rec["prompt"])))
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):  # UnicodeDecodeError is a ValueError
+            raise ValueError(f"{path}:{lineno}: not a mahalo result record; choose another output file") from None
+        if found.config is None and isinstance(rec.get("config"), dict):
+            found.config = rec["config"]
+        found.errors += "error" in rec
     return found
 
 
@@ -219,7 +219,8 @@ def _drop_torn_tail(file: Path) -> None:
 
 class ResultWriter:
     """Appends one JSON record per line and flushes it to disk at once. The file is created (or
-    opened) at the first record, so a run that answers nothing leaves no file behind."""
+    opened, and a torn last line of a killed run cut off) at the first record, so a run that
+    answers nothing leaves no file behind, or the file as it was."""
 
     def __init__(self, path: str | None) -> None:
         self.path = path
@@ -229,8 +230,11 @@ class ResultWriter:
         if self.path is None:
             return
         if self._file is None:
-            Path(self.path).expanduser().parent.mkdir(parents=True, exist_ok=True)
-            self._file = open(Path(self.path).expanduser(), "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+            file = Path(self.path).expanduser()
+            file.parent.mkdir(parents=True, exist_ok=True)
+            if file.is_file():
+                _drop_torn_tail(file)  # so appending stays valid JSONL
+            self._file = open(file, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
         self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
         self._file.flush()
         os.fsync(self._file.fileno())
