@@ -42,6 +42,7 @@ from mahalo.app.io import (
     check_output,
     config_changes,
     existing,
+    foreign,
     pending,
     read_prompts,
 )
@@ -153,8 +154,32 @@ class Outcome:
     unanswered: str = ""  # ray: why some prompts got no record (a re-run retries them)
 
 
-def _check_resume(cfg: RunConfig, found: Existing, config: dict[str, Any]) -> None:
-    if found.config is None or cfg.resume == "force":
+def _short(text: str, width: int = 60) -> str:
+    return repr(text if len(text) <= width else text[: width - 3] + "...")
+
+
+def _check_resume(cfg: RunConfig, found: Existing, config: dict[str, Any], items: list[PromptItem]) -> None:
+    """Appending to ``cfg.output`` must continue the same run: its records answer these prompts
+    (same index, same text) with this config. ``resume=force`` appends anyway."""
+    if cfg.resume == "force":
+        return
+    other = foreign(items, found.keys)
+    if other is not None:
+        index, prompt = other
+        given = {it.index: it.prompt for it in items}
+        if cfg.prompt is not None and index in given:
+            ours = f"not prompt={_short(cfg.prompt)}"
+        elif cfg.prompt is not None:
+            ours = "but prompt=\"...\" is one prompt (index 0)"
+        elif index in given:
+            ours = f"not {_short(given[index])} of {cfg.prompts}"
+        else:
+            ours = f"but {cfg.prompts} has {len(items)} prompt{'s' * (len(items) != 1)}"
+        raise ValueError(
+            f"{cfg.output} holds answers to other prompts (index {index} is {_short(prompt)}, {ours}): use another "
+            "output file, or add resume=force to append anyway"
+        )
+    if found.config is None:
         return
     changes = config_changes(found.config, config, RESUMABLE_KEYS)
     if changes:
@@ -178,7 +203,7 @@ def run(cfg: RunConfig, console: Console) -> Outcome:
     items = [PromptItem(0, cfg.prompt)] if cfg.prompt is not None else read_prompts(cfg.prompts, cfg.prompt_field)
     config = OmegaConf.to_container(OmegaConf.structured(cfg))
     found = existing(cfg.output)
-    _check_resume(cfg, found, config)
+    _check_resume(cfg, found, config, items)
     todo = list(pending(items, found.keys))
     if len(todo) < len(items):
         console.print(f"resuming: {len(items) - len(todo)} of {len(items)} prompts already in {cfg.output}", style="dim")

@@ -275,3 +275,128 @@ def test_prompt_file_answers_do_not_depend_on_max_prompts(tmp_path, models):
                                 for r in _lines(out)}
     assert sorted(answers[1]) == list(range(len(questions)))
     assert answers[3] == answers[1] and answers[8] == answers[1]
+
+
+# --------------------------------------------------------------------------- bad input, as a user runs it
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    """``python -m mahalo.decode models=tiny ARGS`` in a fresh process."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "mahalo.decode", "models=tiny", "search.max_new_tokens=4", *args],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+
+
+def _refused(proc: subprocess.CompletedProcess, *words: str) -> str:
+    """Exit 2 with one ``mahalo: error:`` line holding ``words``, no traceback, no model loaded."""
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr and "models loaded" not in proc.stdout
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("mahalo: error: "), proc.stderr
+    for word in words:
+        assert word in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux /proc")
+@pytest.mark.parametrize("output", ["/proc/forbidden.jsonl", "/proc/no/such/dir/out.jsonl"])
+def test_unwritable_output_is_refused_before_loading(output):
+    line = _refused(_cli("+objective=truth", "prompt=hi", f"output={output}"))
+    assert line.startswith(f"mahalo: error: output={output} cannot be written (")
+    assert line.endswith("): choose a writable path")
+    assert not Path(output).exists()
+
+
+def test_output_check_leaves_nothing_behind(tmp_path):
+    from mahalo.app.io import check_output
+
+    check_output(str(tmp_path / "new" / "dirs" / "out.jsonl"))  # a file can be created there
+    assert list(tmp_path.iterdir()) == []
+    kept = tmp_path / "out.jsonl"
+    kept.write_bytes(b'{"index": 0}\n')
+    stat = kept.stat()
+    check_output(str(kept))  # opened for append, nothing written
+    assert kept.read_bytes() == b'{"index": 0}\n' and kept.stat().st_mtime_ns == stat.st_mtime_ns
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.jsonl"]
+
+
+def test_invalid_utf8_in_prompts_names_file_line_and_byte(tmp_path):
+    prompts, out = tmp_path / "qs.jsonl", tmp_path / "out.jsonl"
+    # a Latin-1 "é" (0xe9) after a UTF-8 one: the column counts characters
+    prompts.write_bytes('{"prompt": "a"}\n\n{"prompt": "café, '.encode() + b'caf\xe9"}\n{"prompt": "d"}\n')
+    _refused(_cli("+objective=truth", f"prompts={prompts}", f"output={out}"),
+             f"{prompts}:3: not valid UTF-8 (byte 0xe9 at column 22): save the file as UTF-8")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("missing", [False, True])
+def test_prompts_directory_or_missing_path(tmp_path, missing):
+    given, out = tmp_path / ("nope.jsonl" if missing else "qs"), tmp_path / "out.jsonl"
+    if not missing:
+        given.mkdir()
+    line = _refused(_cli("+objective=truth", f"prompts={given}", f"output={out}"))
+    if missing:
+        assert line == f"mahalo: error: prompts file not found: {given}"
+    else:
+        assert line == f"mahalo: error: prompts={given} is a directory: give a JSONL file (one JSON object per line)"
+    assert not out.exists()
+
+
+def _answered(out: Path, config_args: list[str], records: list[dict], torn: str = "") -> bytes:
+    """Writes ``out`` as a run of ``config_args`` would have: ``records`` with that run's config."""
+    config = OmegaConf.to_container(OmegaConf.structured(decode.compose_config(["models=tiny", *config_args])))
+    out.write_text("".join(json.dumps({**r, "config": config}) + "\n" for r in records) + torn)
+    return out.read_bytes()
+
+
+@pytest.mark.parametrize("case", ["other_text", "index_beyond", "single_prompt"])
+def test_resume_into_answers_to_other_prompts_is_refused(tmp_path, case):
+    """A re-run whose prompts are not the ones in the output (same config) stops before loading."""
+    qs1, qs2, out = tmp_path / "qs1.jsonl", tmp_path / "qs2.jsonl", tmp_path / "answers.jsonl"
+    run = ["+objective=truth", "search.max_new_tokens=4", f"output={out}"]
+    answers = [{"index": 0, "prompt": "What is X?", "text": "X."},
+               {"index": 1, "prompt": "Why?", "text": "So."},
+               {"index": 2, "prompt": "Who?", "error": "objective 'truth' returned nan"}]  # errors count too
+    if case == "single_prompt":
+        before = _answered(out, [*run, "prompt=What is X?"], answers[:1])
+        _refused(_cli(*run, "prompt=Where is Y?"), f"{out} holds answers to other prompts",
+                 "index 0 is 'What is X?', not prompt='Where is Y?'", "resume=force")
+    else:
+        qs1.write_text("".join(json.dumps({"prompt": r["prompt"]}) + "\n" for r in answers))
+        before = _answered(out, [*run, f"prompts={qs1}"], answers)
+        if case == "other_text":
+            qs2.write_text(json.dumps({"prompt": "Where is Y?"}) + "\n" + json.dumps({"prompt": "Why?"}) + "\n")
+            expected = f"(index 0 is 'What is X?', not 'Where is Y?' of {qs2})"
+        else:  # the first two prompts agree; the file's error record of index 2 is not among them
+            qs2.write_text("".join(json.dumps({"prompt": r["prompt"]}) + "\n" for r in answers[:2]))
+            expected = f"(index 2 is 'Who?', but {qs2} has 2 prompts)"
+        _refused(_cli(*run, f"prompts={qs2}"), f"{out} holds answers to other prompts", expected,
+                 "use another output file, or add resume=force to append anyway")
+    assert out.read_bytes() == before
+
+
+def test_resume_force_appends_to_answers_of_other_prompts(tmp_path, capsys):
+    out = tmp_path / "answers.jsonl"
+    run = ["+objective=truth", "search.max_new_tokens=4", f"output={out}"]
+    before = _answered(out, [*run, "prompt=What is X?"], [{"index": 0, "prompt": "What is X?", "text": "X."}])
+    assert decode.main(["models=tiny", *run, "prompt=Where is Y?"]) == 2
+    assert "holds answers to other prompts" in capsys.readouterr().err
+    assert decode.main(["models=tiny", *run, "prompt=Where is Y?", "resume=force"]) == 0
+    assert out.read_bytes().startswith(before)
+    assert [(r["index"], r["prompt"]) for r in _lines(out)] == [(0, "What is X?"), (0, "Where is Y?")]
+
+
+@pytest.mark.parametrize("change", ["prompts", "config"])
+def test_refused_resume_leaves_a_torn_last_line_in_place(tmp_path, change):
+    """Exit 2 leaves the output as it was, even the torn line of a killed run (cut only to append)."""
+    qs, out = tmp_path / "qs.jsonl", tmp_path / "answers.jsonl"
+    _write_prompts(qs, 2)
+    run = ["+objective=truth", "search.max_new_tokens=4", f"output={out}", f"prompts={qs}"]
+    before = _answered(out, run, [{"index": 0, "prompt": "Question number 0?", "text": "Yes."}],
+                       torn='{"index": 1, "prompt": "Quest')
+    if change == "prompts":
+        qs.write_text(json.dumps({"prompt": "Another question?"}) + "\n")
+        _refused(_cli(*run), "holds answers to other prompts")
+    else:
+        _refused(_cli(*run, "search.num_candidates=3"), "was written with another config")
+    assert out.read_bytes() == before

@@ -360,9 +360,9 @@ class RunConfig(GuidedModels):
     verbose: bool = False
     """Print a table of steps for a single prompt."""
     resume: str = "auto"
-    """With an existing ``output``: ``auto`` skips the prompts already in it, and refuses (exit 2,
-    naming the differing keys) when the file was written with another config; ``force`` resumes
-    even then."""
+    """With an existing ``output``: ``auto`` skips the prompts already in it, and refuses (exit 2)
+    when the file was written with another config (naming the differing keys) or answers other
+    prompts (naming the first index that differs); ``force`` appends even then."""
 
     def __post_init__(self) -> None:
         _check(

@@ -4,14 +4,16 @@ Each output line is one prompt's record, written with a single ``write`` and flu
 interrupted run loses at most the prompt in flight. Every field of the input record is copied into
 its output record. A re-run with the same output skips the prompts already written (matched by
 their index and text) and appends the rest; :func:`config_changes` tells a re-run that the file
-was written with another config.
+was written with another config, :func:`foreign` that it answers other prompts.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -57,22 +59,35 @@ def read_prompts(path: str, field: str) -> list[PromptItem]:
     ``messages``.
 
     Raises:
-        ValueError: a missing file, malformed JSON, a missing or empty field, a malformed
-            conversation (file:line).
+        ValueError: a missing file or a directory; a line that is not UTF-8, malformed JSON, a
+            missing or empty field, a malformed conversation (file:line).
     """
     file = Path(path).expanduser()
+    if file.is_dir():
+        raise ValueError(f"prompts={path} is a directory: give a JSONL file (one JSON object per line)")
     if not file.is_file():
         raise ValueError(f"prompts file not found: {path}")
     items = []
-    with file.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            obj = _object_of(line, f"{path}:{lineno}")
-            items.append(_item_of(len(items), obj, field, f"{path}:{lineno}"))
+    # bytes.splitlines breaks lines where text mode does (\n, \r\n, \r), so line numbers agree
+    for lineno, raw in enumerate(file.read_bytes().splitlines(), 1):
+        line = _text_of(raw, f"{path}:{lineno}")
+        if not line.strip():
+            continue
+        obj = _object_of(line, f"{path}:{lineno}")
+        items.append(_item_of(len(items), obj, field, f"{path}:{lineno}"))
     if not items:
         raise ValueError(f"prompts file {path} has no prompts")
     return items
+
+
+def _text_of(raw: bytes, where: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        column = len(raw[: err.start].decode("utf-8")) + 1  # in characters, as an editor counts; valid up to there
+        raise ValueError(
+            f"{where}: not valid UTF-8 (byte 0x{raw[err.start]:02x} at column {column}): save the file as UTF-8"
+        ) from None
 
 
 def _object_of(line: str, where: str) -> dict[str, Any]:
@@ -103,19 +118,34 @@ def _item_of(index: int, obj: dict[str, Any], field: str, where: str) -> PromptI
 
 
 def check_output(path: str | None) -> None:
-    """An output path must name a file that can be created or appended to.
+    """An output path must name a file that can be created or appended to. An existing file is
+    opened for append (nothing is written); for a missing one a nameless temporary file is created
+    in its nearest existing directory (the writer makes the directories between). Nothing is left
+    behind.
 
     Raises:
-        ValueError: the path is a directory, or its parent is a file.
+        ValueError: the path is a directory, its parent is a file, or it cannot be written.
     """
     if path is None:
         return
     file = Path(path).expanduser()
     if file.is_dir():
         raise ValueError(f"output={path} is a directory: give a file, e.g. output={file / 'answers.jsonl'}")
-    parent = next((p for p in file.parents if p.exists()), None)
-    if parent is not None and not parent.is_dir():
+    parent = next((p for p in file.parents if p.exists()), Path.cwd())
+    if not parent.is_dir():
         raise ValueError(f"output={path}: {parent} is a file, not a directory")
+    try:
+        if file.is_file():
+            with file.open("ab"):
+                pass
+        elif file.exists():  # a device or a pipe: opening it may block or act
+            if not os.access(file, os.W_OK):
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+        else:
+            with tempfile.TemporaryFile(dir=parent):
+                pass
+    except OSError as err:
+        raise ValueError(f"output={path} cannot be written ({err.strerror or err}): choose a writable path") from None
 
 
 @dataclass
@@ -128,31 +158,31 @@ class Existing:
 
 
 def existing(path: str | None) -> Existing:
-    """The complete records already in the output file.
+    """The complete records already in the output file; the file is only read.
 
-    A torn last line (a run killed mid-write) is cut off so appending stays valid JSONL.
+    A torn last line (a run killed mid-write) is not a record: :class:`ResultWriter` cuts it off
+    before it appends, so a run that stops before answering anything leaves the file as it was.
 
     Raises:
         ValueError: a complete line that is not a mahalo record (the file is not ours).
     """
     found = Existing()
-    if path is None or not Path(path).is_file():
+    file = Path(path).expanduser() if path is not None else None
+    if file is None or not file.is_file():
         return found
-    _drop_torn_tail(Path(path))
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-                found.keys.add((int(rec["index"]), str(rec["prompt"])))
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-                raise ValueError(
-                    f"{path}:{lineno}: not a mahalo result record; choose another output file"
-                ) from None
-            if found.config is None and isinstance(rec.get("config"), dict):
-                found.config = rec["config"]
-            found.errors += "error" in rec
+    data = file.read_bytes()
+    complete = data[: data.rfind(b"\n") + 1]
+    for lineno, raw in enumerate(complete.split(b"\n"), 1):
+        if not raw.strip():
+            continue
+        try:
+            rec = json.loads(raw.decode("utf-8"))
+            found.keys.add((int(rec["index"]), str(rec["prompt"])))
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):  # UnicodeDecodeError is a ValueError
+            raise ValueError(f"{path}:{lineno}: not a mahalo result record; choose another output file") from None
+        if found.config is None and isinstance(rec.get("config"), dict):
+            found.config = rec["config"]
+        found.errors += "error" in rec
     return found
 
 
@@ -189,7 +219,8 @@ def _drop_torn_tail(file: Path) -> None:
 
 class ResultWriter:
     """Appends one JSON record per line and flushes it to disk at once. The file is created (or
-    opened) at the first record, so a run that answers nothing leaves no file behind."""
+    opened, and a torn last line of a killed run cut off) at the first record, so a run that
+    answers nothing leaves no file behind, or the file as it was."""
 
     def __init__(self, path: str | None) -> None:
         self.path = path
@@ -199,8 +230,11 @@ class ResultWriter:
         if self.path is None:
             return
         if self._file is None:
-            Path(self.path).expanduser().parent.mkdir(parents=True, exist_ok=True)
-            self._file = open(Path(self.path).expanduser(), "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+            file = Path(self.path).expanduser()
+            file.parent.mkdir(parents=True, exist_ok=True)
+            if file.is_file():
+                _drop_torn_tail(file)  # so appending stays valid JSONL
+            self._file = open(file, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
         self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
         self._file.flush()
         os.fsync(self._file.fileno())
@@ -219,3 +253,10 @@ class ResultWriter:
 def pending(items: list[PromptItem], done: set[tuple[int, str]]) -> Iterator[PromptItem]:
     """The items not yet in ``done``."""
     return (it for it in items if (it.index, it.prompt) not in done)
+
+
+def foreign(items: list[PromptItem], done: set[tuple[int, str]]) -> tuple[int, str] | None:
+    """The (index, prompt) of ``done`` with the lowest index that is not one of ``items`` (its
+    index is not theirs, or the prompt at that index differs): the file answers other prompts."""
+    ours = {(it.index, it.prompt) for it in items}
+    return next((key for key in sorted(done) if key not in ours), None)
