@@ -225,6 +225,7 @@ class ResultWriter:
     def __init__(self, path: str | None) -> None:
         self.path = path
         self._file = None
+        self._regular = True
 
     def write(self, record: dict[str, Any]) -> None:
         if self.path is None:
@@ -235,9 +236,11 @@ class ResultWriter:
             if file.is_file():
                 _drop_torn_tail(file)  # so appending stays valid JSONL
             self._file = open(file, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+            self._regular = file.is_file()
         self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
         self._file.flush()
-        os.fsync(self._file.fileno())
+        if self._regular:  # a device (output=/dev/null) cannot be synced
+            os.fsync(self._file.fileno())
 
     def close(self) -> None:
         if self._file is not None:
