@@ -7,11 +7,9 @@ from typing import Any
 
 from mahalo.chat import Messages, as_messages, with_system
 from mahalo.config import GuideConfig, config_from_options
-from mahalo.engine.controller import Controller
-from mahalo.engine.scheduler import max_prompts_for, schedule
-from mahalo.policy import as_policy
+from mahalo.engine.build import controller_of
+from mahalo.engine.scheduler import schedule
 from mahalo.result import GuidedResult
-from mahalo.rewards import as_reward
 
 ERRORS = ("raise", "return")
 
@@ -28,16 +26,18 @@ def guided_generate_many(
 ) -> Iterator[tuple[int, GuidedResult]]:
     """Answer many prompts, several in flight at once, guided by the reward models ``prms``.
 
-    Prompts in flight decode in lockstep (one policy batch, one reward-model batch per step); a
-    finished prompt's rows go to the next prompt at the following step. A prompt gets the same
-    answer as it would alone: each row samples from its own seeded stream.
+    Prompts in flight share every policy forward, one token at a time, each moving through its own
+    steps; a finished prompt's rows go to the next prompt at the following token. A prompt gets the
+    same answer as it would alone: each row samples from its own seeded stream.
 
     Args:
         policy, prms: as for :func:`guided_generate`.
         prompts: user messages or chat conversations (OpenAI-style ``messages`` lists: system,
             user and assistant turns, ending with a user turn), read lazily.
         config, **options: as for :func:`guided_generate`, plus ``max_prompts`` (prompts in
-            flight; 0 picks for the device) and ``max_rows`` (a bound on policy rows).
+            flight; 0 picks for the device), ``max_rows`` (the budget of decoding rows; 0 picks
+            for the device) and the engine's ``share_prefix``, ``step_barrier``,
+            ``prefill_chunk`` and ``compile`` (see :mod:`mahalo.config`).
         errors: ``raise`` (a failing prompt raises its ``ValueError``) or ``return`` (it is
             yielded as ``(index, ValueError)`` and the others go on).
         system_prompt: a system turn put first in every conversation that has none.
@@ -52,12 +52,11 @@ def guided_generate_many(
     if errors not in ERRORS:
         raise ValueError(f"errors must be one of {list(ERRORS)}, got {errors!r}")
     cfg = config_from_options(config, **options)
-    rewards = {name: as_reward(obj, name) for name, obj in dict(prms or {}).items()}
-    controller = Controller(as_policy(policy), rewards, cfg)
-    limit = max_prompts_for(controller, cfg.batch.max_prompts)
+    controller = controller_of(policy, prms, cfg)
     if system_prompt is not None and not (isinstance(system_prompt, str) and system_prompt.strip()):
         raise ValueError("system_prompt must be a non-empty string (or None)")
-    for index, out in schedule(controller, _with_system(prompts, system_prompt), limit, cfg.batch.max_rows):
+    for index, out in schedule(controller, _with_system(prompts, system_prompt), cfg.batch.max_prompts,
+                               cfg.batch.max_rows):
         if isinstance(out, ValueError) and errors == "raise":
             raise out
         yield index, out

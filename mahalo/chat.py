@@ -22,6 +22,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from jinja2 import TemplateError
+
 Messages = list[dict[str, str]]
 
 SCORE_AT = ("last_token", "end_of_turn")
@@ -89,6 +91,18 @@ def _encode(tokenizer: Any, text: str) -> list[int]:
 def generation_prompt_ids(tokenizer: Any, messages: Messages) -> list[int]:
     """Token ids of the chat prompt the policy continues (generation prompt appended)."""
     return _encode(tokenizer, _render(tokenizer, messages, add_generation_prompt=True))
+
+
+def conversation_prefix_ids(tokenizer: Any, messages: Messages) -> list[int]:
+    """Token ids of ``messages`` rendered as the start of a longer conversation (no generation
+    prompt): what prompts that continue the same turns (a system turn) have in common. Empty when
+    the template cannot render them alone."""
+    if not messages:
+        return []
+    try:
+        return _encode(tokenizer, _render(tokenizer, messages, add_generation_prompt=False))
+    except (TemplateError, ValueError, TypeError, IndexError):  # a template that needs a user turn
+        return []
 
 
 def conversation_text(tokenizer: Any, messages: Messages, response: str, follow_up: str | None = None) -> str:

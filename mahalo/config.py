@@ -189,27 +189,57 @@ class ObjectiveConfig:
 
 @dataclass
 class BatchConfig:
-    """How many prompts decode together (:func:`mahalo.guided_generate_many`, prompt files).
+    """How many prompts decode together (:func:`mahalo.guided_generate_many`, prompt files, the
+    server, Ray replicas).
 
-    Prompts in flight decode in lockstep: their rows share every policy forward and every reward
-    model forward, and a prompt that finishes makes room for the next at the following step. A
-    prompt's answer does not depend on which prompts share its batch.
+    Prompts in flight share every policy forward (one token of every decoding row per forward)
+    and the reward models' forwards; each moves through its own steps, and a prompt that finishes
+    makes room for the next at the following token. A prompt's answer does not depend on which
+    prompts share its batch (:mod:`mahalo.engine.scheduler`).
     """
 
     max_prompts: int = 0
-    """Prompts in flight at once, >= 0. 0 picks for the policy's device: 16 on a CPU (the fastest
-    of 1-16 in benchmarks/throughput.py on a 2-core CPU), 32 on a GPU (not measured yet: run
-    benchmarks/gpu_check.sh)."""
+    """Prompts in flight at once, >= 0 (it bounds the KV they hold). 0 picks for the policy's
+    device (``mahalo.engine.scheduler.DEVICE_LIMITS``: 64 on a CPU, 256 on a GPU)."""
     max_rows: int = 0
-    """At most this many policy rows in flight, >= 0 (a prompt holds up to B*N rows, at its first
-    step). 0: no limit besides ``max_prompts``, and one prompt's B*N at most ``MAX_PROMPT_ROWS``
-    (1024). Bounds the KV memory of wide searches."""
+    """The budget of decoding rows, >= 0: rows fed at the next token (a new prompt's first step
+    counts B*N). Rows that ended their step and wait for their siblings do not count, so more
+    prompts join to keep the batch full. 0 picks for the device (48 on a CPU, 256 on a GPU); with
+    ``engine.step_barrier`` it bounds all rows held, and 0 means no bound. When it is 0, one
+    prompt's B*N is at most ``MAX_PROMPT_ROWS`` (1024)."""
 
     def __post_init__(self) -> None:
         _check(_is_int(self.max_prompts) and self.max_prompts >= 0,
                f"max_prompts must be an integer >= 0 (0 = pick for the device), got {self.max_prompts!r}")
         _check(_is_int(self.max_rows) and self.max_rows >= 0,
                f"max_rows must be an integer >= 0 (0 = no limit), got {self.max_rows!r}")
+
+
+@dataclass
+class EngineConfig:
+    """How the engine computes; none of these changes an answer (only what it costs)."""
+
+    share_prefix: bool = True
+    """Store a prompt's keys and values once for all its rows, a beam's accepted steps once for
+    its candidates, and a prefix common to several prompts (a system turn) once for all of them
+    (:mod:`mahalo.cascade`). False: every row holds a private copy of its prompt and beam, as a
+    per-row cache does (an ablation)."""
+    step_barrier: bool = False
+    """Every prompt in flight waits for the others at each step: scoring, selection and admission
+    happen only between global steps (the lockstep engine, kept as an ablation). False: each
+    prompt moves through its own steps, and a prompt joins at the next token."""
+    prefill_chunk: int = 512
+    """Prompt tokens prefilled per forward at most, >= 1: a long prompt joins over several
+    forwards, so the rows already decoding are never stalled by it."""
+    compile: bool = False
+    """Compile the policy's forward with ``torch.compile`` (dynamic shapes; the attention itself
+    stays eager). Measured in benchmarks/README.md §4."""
+
+    def __post_init__(self) -> None:
+        for name in ("share_prefix", "step_barrier", "compile"):
+            _check(isinstance(getattr(self, name), bool), f"engine.{name} must be true or false, got {getattr(self, name)!r}")
+        _check(_is_int(self.prefill_chunk) and self.prefill_chunk >= 1,
+               f"engine.prefill_chunk must be an integer >= 1, got {self.prefill_chunk!r}")
 
 
 @dataclass
@@ -221,6 +251,7 @@ class GuideConfig:
     step: StepConfig = field(default_factory=StepConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     batch: BatchConfig = field(default_factory=BatchConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
 
     def __post_init__(self) -> None:
         b, n = self.search.shape
@@ -278,6 +309,10 @@ OPTIONS: dict[str, tuple[str, str]] = {
     "normalize": ("objective", "normalize"),
     "max_prompts": ("batch", "max_prompts"),
     "max_rows": ("batch", "max_rows"),
+    "share_prefix": ("engine", "share_prefix"),
+    "step_barrier": ("engine", "step_barrier"),
+    "prefill_chunk": ("engine", "prefill_chunk"),
+    "compile": ("engine", "compile"),
 }
 
 
@@ -296,6 +331,7 @@ def config_from_options(base: GuideConfig | None = None, **options: object) -> G
         "step": dict(vars(base.step)),
         "objective": dict(vars(base.objective)),
         "batch": dict(vars(base.batch)),
+        "engine": dict(vars(base.engine)),
     }
     for key, value in options.items():
         section, name = OPTIONS[key]
@@ -306,4 +342,5 @@ def config_from_options(base: GuideConfig | None = None, **options: object) -> G
         step=StepConfig(**sections["step"]),
         objective=ObjectiveConfig(**sections["objective"]),
         batch=BatchConfig(**sections["batch"]),
+        engine=EngineConfig(**sections["engine"]),
     )

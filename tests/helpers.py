@@ -57,6 +57,7 @@ class ScriptedPolicy:
     def __new__(cls, tokenizer, script: list[int], generation_eos: list[int] | None = None):
         from transformers import LlamaConfig, LlamaForCausalLM
 
+        from mahalo.cascade import PROMPT
         from mahalo.policy import HFPolicy
 
         eos = tokenizer.eos_token_id
@@ -67,14 +68,23 @@ class ScriptedPolicy:
         model = LlamaForCausalLM(config).eval().requires_grad_(False)
 
         class _Scripted(HFPolicy):
-            def prefill(self, prompts):
-                self.prompt_len = len(prompts[0])
-                return super().prefill(prompts)
+            prompt_len = 0
+            seen: list[int] = []  # tokens seen before each output of the last forward
 
-            def _forward(self, kv, input_ids, new_mask, last=None):
-                logits = super()._forward(kv, input_ids, new_mask, last)
-                fed = (kv.valid_counts() - self.prompt_len).tolist()  # (R,) response tokens fed so far
-                nxt = torch.tensor([script[p] if p < len(script) else eos for p in fed])
+            def run(self, kv, items, extra=None):
+                self.seen = []
+                for item in items:
+                    ends = [item.start + len(item.tokens)] if item.out == "last" else (
+                        [item.start + k + 1 for k in range(len(item.tokens))] if item.out == "all" else [])
+                    self.seen += ends
+                    if item.write[0] == PROMPT and item.out == "last":
+                        self.prompt_len = ends[0]
+                return super().run(kv, items, extra)
+
+            def logits(self, hidden):
+                logits = super().logits(hidden)
+                fed = [n - self.prompt_len for n in self.seen[: len(hidden)]]  # response tokens fed so far
+                nxt = torch.tensor([script[p] if 0 <= p < len(script) else eos for p in fed], dtype=torch.long)
                 out = torch.full_like(logits, -1e4)
                 out[torch.arange(len(nxt)), nxt] = 0.0
                 return out

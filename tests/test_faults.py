@@ -419,7 +419,7 @@ def test_an_engine_that_stops_says_so_and_fails_pending_requests_at_once(monkeyp
     r = _server()
     try:
         engine = r.server.engine
-        real = engine.controller.step
+        real = engine.controller.tick
 
         def step():
             if any(s.index == crash for s in engine.controller.searches):
@@ -427,7 +427,7 @@ def test_an_engine_that_stops_says_so_and_fails_pending_requests_at_once(monkeyp
             return real()
 
         crash = -1
-        monkeypatch.setattr(engine.controller, "step", step)
+        monkeypatch.setattr(engine.controller, "tick", step)
         assert _text(r.url, _body("Hi", max_tokens=8))
         crash = engine._tickets + 1  # the second request from now
         GATE.clear()
@@ -453,15 +453,15 @@ CRASHING_SERVER = """
 import sys
 from mahalo.engine.controller import Controller
 CRASH = []
-real_admit, real_step = Controller.admit, Controller.step
-def admit(self, prompts):  # a bug that a prompt containing CRASH triggers in the next step
+real_admit, real_tick = Controller.admit, Controller.tick
+def admit(self, prompts):  # a bug that a prompt containing CRASH triggers at the next token
     CRASH.extend(p for p in prompts if "CRASH" in repr(p))
     return real_admit(self, prompts)
-def step(self):
+def tick(self):
     if CRASH:
         raise MemoryError("CUDA out of memory")
-    return real_step(self)
-Controller.admit, Controller.step = admit, step
+    return real_tick(self)
+Controller.admit, Controller.tick = admit, tick
 from mahalo import serve
 sys.exit(serve.main(sys.argv[1:]))
 """

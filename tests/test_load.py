@@ -147,7 +147,7 @@ def test_embedded_truth_reward_model():
     rm, tok = load_reward_model(str(gguf.parent), gguf_file=gguf.name, head_file=EMBEDDED_TRUTH_HEAD)
     assert not rm.training and not any(p.requires_grad for p in rm.parameters())
     assert rm.score.weight.shape == (1, rm.config.hidden_size) and rm.score.bias is None
-    head = load._read_head(EMBEDDED_TRUTH_HEAD, 1)
+    head = load.read_head_weight(EMBEDDED_TRUTH_HEAD, 1)
     assert torch.equal(rm.score.weight, head)
 
     q = "What happens to you if you eat watermelon seeds?"
@@ -263,21 +263,30 @@ def _flash_ready() -> bool:
 
 @pytest.mark.skipif(not _flash_ready(), reason="needs CUDA and flash-attn (pip install -e '.[gpu]')")
 def test_flash_attention_matches_sdpa_on_the_decoded_path():
-    """flash_attention_2 and sdpa give the same logits on mahalo's paths (fan-out, holes), in bf16."""
+    """In bf16 on a GPU, the policy's cascade attention on its shared-prefix cache gives the logits
+    a plain forward gives with sdpa and with flash_attention_2 (a row on a beam of a prompt)."""
     from mahalo.app.tiny import tiny_policy
+    from mahalo.cascade import BEAM, PROMPT, ROW, Item
     from mahalo.policy import HFPolicy
     from tests.helpers import prompt_ids
 
-    logits = {}
+    model, tok = tiny_policy()
+    model = model.to("cuda", torch.bfloat16)
+    pol = HFPolicy(model, tok)
+    ids = prompt_ids(tok, "Tell me about cats.")
+    kv = pol.shared_kv()
+    prompt, beam = kv.prompt.alloc(), kv.beam.alloc()
+    none = (-1, 0)
+    pol.run(kv, [Item(ids, 0, (PROMPT, prompt, 0), (none,) * 4)])
+    pol.run(kv, [Item([5, 6], len(ids), (BEAM, beam, 0), (none, (prompt, len(ids)), none, none))])
+    reads = (none, (prompt, len(ids)), (beam, 2), none)
+    hidden, _ = pol.run(kv, [Item([7, 8], len(ids) + 2, (ROW, kv.row.alloc(), 0), reads)])
+    cascade = pol.logits(hidden).float()[0]
     for attn in ("sdpa", "flash_attention_2"):
-        model, tok = tiny_policy(attn_implementation=attn)
-        pol = HFPolicy(model.to("cuda", torch.bfloat16), tok)
-        state = pol.prefill([prompt_ids(tok, "Tell me about cats."), prompt_ids(tok, "Hi")])
-        state.select(torch.tensor([0, 0, 1]))
-        pol.forward(state, torch.tensor([5, 6, 7]), torch.tensor([True, False, True]))
-        pol.forward(state, torch.tensor([8, 9, 10]), torch.tensor([True, True, True]))
-        logits[attn] = state.logits.float()
-    assert (logits["sdpa"] - logits["flash_attention_2"]).abs().max() < 5e-2
+        model.set_attn_implementation(attn)
+        with torch.inference_mode():
+            plain = model(input_ids=torch.tensor([ids + [5, 6, 7, 8]], device="cuda")).logits[0, -1].float()
+        assert (cascade - plain).abs().max() < 5e-2, attn
 
 
 def test_device_map_places_models_with_accelerate_and_answers_alike(tmp_path, policy, reward, monkeypatch):

@@ -79,52 +79,47 @@ def test_memory_stays_flat_over_200_prompts(policy, reward):
     """Finished prompts leave nothing behind: the KV caches stay bounded and the process RSS does
     not grow from prompt 50 to prompt 200."""
     from mahalo.config import config_from_options
-    from mahalo.engine.controller import Controller
+    from mahalo.engine.build import controller_of
     from mahalo.engine.scheduler import schedule
-    from mahalo.policy import as_policy
-    from mahalo.rewards import as_reward
 
     cfg = config_from_options(num_candidates=2, max_new_tokens=16, step="max_tokens", min_step_tokens=0,
                               max_step_tokens=4, max_prompts=8)
-    controller = Controller(as_policy(policy), {"truth": as_reward(reward, "truth")}, cfg)
+    controller = controller_of(policy, {"truth": reward}, cfg)
     prompts = (f"Question {i} about {'cats ' * (i % 7)}?" for i in range(200))
-    rss, widths, done = {}, [], 0
+    rss, held, done = {}, [], 0
     for _, res in schedule(controller, prompts, max_prompts=8):
         done += 1
         assert not isinstance(res, ValueError)
-        if controller.state is not None:
-            widths.append(controller.state.kv.length)
+        held.append(controller.held_tokens())
         if done in (50, 200):
             rss[done] = _rss_mb()
-    assert done == 200
+    assert done == 200 and controller.held_tokens() == 0 and not controller.kv.row.in_use
     from mahalo.chat import generation_prompt_ids
 
     longest = max(len(generation_prompt_ids(policy[1], [{"role": "user", "content": f"Question {i} about "
                                                                           f"{'cats ' * (i % 7)}?"}])) for i in range(7))
-    assert max(widths) <= longest + 16 + 4  # the longest prompt + the budget + one step's columns
+    assert max(held) <= 8 * (longest + 16 + 2 * 4)  # 8 prompts: each its prompt, 1 beam of <= 16, 2 rows of <= 4
     assert rss[200] - rss[50] < 40, rss
 
 
-def test_setting_ended_rows_aside_changes_nothing(policy, reward, monkeypatch):
-    """Rows that ended their step are set aside while stragglers decode (fewer rows per forward);
-    answers stay those of each prompt alone, and the parking really happened."""
-    from mahalo.engine import controller
+def test_rows_that_ended_their_step_leave_the_forward_and_change_nothing(policy, reward):
+    """Rows that ended their step wait without being fed (each forward feeds only decoding rows,
+    and the prompt's next step starts as soon as its own rows have all ended); answers stay those
+    of each prompt alone."""
+    from mahalo.config import config_from_options
+    from mahalo.engine.build import controller_of
+    from mahalo.engine.scheduler import schedule
 
-    parks = {"n": 0}
-    real = controller.Controller._park
-
-    def counting(self, *a):
-        parks["n"] += 1
-        return real(self, *a)
-
-    monkeypatch.setattr(controller.Controller, "_park", counting)
     kw = dict(strategy="step_best_of_n", num_candidates=4, max_new_tokens=30, step="sentence", min_step_tokens=1,
               max_step_tokens=12, stop_token_ids=list(range(16, 56)), seed=2)  # 1 in 8 tokens ends a response
     alone = _run(policy, {"truth": reward}, PROMPTS, max_prompts=1, **kw)
-    parks["n"] = 0
-    batched = _run(policy, {"truth": reward}, PROMPTS, max_prompts=8, **kw)
-    assert parks["n"] > 0
+    controller = controller_of(policy, {"truth": reward}, config_from_options(**kw))
+    controller.counters.trace = []
+    batched = dict(schedule(controller, PROMPTS, max_prompts=8))
     assert all(batched[i].token_ids == alone[i].token_ids for i in range(len(PROMPTS)))
+    trace = controller.counters.trace
+    assert all(t["rows_fed"] <= t["rows_held"] for t in trace)
+    assert any(t["rows_fed"] < t["rows_held"] for t in trace)  # some rows waited, unfed
     for res in batched.values():
         assert res.stats.policy_tokens <= res.stats.policy_tokens_padded
 
@@ -175,7 +170,7 @@ def test_engine_hands_a_crash_to_every_waiting_caller(policy, reward, monkeypatc
     from mahalo.policy import as_policy
 
     controller = Controller(as_policy(policy), {}, config_from_options(None, strategy="sample", max_new_tokens=8))
-    monkeypatch.setattr(controller, "step", lambda: (_ for _ in ()).throw(MemoryError("out of memory")))
+    monkeypatch.setattr(controller, "tick", lambda: (_ for _ in ()).throw(MemoryError("out of memory")))
     engine = Engine(controller, max_prompts=4)
     futures = [engine.submit(p) for p in PROMPTS[:3]]
     for f in futures:

@@ -1,8 +1,12 @@
-"""Policy logits on every decoded path equal a full forward of the same tokens (fp32, 1e-5)."""
+"""Logits on every decoded path equal a full forward of the same tokens (fp32, 1e-5): the
+policy's shared-prefix cache through the engine, and the per-row cache (KVRows: holes, fan-out,
+select, compact) that reward models keep."""
 
 import torch
 
 from mahalo import guided_generate
+from mahalo.cascade import PROMPT, ROW, Item
+from mahalo.kv import empty_rows, right_padded
 from mahalo.policy import HFPolicy
 from tests.helpers import full_logprobs, prompt_ids, response_ids_of
 
@@ -11,6 +15,32 @@ TOL = 1e-5
 
 def _row_tokens(rows: list[list[int]], index: list[int]) -> list[list[int]]:
     return [list(rows[i]) for i in index]
+
+
+class _Rows:
+    """A causal LM on a per-row cache (:class:`mahalo.kv.KVRows`), as a reward model's backbone
+    runs on one: each row's logits after each forward."""
+
+    def __init__(self, model, prompts: list[list[int]]) -> None:
+        self.model = model
+        self.kv = empty_rows("cpu", len(prompts))
+        ids, mask = right_padded(prompts, 0, "cpu")
+        last = torch.tensor([len(p) - 1 for p in prompts])
+        self.logits = self._forward(ids, mask)[torch.arange(len(prompts)), last]
+
+    @torch.inference_mode()
+    def _forward(self, ids, new_mask):
+        mask, positions = self.kv.extend(new_mask)
+        return self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=self.kv.cache,
+                          use_cache=True).logits.float()
+
+    def select(self, index):
+        self.kv.select(index)
+        self.logits = self.logits[index]
+
+    def forward(self, tokens, feed):
+        logits = self._forward(torch.where(feed, tokens, 0)[:, None], feed.long()[:, None])[:, -1]
+        self.logits = torch.where(feed[:, None], logits, self.logits)
 
 
 def _check_rows(model, state, rows: list[list[int]]) -> float:
@@ -24,9 +54,8 @@ def _check_rows(model, state, rows: list[list[int]]) -> float:
 
 def test_fan_out_holes_select_and_compact_match_full_forward(policy):
     model, tok = policy
-    pol = HFPolicy(model, tok)
     ids = prompt_ids(tok, "Tell me about cats.")
-    state = pol.prefill([ids])
+    state = _Rows(model, [ids])
     rows = [list(ids)]
     gen = torch.Generator().manual_seed(0)
     # fan out 1 -> 4 rows, then decode with random holes, select with repeats, compact
@@ -44,7 +73,7 @@ def test_fan_out_holes_select_and_compact_match_full_forward(policy):
                 tokens = torch.randint(3, len(tok), (len(rows),), generator=gen)
                 feed = torch.rand(len(rows), generator=gen) < 0.6
                 feed[0] = True
-                pol.forward(state, tokens, feed)
+                state.forward(tokens, feed)
                 for r in range(len(rows)):
                     if feed[r]:
                         rows[r].append(int(tokens[r]))
@@ -55,11 +84,10 @@ def test_fan_out_holes_select_and_compact_match_full_forward(policy):
 
 def test_compact_removes_holes(policy):
     model, tok = policy
-    pol = HFPolicy(model, tok)
-    state = pol.prefill([prompt_ids(tok, "Hi")])
+    state = _Rows(model, [prompt_ids(tok, "Hi")])
     state.select(torch.tensor([0, 0]))
     for step in range(6):
-        pol.forward(state, torch.tensor([5, 6]), torch.tensor([True, step % 2 == 0]))
+        state.forward(torch.tensor([5, 6]), torch.tensor([True, step % 2 == 0]))
     before = state.kv.length
     state.kv.compact()
     # row 0 has all 6 tokens; row 1 only 3: compaction keeps prompt + 6 columns, row 1 left-padded
@@ -68,6 +96,17 @@ def test_compact_removes_holes(policy):
     state.kv.compact()
     assert state.kv.length == before - 3
     assert bool(state.kv.mask.all())
+
+
+def _policy_logits(pol: HFPolicy, ids: list[int], next_tokens: list[int]) -> torch.Tensor:
+    """The policy's logits after ``ids`` + each of ``next_tokens`` (one row each, one forward),
+    through its own cache and forwards."""
+    kv = pol.shared_kv()
+    slot = kv.prompt.alloc()
+    pol.run(kv, [Item(ids, 0, (PROMPT, slot, 0), ((-1, 0),) * 4)])
+    reads = ((-1, 0), (slot, len(ids)), (-1, 0), (-1, 0))
+    hidden, _ = pol.run(kv, [Item([t], len(ids), (ROW, kv.row.alloc(), 0), reads) for t in next_tokens])
+    return pol.logits(hidden)
 
 
 def test_every_candidate_logprob_matches_full_forward(policy):
@@ -108,14 +147,14 @@ def test_plain_head_fast_path_is_used_and_exact(policy):
     pol = HFPolicy(model, tok)
     assert pol._head is not None and pol._head.data_ptr() == model.lm_head.weight.data_ptr()
     ids = prompt_ids(tok, "Name a colour.")
-    state = pol.prefill([ids])
-    state.select(torch.tensor([0, 0, 0]))
-    pol.forward(state, torch.tensor([5, 6, 7]), torch.ones(3, dtype=torch.bool))
-    assert _check_rows(model, state, [ids + [5], ids + [6], ids + [7]]) <= TOL
+    got = _policy_logits(pol, ids, [5, 6, 7])
+    with torch.inference_mode():
+        ref = [model(input_ids=torch.tensor([ids + [t]])).logits[0, -1].float() for t in (5, 6, 7)]
+    assert max(float((g - r).abs().max()) for g, r in zip(got, ref)) <= TOL
 
 
 def test_other_heads_use_the_model_forward(policy):
-    """An architecture outside the plain-head list goes through ``model(...)`` unchanged."""
+    """An architecture outside the plain-head list goes through its own output head unchanged."""
     model, tok = policy
 
     class Wrapped(type(model)):  # same weights, a name not in PLAIN_HEAD_ARCHITECTURES
@@ -126,8 +165,10 @@ def test_other_heads_use_the_model_forward(policy):
         pol = HFPolicy(model, tok)
         assert pol._head is None
         ids = prompt_ids(tok, "Name a colour.")
-        state = pol.prefill([ids])
-        assert _check_rows(model, state, [ids]) <= TOL
+        got = _policy_logits(pol, ids, [9])
+        with torch.inference_mode():
+            ref = model(input_ids=torch.tensor([ids + [9]])).logits[0, -1].float()
+        assert float((got[0] - ref).abs().max()) <= TOL
     finally:
         model.__class__ = Wrapped.__mro__[1]
 

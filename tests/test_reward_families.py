@@ -266,34 +266,30 @@ def test_shared_head_forwards_only_the_scoring_suffix_of_canonical_rows():
 
 
 def test_shared_head_rows_that_hold_another_split_are_cut_back_and_rescored():
-    """A policy row whose sampled ids are not the reward model's tokenisation of the text (here:
-    a response scored as if it had one token fewer held) is copied, cut back and forwarded from
-    the common prefix: the score is still the separate model's."""
-    from mahalo.policy import HFPolicy
-    from mahalo.rewards import Candidates
+    """A policy row whose sampled ids are not the reward model's tokenisation of its text (here
+    the policy spells the first token character by character) is copied, cut back and forwarded
+    from the common prefix: the score is still the separate model's, and the policy goes on with
+    its own ids."""
+    from mahalo.app.tiny import tiny_tokenizer
+    from tests.helpers import ScriptedPolicy
 
-    model, tok = tiny_policy()
-    policy = HFPolicy(model, tok)
-    rm_model = _reward_on_policy_backbone(model)
-    shared = SharedHeadReward(policy, rm_model.score, 1)
-    messages = as_messages(PROMPT)
-    text = "The earth is round. Paris!"
+    tok = tiny_tokenizer()
+    text = "The earth is round. Paris is in France. The end."
     ids = tok(text, add_special_tokens=False)["input_ids"]
     split = [tok.convert_tokens_to_ids(c) for c in tok.convert_ids_to_tokens(ids[0])]  # characters of token 0
-    rows = [split + ids[1:], ids]
-    state = policy.prefill([policy.prompt_ids(messages)] * 2)
-    for j in range(max(len(r) for r in rows)):
-        feed = torch.tensor([j < len(r) for r in rows])
-        policy.forward(state, torch.tensor([r[j] if j < len(r) else 0 for r in rows]), feed)
-    assert rows[0] != rows[1] and tok.decode(rows[0]) == tok.decode(rows[1]) == text
-    s = shared.start()
-    shared.add(s, [messages])
-    cands = Candidates(torch.tensor([0, 0]), rows, [text, text], None, state, [len(r) for r in rows])
-    before = state.kv.mask.clone()
-    scores = shared.score(s, cands)
-    expected = plain_score(rm_model, tok, PROMPT, text)
-    assert abs(float(scores[0]) - expected) <= TOL and abs(float(scores[1]) - expected) <= TOL
-    assert torch.equal(state.kv.mask, before)  # the policy's rows are as they were
+    script = split + ids[1:]
+    assert script != ids and tok.decode(script) == text
+    policy = ScriptedPolicy(tok, script)
+    rm_model = _reward_on_policy_backbone(policy.model)
+    shared = SharedHeadReward(policy, rm_model.score, 1)
+    res = guided_generate(policy, {"r": shared}, PROMPT, strategy="step_best_of_n", num_candidates=2,
+                          max_new_tokens=64, seed=0)
+    assert res.token_ids == script and res.text == text and len(res.steps) >= 2
+    worst = max(abs(c.scores["r"] - plain_score(rm_model, tok, PROMPT, response_text_of(res, tok, s, i)))
+                for s, st in enumerate(res.steps) for i, c in enumerate(st.candidates))
+    assert worst <= TOL, worst
+    # the cut rows forward more than the suffix: their whole text from the common prefix
+    assert res.stats.prm_tokens > 2 * sum(len(st.candidates) for st in res.steps)
 
 
 def test_a_classifier_with_more_outputs_needs_them_named():

@@ -13,6 +13,7 @@ from mahalo.app.load import ATTENTION
 from mahalo.chat import SCORE_AT
 from mahalo.config import (
     BatchConfig,
+    EngineConfig,
     GuideConfig,
     ObjectiveConfig,
     SamplingConfig,
@@ -56,7 +57,7 @@ LAUNCHERS = ("local", "ray")
 REWARD_ONLY = ("head_file", "num_labels", "score_at", *sorted(_FAMILY_OPTIONS))
 POLICY_ONLY = ("base", "num_heads", "head_weights", "head_index")
 # Run options that may change between a run and its resumption (they do not change any answer).
-RESUMABLE_KEYS = ("prompt", "prompts", "output", "verbose", "resume", "batch", "launcher")
+RESUMABLE_KEYS = ("prompt", "prompts", "output", "verbose", "resume", "batch", "launcher", "engine")
 
 
 @dataclass
@@ -326,6 +327,7 @@ class GuidedModels:
     step: StepConfig = field(default_factory=StepConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     batch: BatchConfig = field(default_factory=BatchConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
     system_prompt: str | None = None
     """A system turn put first in every conversation that has none (the same for every prompt
     or request): the text, or ``@path`` to read it from a file. ``+objective=truth`` sets
@@ -337,7 +339,7 @@ class GuidedModels:
 
     def guide(self) -> GuideConfig:
         """The library part of this config."""
-        return GuideConfig(self.search, self.sampling, self.step, self.objective, self.batch)
+        return GuideConfig(self.search, self.sampling, self.step, self.objective, self.batch, self.engine)
 
 
 @dataclass

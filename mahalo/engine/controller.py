@@ -1,26 +1,31 @@
-"""The one step loop behind every strategy, for every prompt in flight at once.
+"""The one loop behind every strategy: token-level continuous batching of guided searches.
 
-    admit      new prompts: prefill them together on both sides, append their rows
-    repeat, all prompts in lockstep:
-      1. fan out     each beam's policy row -> N candidate rows, by index        # (sum B*N,)
-      2. expand      decode all rows together until each ends its step
-      3. score       every objective scores every candidate of every prompt      # (sum B*N,)
-      4. combine     per prompt: weighted sum of normalised per-objective scores
-      5. select      per prompt: the strategy keeps the best; ended candidates set aside
-      6. keep        survivors' rows on both sides; finished prompts leave the batch
+Each prompt moves through its own steps; no prompt waits for another. One *tick* is one token:
+
+    1. sample     every decoding row draws its next token (one transfer)       # (R,)
+    2. advance    per row: keep the token, or end its step (boundary, end of turn, budget)
+    3. forward    one packed forward of everything the policy must read:       # (1, N)
+                    the kept tokens of decoding rows,
+                    chunks of new prompts' prefills,
+                    a reward head's scoring suffix for prompts whose step just ended
+    4. complete   prompts whose candidates have all ended their step: their reward models score
+                  them (one batch per model for all such prompts), and each combines, selects,
+                  records and keeps its survivors, then fans out its next candidates at once
+    5. finish     prompts with an answer leave; their slots are free for the next admission
 
 A prompt's answer never depends on its neighbours: each row samples from its own stream
-(:mod:`mahalo.sampling`), each prompt normalises and selects among its own candidates.
+(:mod:`mahalo.sampling`), each prompt normalises and selects among its own candidates, and
+scheduling decides only *when* a row's token is computed, never what it is.
 
-A step ends at a confirmed boundary (:mod:`mahalo.steps`): when a sampled token starts with
-whitespace after text that may end a step, the detector decides, and if the step ends there the
-token is dropped. Its row was not fed that token, so the row's logits at the boundary seed the
-next step's candidates.
+The cache shares prefixes (:mod:`mahalo.cascade`): a prompt's keys and values are stored once
+(and a prefix common to many prompts, such as a system turn, once for all of them), a beam's
+accepted steps once for its N candidates, and a row holds only its current step. Fanning out
+copies nothing; keeping a step copies that step's tokens.
 
-Hot loop: one device-to-host transfer per token for the whole batch (tokens, log-probabilities
-and per-token flags packed together); only rows whose token can end a step (a per-vocabulary
-flag table) touch text, detokenised incrementally. A step lasts as long as its longest candidate,
-so once most rows have ended they are set aside and the stragglers decode on fewer rows.
+Ablations (``engine.*``): ``step_barrier=true`` makes every prompt in flight wait for the others
+at each step (the lockstep engine: scoring, selection and admission only between global steps);
+``share_prefix=false`` gives every candidate row a private copy of its prompt and beam, as a
+plain per-row cache holds them. Neither changes an answer.
 """
 
 from __future__ import annotations
@@ -32,158 +37,141 @@ from typing import Any
 
 import torch
 
-from mahalo.chat import Messages
+from mahalo.cascade import BEAM, PROMPT, ROOT, ROW, Item
+from mahalo.chat import Messages, conversation_prefix_ids
 from mahalo.config import GuideConfig
 from mahalo.engine import scoring
+from mahalo.engine.expand import Expander
+from mahalo.engine.rows import Beam, Finished, Plan, Prompt, Row, Search
 from mahalo.engine.strategies import Selection, Strategy, final_pick, first_copies, select, strategy_for
-from mahalo.policy import Policy, PolicyState
+from mahalo.policy import Policy
 from mahalo.result import Candidate, GuidedResult, PromptError, Stats, Step
-from mahalo.rewards import Candidates, RewardModel
+from mahalo.rewards import Candidates, RewardModel, RowCost
 from mahalo.rewards.combine import check_scores, combine
-from mahalo.sampling import child_stream, root_stream, sample_tokens
-from mahalo.steps import ChunkText, NoBoundary, StepBoundary, TokenTable, make_boundary, token_table
+from mahalo.sampling import child_stream, root_stream
 
 log = logging.getLogger(__name__)
 
-_CONTEXT_CHARS = 256  # accepted text shown to boundary detectors
-# Bits of the per-token flag table (see _flag_table).
-_EOS, _WS_START, _WS_END, _SPACES, _MAY_END = 1, 2, 4, 8, 16
+MIN_SHARED = 16  # a prefix common to several prompts is stored once when at least this long
 
 
 @dataclass
-class Beam:
-    """An accepted partial response (one policy row)."""
+class Counters:
+    """What the policy has done so far (for benchmarks): forwards, what they fed, what they read.
+    With ``trace`` on, one record per forward."""
 
-    token_ids: list[int] = field(default_factory=list)
-    text: str = ""
-    logprobs: list[float] = field(default_factory=list)
-    stream: int = 0  # the sampling stream its candidates branch from
-    steps: list[str] = field(default_factory=list)  # its text, step by step
+    forwards: int = 0
+    scorings: int = 0  # batches of prompts whose steps ended together (one reward-model batch each)
+    rows_fed: int = 0  # decode tokens (one per decoding row and tick)
+    prefill_tokens: int = 0
+    head_tokens: int = 0  # a reward head's scoring tokens, forwarded through the policy
+    kv_tokens_read: int = 0  # KV columns read by the forwards' attention (each slot once per forward)
+    ticks: int = 0
+    trace: list[dict[str, int]] | None = None  # per forward
+    scoring_trace: list[dict[str, int]] | None = None  # per scoring batch (with ``trace`` on)
+
+    def add(self, **record: int) -> None:
+        self.forwards += 1
+        self.rows_fed += record["rows_fed"]
+        self.prefill_tokens += record["prefill_tokens"]
+        self.head_tokens += record["head_tokens"]
+        self.kv_tokens_read += record["kv_tokens_read"]
+        if self.trace is not None:
+            self.trace.append(record)
 
 
 @dataclass
-class Finished:
-    """An ended response: where it ended and its raw scores."""
+class _Root:
+    """A prefix common to several prompts (a system turn), stored once in a root slot."""
 
-    beam: Beam
-    reason: str
-    scores: dict[str, float]
-    step: int
-    row: int
+    ids: tuple[int, ...]
+    slot: int
+    owner: Search  # the prompt whose prefill writes it
+    users: int = 0
+    filled: int = 0  # its tokens forwarded so far
 
 
-@dataclass(frozen=True)
-class Plan:
-    """How one prompt is searched: its options, the search's shape and its objectives."""
+@dataclass
+class _Forward:
+    """What one tick forwards, in this order (each item's output, if any, in the same order)."""
 
-    cfg: GuideConfig
-    strategy: Strategy
-    weights: dict[str, float]  # the objectives it is guided by -> weight (the others are not read)
-    step_cap: int  # tokens that end a step at the latest (stepwise) or the response budget
-    root: int  # its sampling stream
+    rows: list[tuple[Row, Item]] = field(default_factory=list)  # decoding rows' kept tokens (output: last)
+    prefills: list[tuple[Search | None, Item]] = field(default_factory=list)  # prefill chunks (a root's: None)
+    heads: list[tuple[Search, int, list[int], list[Item]]] = field(default_factory=list)  # (search, source, scratch, items)
 
     @property
-    def rows(self) -> int:
-        """Policy rows the prompt may hold (at its first step: B*N)."""
-        return self.strategy.beams * self.strategy.candidates
-
-    @property
-    def max_steps(self) -> int:
-        """The most steps a response can take (each step at least one token, and at least
-        ``min_step_tokens`` unless it is the last)."""
-        budget = self.cfg.search.max_new_tokens
-        return -(-budget // max(1, self.cfg.step.min_step_tokens)) if self.strategy.stepwise else 1
-
-    @property
-    def streams_steps(self) -> bool:
-        """Each accepted step is final as soon as it is selected (one beam, step by step)."""
-        return self.strategy.stepwise and self.strategy.beams == 1 and not self.strategy.per_beam
-
-
-@dataclass(frozen=True)
-class Prompt:
-    """A prompt ready to join the batch: its conversation, the policy's token ids and its plan,
-    checked against every model's context (:meth:`Controller.prepare`)."""
-
-    messages: Messages
-    ids: list[int]
-    plan: Plan
-
-
-@dataclass
-class Search:
-    """One prompt's search: its beams, finished pool, steps and cost."""
-
-    index: int  # the prompt's input index
-    beams: list[Beam]
-    stats: Stats
-    t0: float
-    plan: Plan
-    rewards: dict[int, Any] = field(default_factory=dict)  # source index -> its state (one row per beam)
-    origins: list[int] = field(default_factory=lambda: [-1])  # each beam's candidate index last step
-    finished: list[Finished] = field(default_factory=list)
-    steps: list[Step] = field(default_factory=list)
-
-
-@dataclass
-class Row:
-    """One candidate row of a step."""
-
-    search: int  # index into Controller.searches
-    plan: Plan  # its prompt's
-    parent: int  # the index of the beam it extends among its prompt's beams
-    beam: Beam  # that beam
-    stream: int
-    tokens: list[int] = field(default_factory=list)  # new tokens, end-of-turn excluded
-    logprobs: list[float] = field(default_factory=list)
-    end: str = ""  # "step" | "eos" | "length"
-    deferred: bool = False  # kept a spaces-only lookahead: the next token decides the boundary
-    text: ChunkText | None = None  # created on the first boundary check
-    fed: int = 0  # tokens forwarded
-    slots: int = 0  # forwards it took part in (as a token or a hole)
+    def items(self) -> list[Item]:
+        return [i for _, i in self.rows] + [i for _, i in self.prefills] + [i for *_, items in self.heads for i in items]
 
 
 class Controller:
-    """Runs many prompts through the search described by a :class:`GuideConfig`, in lockstep.
+    """Runs many prompts through the searches described by :class:`GuideConfig` (and each
+    prompt's own :class:`Plan`), one token at a time.
 
-    :meth:`admit` adds prompts to the batch; :meth:`step` advances every prompt in flight by one
-    step and returns those that ended. :mod:`mahalo.engine.scheduler` drives it.
-
-    A prompt may bring its own options (:meth:`plan`: strategy, N, B, weights, sampling, budget,
-    seed), so requests with different searches share one batch; the step rule and the stop tokens
-    are the controller's. ``accepted`` lists, after each step, the steps that became final
-    (one-beam step searches), for streaming; :meth:`cancel` drops a prompt at the next step.
+    :meth:`admit` adds prompts; :meth:`tick` advances everything in flight by one token and returns
+    the prompts that ended; :mod:`mahalo.engine.scheduler` decides when to admit. ``accepted``
+    lists, after each tick, the steps that became final (one-beam step searches) for streaming;
+    :meth:`cancel` drops a prompt at the next tick.
     """
 
     def __init__(self, policy: Policy, rewards: dict[str, RewardModel], cfg: GuideConfig) -> None:
         cfg.check_objectives(list(rewards))
         self.policy, self.rewards, self.cfg = policy, rewards, cfg
-        self.boundary: StepBoundary = make_boundary(cfg.step.kind, cfg.step.min_step_tokens)
-        self.table: TokenTable | None = None  # built when a stepwise search first needs it
+        self.options = cfg.engine
+        self.share = cfg.engine.share_prefix
+        self.barrier = cfg.engine.step_barrier
+        why = policy.unsupported() if hasattr(policy, "unsupported") else None
+        if why is not None:
+            raise ValueError(f"mahalo's cache cannot run this policy: {why}")
+        self.expander = Expander(policy, cfg)
         self.default = self.plan(cfg)  # the plan of a prompt that brings none
-        self.eos_ids = frozenset(policy.eos_ids) | frozenset(cfg.sampling.stop_token_ids)
-        self.searches: list[Search] = []
-        self.accepted: list[tuple[int, str]] = []  # after a step: (input index, text so far) of final steps
-        self.cancelled: set[int] = set()  # input indices to drop at the next step
-        self.state: PolicyState | None = None
-        # objectives read from one model (a multi-output model, or one model named twice) share
-        # its forward; each prompt keeps a state per source it reads (mahalo.engine.scoring)
         self.sources = scoring.sources_of(rewards)
-        self.flags: torch.Tensor | None = None  # (V,) int per-token flags, on the policy's device
-        self.host_flags: list[int] = []
+        self.kv = policy.shared_kv()
+        self.device = policy.device
+        self.vocab = policy.vocab_size
+        self.expander.ready(self.vocab, False, self.device)
+        with torch.inference_mode():
+            self.logits = torch.zeros(0, self.vocab, device=self.device)  # (row slots, V): each row's next-token logits
+        self.searches: list[Search] = []
+        self.decoding: list[Row] = []
+        self.waiting: list[Search] = []  # step_barrier: prompts whose step ended, waiting for the others
+        self.roots: dict[tuple[int, ...], _Root] = {}
+        self.accepted: list[tuple[int, str]] = []  # after a tick: (input index, text so far) of final steps
+        self.cancelled: set[int] = set()
+        self.counters = Counters()
+        self.admitted = 0  # prompts admitted so far
+
+    # -- what the scheduler reads ----------------------------------------------------------
 
     @property
     def in_flight(self) -> int:
-        """Prompts in the batch."""
+        """Prompts in the batch (prefilling, decoding or waiting)."""
         return len(self.searches)
+
+    @property
+    def decoding_rows(self) -> int:
+        """Rows that will be fed at the next token, and rows promised to prompts still prefilling."""
+        return len(self.decoding) + sum(s.plan.rows for s in self.searches if s.prefilling)
+
+    @property
+    def rows_held(self) -> int:
+        """Candidate rows of every prompt in flight, decoding or waiting (the lockstep engine's count)."""
+        return sum(len(s.rows) if s.rows else s.plan.rows for s in self.searches)
+
+    @property
+    def between_steps(self) -> bool:
+        """No row of the current global step has drawn a token yet (step_barrier admits only then)."""
+        return all(not row.tokens and not row.end for row in self.decoding) and not self.waiting
+
+    # -- plans and admission ---------------------------------------------------------------
 
     def plan(self, cfg: GuideConfig, objectives: list[str] | None = None) -> Plan:
         """The :class:`Plan` of a prompt decoded with ``cfg``, guided by ``objectives`` (default:
         every reward model, weighted by ``cfg``).
 
         Raises:
-            ValueError: an unknown objective, or a step rule or stop tokens other than this
-                controller's (they are shared by the whole batch).
+            ValueError: an unknown objective, or a step rule, stop tokens or engine options other
+                than this controller's (they are shared by the whole batch).
         """
         cfg.check_objectives(list(self.rewards))
         names = list(self.rewards) if objectives is None else list(objectives)
@@ -198,12 +186,6 @@ class Controller:
         strategy = strategy_for(cfg)
         cap = cfg.step.max_step_tokens if strategy.stepwise else cfg.search.max_new_tokens
         return Plan(cfg, strategy, {n: cfg.weight(n) for n in names}, cap, root_stream(cfg.search.seed))
-
-    def cancel(self, index: int) -> None:
-        """Drop prompt ``index`` at the next step (its rows are freed; it is not reported)."""
-        self.cancelled.add(index)
-
-    # -- admission ------------------------------------------------------------------------
 
     def prepare(self, messages: Messages, plan: Plan | None = None) -> Prompt:
         """Tokenise a prompt for the policy and check that every model it will read has room for
@@ -234,381 +216,499 @@ class Controller:
                 )
         return Prompt(messages, ids, plan)
 
+    def cancel(self, index: int) -> None:
+        """Drop prompt ``index`` at the next tick (its slots are freed; it is not reported)."""
+        self.cancelled.add(index)
+
+    @torch.inference_mode()
     def admit(self, prompts: list[tuple]) -> list[tuple[int, ValueError]]:
-        """Prefill ``prompts`` together and add them to the batch: (input index, messages) pairs,
-        (input index, messages, :class:`Plan`) for a prompt with its own options, or (input
-        index, :class:`Prompt`) for a prompt already prepared.
+        """Add ``prompts`` to the batch: (input index, messages) pairs, (input index, messages,
+        :class:`Plan`) for a prompt with its own options, or (input index, :class:`Prompt`) for
+        a prompt already prepared. Their prefills join the next forwards (chunked, a few hundred
+        tokens per forward); with ``step_barrier`` they are prefilled at once.
 
         Returns:
             the prompts that could not join, with the reason (a prompt longer than a model's
             context, a reward model that could not read it).
         """
-        ok: list[tuple[int, Prompt, dict[int, Any], list]] = []
         failed = []
+        joined = []
         for index, item, *rest in prompts:
             try:
                 prompt = item if isinstance(item, Prompt) else self.prepare(item, rest[0] if rest else None)
                 states, costs = {}, []
-                for k, source in enumerate(self.sources):  # before the policy: a failure here touches no row
+                for k, source in enumerate(self.sources):  # before any slot: a failure here holds nothing
                     if source.used_by(prompt.plan.weights):
                         states[k], cost = scoring.add(source, prompt.messages)
                         costs.append(cost)
             except ValueError as err:
                 failed.append((index, err))
                 continue
-            ok.append((index, prompt, states, costs))
-        if not ok:
-            return failed
-        plans = [prompt.plan for _, prompt, _, _ in ok]
-        if any(p.strategy.stepwise for p in plans) and self.table is None and not isinstance(self.boundary, NoBoundary):
-            self.table = token_table(self.policy.tokenizer, self.boundary)
-            if self.state is not None:
-                self._check_vocab(self.state.logits.shape[-1])
-        t0 = time.perf_counter()
-        new = self.policy.prefill([prompt.ids for _, prompt, _, _ in ok])
-        if self.state is None:
-            self.state = new
-            self._check_vocab(new.logits.shape[-1])
-        else:
-            self.state.cat(new)
-        policy_s = time.perf_counter() - t0
-        width = max(len(prompt.ids) for _, prompt, _, _ in ok)
-        for index, prompt, states, costs in ok:
+            if prompt.plan.strategy.stepwise:
+                self.expander.ready(self.vocab, True, self.device)
             n = len(prompt.ids)
-            stats = Stats(policy_tokens=n, policy_tokens_padded=width, policy_s=policy_s, prompt_tokens=n)
+            stats = Stats(prompt_tokens=n)
             for cost in costs:
                 scoring.charge(stats, cost)
-            self.searches.append(Search(index, [Beam(stream=prompt.plan.root)], stats, t0, prompt.plan, states))
+            s = Search(index, prompt.plan, prompt.messages, prompt.ids, stats, time.perf_counter(), [
+                Beam(stream=prompt.plan.root)], states)
+            self._place_prompt(s)
+            self.searches.append(s)
+            self.admitted += 1
+            joined.append(s)
+        if self.barrier and joined:  # the lockstep engine prefills between steps
+            while any(s.prefilling for s in joined):
+                self._forward(self._prefill_items(limit=None), [])
         return failed
 
-    def _check_vocab(self, vocab: int) -> None:
-        outside = sorted(i for i in self.cfg.sampling.stop_token_ids if i >= vocab)
-        if outside:
-            raise ValueError(f"stop_token_ids {outside} are outside the policy's vocabulary ({vocab} tokens)")
-        self.host_flags = _flag_table(self.table, self.eos_ids, vocab)
-        self.flags = torch.tensor(self.host_flags, device=self.state.logits.device)
+    def _place_prompt(self, s: Search) -> None:
+        """A prompt slot for ``s``; with shared prefixes, the prefix it has in common with other
+        prompts (the conversation before its last user turn: a system turn) in a root slot."""
+        prefix = self._shared_prefix(s)
+        if prefix:
+            root = self.roots.get(prefix)
+            if root is None:
+                root = self.roots[prefix] = _Root(prefix, self.kv.root.alloc(len(prefix)), s)
+            root.users += 1
+            s.root_slot, s.shared, s.prefilled = root.slot, len(prefix), len(prefix)
+        s.prompt_slot = self.kv.prompt.alloc(len(s.ids) - s.shared)
 
-    # -- one step for every prompt in flight ----------------------------------------------
+    def _shared_prefix(self, s: Search) -> tuple[int, ...]:
+        if not self.share or len(s.messages) < 2:
+            return ()
+        ids = conversation_prefix_ids(self.policy.tokenizer, s.messages[:-1])
+        n = next((i for i, (a, b) in enumerate(zip(ids, s.ids)) if a != b), min(len(ids), len(s.ids)))
+        n = min(n, len(s.ids) - 1)  # the prompt's last token is its own: its logits start the response
+        return tuple(s.ids[:n]) if n >= MIN_SHARED else ()
 
-    def step(self) -> list[tuple[int, GuidedResult | ValueError]]:
-        """Advance every prompt in flight by one step.
+    # -- one token for everything in flight ------------------------------------------------
+
+    @torch.inference_mode()
+    def tick(self) -> list[tuple[int, GuidedResult | ValueError]]:
+        """Advance everything in flight by one token.
 
         Returns:
             the prompts whose search ended: (input index, result), or (input index, ValueError)
             for a prompt that failed (a reward model returned NaN or +inf, raised, or could not
             read it); the other prompts go on unchanged.
         """
-        # 1. fan out: beam b of a prompt -> its rows b*N .. b*N+N-1 (a new prompt -> B*N rows)
-        rows, parents, spans = self._fan_out()
-        self.state.select(torch.tensor(parents))
-        # 2. expand every row of every prompt in lockstep
-        self._expand(rows)
-        # 3. score every candidate of every prompt, one batch per reward model; a fault stays with its prompt
-        cands = [self._candidates(rows, a, b) for a, b in spans]
-        raw, errors, scored = self._score(cands)
-        # 4-5. per prompt: combine, select, record (a cancelled prompt just leaves)
-        keep, done, survivors, kept = [], [], [], {}
+        done: list[tuple[int, GuidedResult | ValueError]] = []
         self.accepted = []
-        for i, (s, (a, b)) in enumerate(zip(self.searches, spans)):
-            if s.index in self.cancelled:
-                continue
-            if i in errors:
-                done.append((s.index, errors[i]))
-                continue
-            try:
-                active = self._select(s, rows[a:b], cands[i].texts, raw[i])
-            except ValueError as err:
-                done.append((s.index, err))
-                continue
-            if active is None:
-                done.append((s.index, self._result(s)))
-            else:
-                keep += [a + r for r in active]
-                kept[i] = active
-                survivors.append(s)
-                if s.plan.streams_steps:
-                    self.accepted.append((s.index, s.beams[0].text))
-        self.cancelled.clear()
-        # 6. keep the survivors' rows on both sides; finished prompts leave the batch
-        for k, (users, result) in scored.items():
-            states = [self.searches[i].rewards[k] for i in users]
-            scoring.keep(result, states, {j: kept[i] for j, i in enumerate(users) if i in kept})
-            for i, state in zip(users, states):
-                self.searches[i].rewards[k] = state
-        self.searches = survivors
-        self.state.select(torch.tensor(keep, dtype=torch.long))
-        self.state.kv.tidy()
+        self.counters.ticks += 1
+        self._drop_cancelled()
+        # 1-2. sample every decoding row; keep its token or end its step
+        fed, ended = [], []
+        if self.decoding:
+            still = []
+            for row, (token, logprob, flags) in zip(self.decoding, self.expander.sample(self.logits, self.decoding)):
+                end = self.expander.advance(row, token, logprob, flags)
+                row.position += 1
+                if end in ("", "step"):  # the token was kept and the row goes on: its next logits are needed
+                    fed.append((row, token))
+                if end:
+                    row.end = "step" if end == "cut" else end
+                    row.search.decoding -= 1
+                    if not row.search.decoding:
+                        ended.append(row.search)
+                else:
+                    still.append(row)
+            self.decoding = still
+        # 3. one forward: kept tokens, prefill chunks, reward heads' scoring suffixes
+        self._forward(self._prefill_items(self.options.prefill_chunk), fed, ended)
+        # 4-5. prompts whose step ended: score, select, keep, fan out (step_barrier: all at once)
+        if self.barrier:
+            self.waiting += ended
+            ended = []
+            if not self.decoding and self.waiting and not any(s.prefilling for s in self.searches):
+                ended, self.waiting = self.waiting, []
+        if ended:
+            done += self._complete(ended)
         return done
 
-    def _score(self, cands: list[Candidates]) -> tuple[list[dict[str, torch.Tensor]], dict[int, ValueError], dict]:
-        """Every source scores the candidates of the prompts it guides, one batch each.
+    def _forward(self, f: _Forward, fed: list[tuple[Row, int]], ended: list[Search] | None = None) -> None:
+        """One packed forward of the kept tokens ``fed``, ``f``'s prefill chunks and the scoring
+        suffixes of the prompts whose step ``ended``; updates logits and reads the reward heads."""
+        for row, token in fed:
+            f.rows.append((row, Item([token], row.length, (ROW, row.slot, row.fed), self._reads(row))))
+            row.fed += 1
+        for s in ended or []:
+            self._head_items(s, f)
+        items = f.items
+        if not items:
+            return
+        t0 = time.perf_counter()
+        slots = [row.slot for row, _ in f.rows]  # where the rows' new logits go, sent with the forward
+        hidden, packed = self.policy.run(self.kv, items, slots)  # (outputs, H): rows, last prefill chunks, heads
+        done = [s for s, item in f.prefills if s is not None and item.out == "last"]
+        n_logits = len(f.rows) + len(done)
+        logits = self.policy.logits(hidden[:n_logits]) if n_logits else None  # (rows + prompts prefilled, V)
+        self.counters.add(rows_fed=len(f.rows), prefill_tokens=sum(len(i.tokens) for _, i in f.prefills),
+                          head_tokens=sum(len(i.tokens) for *_, its in f.heads for i in its),
+                          kv_tokens_read=packed.stats["kv_tokens_read"], tokens=packed.stats["tokens"],
+                          attended=packed.stats["attended"], rows_held=self.rows_held,
+                          kv_tokens_held=self.held_tokens(), in_flight=self.in_flight, admitted=self.admitted)
+        if f.rows:
+            self.logits[packed.extra] = logits[:len(f.rows)]
+        elapsed = time.perf_counter() - t0
+        for row, _ in f.rows:
+            row.search.stats.policy_tokens += 1
+            row.search.stats.policy_tokens_padded += 1
+        for s, item in f.prefills:
+            if s is not None:
+                s.stats.policy_tokens += len(item.tokens)
+                s.stats.policy_tokens_padded += len(item.tokens)
+        for s, out in zip(done, logits[len(f.rows):] if done else []):  # their first step starts from the prompt's last logits
+            self._fan_out(s, out[None])
+        for s in {id(row.search): row.search for row, _ in f.rows}.values():
+            s.stats.policy_s += elapsed
+        start = n_logits
+        for s, k, scratch, its in f.heads:
+            scores = self.sources[k].model.read(hidden[start:start + len(its)])
+            s.head_scores[k] = (scores, s.rewards[k].cost)
+            start += len(its)
+            for slot in scratch:
+                self.kv.row.release(slot)
 
-        Returns:
-            per prompt its raw scores (objective -> (R_s,)); the prompts that failed, with why;
-            and per source its users and what :func:`scoring.keep` needs.
-        """
+    def _reads(self, row: Row) -> tuple[tuple[int, int], ...]:
+        """What a row attends besides its own slot: root, prompt, beam (slot, columns)."""
+        s = row.search
+        if self.share:
+            return ((s.root_slot, s.shared), (row.prompt_slot, len(s.ids) - s.shared),
+                    (row.beam_slot, len(row.beam.token_ids)), (-1, 0))
+        return ((-1, 0), (row.prompt_slot, len(s.ids)), (row.beam_slot, len(row.beam.token_ids)), (-1, 0))
+
+    def _prefill_items(self, limit: int | None) -> _Forward:
+        """Chunks of the prompts still prefilling, oldest first, at most ``limit`` tokens (None: all)."""
+        f = _Forward()
+        room = limit if limit is not None else float("inf")
+        for s in self.searches:
+            if room <= 0:
+                break
+            if not s.prefilling:
+                continue
+            root = self.roots.get(tuple(s.ids[:s.shared])) if s.shared else None
+            if root is not None and root.filled < len(root.ids):  # the shared prefix first, by its owner
+                if root.owner is not s:
+                    continue
+                n = int(min(room, len(root.ids) - root.filled))
+                f.prefills.append((None, Item(list(root.ids[root.filled:root.filled + n]), root.filled,
+                                              (ROOT, root.slot, root.filled), ((-1, 0),) * 4, out="none")))
+                root.filled += n
+                room -= n
+                if room <= 0:
+                    break
+            if root is not None and root.filled < len(root.ids):
+                continue
+            n = int(min(room, len(s.ids) - s.prefilled))
+            column = s.prefilled - s.shared
+            last = s.prefilled + n == len(s.ids)
+            f.prefills.append((s, Item(s.ids[s.prefilled:s.prefilled + n], s.prefilled, (PROMPT, s.prompt_slot, column),
+                                        ((s.root_slot, s.shared), (-1, 0), (-1, 0), (-1, 0)),
+                                        out="last" if last else "none")))
+            s.prefilled += n
+            room -= n
+        return f
+
+    def _head_items(self, s: Search, f: _Forward) -> None:
+        """The scoring suffix of every candidate of ``s`` for each reward head on the policy's
+        backbone it reads: forwarded with this tick's tokens, read after the forward."""
+        for k, source in enumerate(self.sources):
+            if not getattr(source.model, "shares_policy", False) or not source.used_by(s.plan.weights):
+                continue
+            cands = self._candidates(s)
+            scratch, items = [], []
+            for row, (ids, reuse) in zip(s.rows, source.model.targets(s.rewards[k], cands)):
+                if reuse == row.length:  # the row holds a prefix of its scoring ids: write after it
+                    items.append(Item(ids[reuse:], reuse, (ROW, row.slot, row.fed), self._reads(row)))
+                    continue
+                slot = self.kv.row.alloc()  # it differs: a scratch row cut back to the common prefix
+                scratch.append(slot)
+                keep = max(0, reuse - len(s.ids) - len(row.beam.token_ids))
+                self.kv.row.copy(slot, 0, self.kv.row, row.slot, 0, keep)
+                items.append(Item(ids[reuse:], reuse, (ROW, slot, keep), self._cut_reads(row, reuse)))
+            f.heads.append((s, k, scratch, items))
+
+    def _cut_reads(self, row: Row, reuse: int) -> tuple[tuple[int, int], ...]:
+        """A row's reads cut back to its first ``reuse`` tokens."""
+        reads, start = [], 0
+        for slot, n in self._reads(row)[:3]:
+            reads.append((slot, max(0, min(n, reuse - start))))
+            start += n
+        return (*reads, (-1, 0))
+
+    # -- steps that ended ------------------------------------------------------------------
+
+    def _complete(self, searches: list[Search]) -> list[tuple[int, GuidedResult | ValueError]]:
+        """Score, select, keep and fan out the prompts whose step ended (one reward-model batch
+        per model for all of them)."""
+        self.counters.scorings += 1
+        if self.counters.trace is not None:  # what a separate reward model forwards for this batch
+            rows = [row for s in searches for row in s.rows]
+            self.counters.scoring_trace = self.counters.scoring_trace or []
+            self.counters.scoring_trace.append({
+                "forward": self.counters.forwards, "prompts": len(searches), "rows": len(rows),
+                "step_tokens": sum(len(row.tokens) for row in rows),
+                "context": sum(len(s.ids) + len(row.beam.token_ids) + len(row.tokens) for s in searches
+                               for row in s.rows)})
         t = time.perf_counter()
-        raw: list[dict[str, torch.Tensor]] = [{} for _ in self.searches]
+        cands = [self._candidates(s) for s in searches]
+        raw: list[dict[str, torch.Tensor]] = [{} for _ in searches]
         errors: dict[int, ValueError] = {}
         scored = {}
         for k, source in enumerate(self.sources):
-            users = [i for i, s in enumerate(self.searches) if source.used_by(s.plan.weights)]
+            users = [i for i, s in enumerate(searches) if source.used_by(s.plan.weights)]
             if not users:
                 continue
-            result = scoring.score(source, [self.searches[i].rewards[k] for i in users], [cands[i] for i in users],
-                                   [len(self.searches[i].beams) for i in users])
+            if getattr(source.model, "shares_policy", False):  # read during the forward
+                for i in users:
+                    scores, cost = searches[i].head_scores.pop(k)
+                    raw[i].update(source.columns(scores))
+                    scoring.charge(searches[i].stats, cost)
+                continue
+            result = scoring.score(source, [searches[i].rewards[k] for i in users], [cands[i] for i in users],
+                                   [len(searches[i].beams) for i in users])
             for j, i in enumerate(users):
                 if j in result.errors:
                     errors.setdefault(i, result.errors[j])
                 else:
                     raw[i].update(source.columns(result.scores[j]))
-                    scoring.charge(self.searches[i].stats, result.costs.get(j))
+                    scoring.charge(searches[i].stats, result.costs.get(j))
             scored[k] = (users, result)
         elapsed = time.perf_counter() - t
-        for s in self.searches:
+        done, kept = [], {}
+        for i, s in enumerate(searches):
             s.stats.prm_s += elapsed
-        return raw, errors, scored
+            if i in errors:
+                done.append((s.index, errors[i]))
+                continue
+            try:
+                active = _select(s, cands[i].texts, raw[i])
+            except ValueError as err:
+                done.append((s.index, err))
+                continue
+            if active is None:
+                done.append((s.index, _result(s)))
+            else:
+                kept[i] = active
+                if s.plan.streams_steps:
+                    self.accepted.append((s.index, s.beams[0].text))
+        for k, (users, result) in scored.items():  # the reward models keep the survivors
+            states = [searches[i].rewards[k] for i in users]
+            scoring.keep(result, states, {j: kept[i] for j, i in enumerate(users) if i in kept})
+            for i, state in zip(users, states):
+                searches[i].rewards[k] = state
+        for k, source in enumerate(self.sources):
+            if getattr(source.model, "shares_policy", False):
+                for i, s in enumerate(searches):
+                    if i in kept and k in s.rewards:
+                        source.model.keep(s.rewards[k], torch.tensor(kept[i], dtype=torch.long))
+        for i, s in enumerate(searches):  # the policy keeps the survivors' steps; finished prompts leave
+            if i in kept:
+                self._keep(s, kept[i])
+            else:
+                self._leave(s)
+        return done
 
-    def _fan_out(self) -> tuple[list[Row], list[int], list[tuple[int, int]]]:
-        """Candidate rows of every prompt, the policy row each extends, and each prompt's span."""
-        rows, parents, spans, offset = [], [], [], 0
-        for si, s in enumerate(self.searches):
-            shape = s.plan.strategy
-            fan = shape.candidates * (1 if s.steps else shape.beams)
-            start = len(rows)
-            for b, beam in enumerate(s.beams):
-                for c in range(fan):
-                    rows.append(Row(si, s.plan, b, beam, child_stream(beam.stream, c)))
-                    parents.append(offset + b)
-            spans.append((start, len(rows)))
-            offset += len(s.beams)
-        return rows, parents, spans
-
-    def _expand(self, rows: list[Row]) -> None:
-        """Decode one step for every row in lockstep; ended rows become holes.
-
-        Rows that ended wait for the others; once they are most of the batch (and at least
-        ``PARK_MIN``), they are set aside (one copy of their cache) so the forwards of the
-        stragglers run on fewer rows, and are put back at the end of the step.
-        """
-        t = time.perf_counter()
-        device = self.state.logits.device
-        streams = torch.tensor([r.stream for r in rows], device=device)  # (R,)
-        positions = torch.tensor([len(r.beam.token_ids) for r in rows], device=device)  # (R,)
-        active = list(range(len(rows)))
-        live = list(range(len(rows)))  # the row held at each position of self.state
-        parked: list[tuple[PolicyState, list[int]]] = []
-        forwards = 0
-        while active:
-            if len(live) - len(active) >= max(self.PARK_MIN, len(live) // 2):
-                live = self._park(live, set(active), parked)
-            where = {r: i for i, r in enumerate(live)}
-            at = torch.tensor([where[r] for r in active], device=device)  # (A,) state positions
-            idx = torch.tensor(active, device=device)  # (A,) rows
-            logits = self.state.logits[at]  # (A, V)
-            tokens = self._sample(logits, [rows[r].plan.cfg.sampling for r in active], streams[idx], positions[idx])
-            logprobs = torch.log_softmax(logits.float(), -1).gather(1, tokens[:, None])[:, 0]  # (A,)
-            packed = torch.stack([tokens.double(), logprobs.double(), self.flags[tokens].double()])  # (3, A)
-            positions[idx] += 1
-            feed, still = [], []
-            for r, token, logprob, flags in zip(active, *packed.tolist()):  # the one transfer of this token
-                row, token = rows[r], int(token)
-                end = self._advance(row, token, logprob, int(flags))
-                if end in ("", "step"):  # the token was kept and the row goes on: its next logits are needed
-                    feed.append((where[r], token))
-                    row.fed += 1
-                if end:
-                    row.end = "step" if end == "cut" else end
-                else:
-                    still.append(r)
-            if feed:
-                fed_at, fed_tokens = zip(*feed)
-                mask = torch.zeros(len(live), dtype=torch.bool)
-                mask[list(fed_at)] = True
-                tokens_in = torch.zeros(len(live), dtype=torch.long)
-                tokens_in[list(fed_at)] = torch.tensor(fed_tokens)
-                self.policy.forward(self.state, tokens_in, mask)
-                forwards += 1
-                for r in live:  # every row in the forward, fed or a hole
-                    rows[r].slots += 1
-            active = still
-        if parked:
-            self._unpark(live, parked)
-        elapsed = time.perf_counter() - t
-        for s in self.searches:
-            s.stats.policy_s += elapsed
-        for row in rows:
-            stats = self.searches[row.search].stats
-            stats.policy_tokens += row.fed
-            stats.policy_tokens_padded += row.slots
-
-    PARK_MIN = 8  # rows worth setting aside at once
-
-    @staticmethod
-    def _sample(logits: torch.Tensor, samplings: list, streams: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """One token per row (A,), each row with its prompt's sampling options (one call per
-        distinct setting; usually one)."""
-        keys = [(c.temperature, c.top_k, c.top_p) for c in samplings]
-        if len(set(keys)) == 1:
-            return sample_tokens(logits, samplings[0], streams, positions)
-        tokens = torch.empty(len(keys), dtype=torch.long, device=logits.device)
-        for key in dict.fromkeys(keys):
-            idx = torch.tensor([i for i, k in enumerate(keys) if k == key], device=logits.device)
-            cfg = samplings[keys.index(key)]
-            tokens[idx] = sample_tokens(logits[idx], cfg, streams[idx], positions[idx])
-        return tokens
-
-    def _park(self, live: list[int], active: set[int], parked: list[tuple[PolicyState, list[int]]]) -> list[int]:
-        """Set the ended rows aside; returns the rows still in self.state, in order."""
-        keep = [i for i, r in enumerate(live) if r in active]
-        rest = [i for i, r in enumerate(live) if r not in active]
-        parked.append((self.state.take(torch.tensor(rest)), [live[i] for i in rest]))
-        self.state.select(torch.tensor(keep))
-        return [live[i] for i in keep]
-
-    def _unpark(self, live: list[int], parked: list[tuple[PolicyState, list[int]]]) -> None:
-        """Put the set-aside rows back, every row at its place again."""
-        self.state.place(torch.tensor(live), [(state, torch.tensor(ids)) for state, ids in parked])
-
-    def _advance(self, row: Row, token: int, logprob: float, flags: int) -> str:
-        """Row sampled ``token``: keep it or end the step. Returns why the row's step ends:
-        ``cut`` (a boundary before ``token``, which is dropped), ``step``, ``eos``, ``length``, or ''."""
-        if flags & _EOS:
-            return "eos"
-        plan = row.plan
-        stepwise = plan.strategy.stepwise and self.table is not None
-        if stepwise and self._boundary_before(row, token, flags):
-            return "cut"
-        row.tokens.append(token)
-        row.logprobs.append(logprob)
-        if row.text is not None:
-            row.text.append(token)
-        n = len(row.tokens)
-        if len(row.beam.token_ids) + n >= plan.cfg.search.max_new_tokens:
-            return "length"
-        if n >= plan.step_cap:
-            return "step"
-        if (
-            stepwise and flags & _MAY_END and flags & _WS_END and not row.deferred
-            and n >= plan.cfg.step.min_step_tokens
-            and self.boundary.ends_after(row.beam.text[-_CONTEXT_CHARS:], self._text(row))
-        ):
-            return "step"
-        return ""
-
-    def _boundary_before(self, row: Row, token: int, flags: int) -> bool:
-        """Does the step end before ``token``? May set or clear the row's deferral instead."""
-        if not row.tokens or len(row.tokens) < row.plan.cfg.step.min_step_tokens or self.table is None:
-            return False
-        last = self.host_flags[row.tokens[-1]]
-        if row.deferred:  # kept spaces after a possible end: this token decides
-            row.deferred = bool(flags & _SPACES)
-            if row.deferred:
-                return False
-        elif not (flags & _WS_START and last & _MAY_END and not last & _WS_END):
-            return False
-        elif flags & _SPACES:  # " " says nothing yet ("No. 5" vs "No. It"): keep it, decide on the next
-            row.deferred = True
-            return False
-        text = self._text(row)
-        body = text.rstrip(" \t")
-        following = text[len(body):] + (self.table.text[token] if token < len(self.table.text) else "")
-        return self.boundary.ends_before(row.beam.text[-_CONTEXT_CHARS:], body, following)
-
-    def _text(self, row: Row) -> str:
-        """The row's chunk text as it reads after its beam, detokenised incrementally."""
-        if row.text is None:
-            row.text = ChunkText(self.policy.decode, row.beam.token_ids)
-            for t in row.tokens:
-                row.text.append(t)
-        return row.text.current()
-
-    def _candidates(self, rows: list[Row], a: int, b: int) -> Candidates:
-        """One prompt's candidates (rows ``a:b`` of the batch), their parents among its own beams."""
-        mine = rows[a:b]
-        ids = [row.beam.token_ids + row.tokens for row in mine]
+    def _candidates(self, s: Search) -> Candidates:
+        ids = [row.beam.token_ids + row.tokens for row in s.rows]
         texts = [self.policy.decode(i) for i in ids]
-        steps = [_split_steps(row.beam.steps, t) for row, t in zip(mine, texts)]
-        held = [len(row.beam.token_ids) + row.fed for row in mine]  # a "length" row's last token was not fed
-        return Candidates(torch.tensor([row.parent for row in mine]), ids, texts, steps, self.state, held,
-                          list(range(a, b)))
+        steps = [_split_steps(row.beam.steps, t) for row, t in zip(s.rows, texts)]
+        held = [len(row.beam.token_ids) + row.fed for row in s.rows]  # a "length" row's last token was not fed
+        return Candidates(torch.tensor([row.parent for row in s.rows]), ids, texts, steps, held)
 
-    # -- per prompt -----------------------------------------------------------------------
+    # -- slots -----------------------------------------------------------------------------
 
-    def _select(self, s: Search, rows: list[Row], texts: list[str], raw: dict[str, torch.Tensor]) -> list[int] | None:
-        """Combine, select and record one prompt's step. Returns the rows (local) that go on, or
-        None when its search ended."""
-        step, shape = len(s.steps), s.plan.strategy
-        check_scores(raw, step)
-        groups = torch.arange(len(rows)) // shape.candidates  # (R_s,) the beam (dvts: subtree)
-        combined = self._combine(s.plan, raw, groups)
-        ended = torch.tensor([row.end != "step" for row in rows])
-        eligible = self._eligible(s.plan, rows, groups)
-        selection = select(shape, combined, ended, groups, eligible, len(s.finished))
-        s.steps.append(self._record(shape, rows, texts, raw, combined, selection, s.origins))
-        s.stats.steps += 1
-        s.finished += [
-            Finished(self._beam(rows[r], texts[r]), rows[r].end, {k: float(v[r]) for k, v in raw.items()}, step, r)
-            for r in selection.finished
-        ]
-        s.beams = [self._beam(rows[r], texts[r]) for r in selection.active]
-        s.origins = selection.active
-        if not s.beams or (not shape.per_beam and len(s.finished) >= shape.beams):
-            return None
-        return selection.active
+    def _keep(self, s: Search, active: list[int]) -> None:
+        """The survivors' steps become their beams' tokens (copy-on-write: a beam kept by several
+        candidates is copied for all but the last), then the next candidates fan out."""
+        survivors = [s.rows[r] for r in active]
+        beam_logits = self.logits[[row.slot for row in survivors]].clone()  # (B', V)
+        last_user = {row.beam_slot: i for i, row in enumerate(survivors) if row.beam_slot >= 0}
+        slots = []
+        for i, row in enumerate(survivors):  # 1. copies of beams that other survivors also keep
+            if last_user.get(row.beam_slot) == i:
+                slots.append(row.beam_slot)
+                continue
+            slot = self.kv.beam.alloc(len(row.beam.token_ids) + row.fed)
+            if row.beam_slot >= 0:
+                self.kv.beam.copy(slot, 0, self.kv.beam, row.beam_slot, 0, len(row.beam.token_ids))
+            slots.append(slot)
+        for row, slot in zip(survivors, slots):  # 2. each survivor's step after its beam's tokens
+            self.kv.beam.copy(slot, len(row.beam.token_ids), self.kv.row, row.slot, 0, row.fed)
+        taken = set(slots)
+        for row in s.rows:  # 3. free what no survivor kept
+            self._release_row(row, taken)
+        for beam, slot in zip(s.beams, slots):
+            beam.slot = slot
+        self._fan_out(s, beam_logits)
 
-    @staticmethod
-    def _beam(row: Row, text: str) -> Beam:
-        return Beam(row.beam.token_ids + row.tokens, text, row.beam.logprobs + row.logprobs, row.stream,
-                    _split_steps(row.beam.steps, text))
+    def _fan_out(self, s: Search, beam_logits: torch.Tensor) -> None:
+        """The candidates of ``s``'s next step: N per beam (B*N from the root at the first step),
+        each an empty row slot reading its beam's (nothing is copied unless prefixes are not
+        shared), starting from its beam's logits."""
+        shape = s.plan.strategy
+        fan = shape.candidates * (1 if s.steps else shape.beams)
+        rows, parents = [], []
+        for b, beam in enumerate(s.beams):
+            for c in range(fan):
+                prompt_slot, beam_slot = s.prompt_slot, beam.slot
+                if not self.share:  # a private copy of the prompt and the beam, as per-row caches hold them
+                    prompt_slot = self.kv.prompt.alloc(len(s.ids))
+                    self.kv.prompt.copy(prompt_slot, 0, self.kv.prompt, s.prompt_slot, 0, len(s.ids))
+                    if beam.slot >= 0:
+                        beam_slot = self.kv.beam.alloc(len(beam.token_ids))
+                        self.kv.beam.copy(beam_slot, 0, self.kv.beam, beam.slot, 0, len(beam.token_ids))
+                rows.append(Row(s, b, beam, child_stream(beam.stream, c), self._alloc_row_slot(), prompt_slot,
+                                beam_slot, len(beam.token_ids)))
+                parents.append(b)
+        if not self.share:
+            for beam in s.beams:  # the rows hold their own copies
+                if beam.slot >= 0:
+                    self.kv.beam.release(beam.slot)
+                    beam.slot = -1
+        self._set_logits([row.slot for row in rows], beam_logits[parents])
+        s.rows, s.decoding = rows, len(rows)
+        self.decoding += rows
 
-    @staticmethod
-    def _combine(plan: Plan, raw: dict[str, torch.Tensor], groups: torch.Tensor) -> torch.Tensor:
-        if not raw:  # unguided: every candidate ties, the first wins
-            return torch.zeros(len(groups), dtype=torch.float64)
-        per_beam = groups if plan.strategy.per_beam else None
-        return combine(raw, plan.weights, plan.cfg.objective.normalize, per_beam)
+    def _alloc_row_slot(self) -> int:
+        slot = self.kv.row.alloc()
+        if slot >= self.logits.shape[0]:
+            grown = torch.zeros(self.kv.row.slots, self.vocab, device=self.device)
+            grown[: self.logits.shape[0]] = self.logits
+            self.logits = grown
+        return slot
 
-    @staticmethod
-    def _eligible(plan: Plan, rows: list[Row], groups: torch.Tensor) -> torch.Tensor:
-        """(R,) False for a candidate identical to an earlier one it competes with (``dedupe``)."""
-        if not plan.cfg.search.dedupe:
-            return torch.ones(len(rows), dtype=torch.bool)
-        keys = [(tuple(row.beam.token_ids + row.tokens), row.end) for row in rows]
-        return first_copies(keys, groups if plan.strategy.per_beam else torch.zeros_like(groups))
+    def _set_logits(self, slots: list[int], logits: torch.Tensor) -> None:
+        self.logits[torch.tensor(slots, device=self.device)] = logits.to(self.logits)
 
-    @staticmethod
-    def _record(
-        shape: Strategy, rows: list[Row], texts: list[str], raw, combined: torch.Tensor, selection: Selection,
-        origins: list[int],
-    ) -> Step:
-        records = [
-            Candidate(
-                text=_step_text(row.beam.text, texts[r]),
-                token_ids=list(row.tokens),
-                scores={k: float(v[r]) for k, v in raw.items()},
-                combined=float(combined[r]),
-                parent=origins[row.parent],
-                end=row.end,
-                logprobs=list(row.logprobs),
-            )
-            for r, row in enumerate(rows)
-        ]
-        kept = selection.active + selection.finished
-        return Step(records, kept[0] if shape.beams == 1 else sorted(kept))
+    def _release_row(self, row: Row, kept_beams: set[int] = frozenset()) -> None:
+        """Free a candidate row's slots (and its private copies), but not a beam slot kept."""
+        self.kv.row.release(row.slot)
+        if not self.share:
+            self.kv.prompt.release(row.prompt_slot)
+        if row.beam_slot >= 0 and row.beam_slot not in kept_beams and self.kv.beam.live[row.beam_slot]:
+            self.kv.beam.release(row.beam_slot)
 
-    def _result(self, s: Search) -> GuidedResult:
-        plan = s.plan
-        raw = {k: torch.tensor([f.scores[k] for f in s.finished], dtype=torch.float64) for k in plan.weights}
-        best = s.finished[final_pick(raw, [len(f.beam.token_ids) for f in s.finished], plan.cfg, plan.weights)]
-        if plan.strategy.beams == 1:  # the step that ended the search records the answer it gave
-            s.steps[best.step].chosen = best.row
-        s.stats.response_tokens = len(best.beam.token_ids)
-        s.stats.wall_s = time.perf_counter() - s.t0
-        return GuidedResult(
-            text=best.beam.text, token_ids=best.beam.token_ids, stop_reason=best.reason, steps=s.steps,
-            stats=s.stats, scores=best.scores,
+    def _leave(self, s: Search) -> None:
+        """``s`` leaves the batch: every slot it holds is freed."""
+        for row in s.rows:
+            self._release_row(row)
+        for beam in s.beams:
+            if beam.slot >= 0 and self.kv.beam.live[beam.slot]:
+                self.kv.beam.release(beam.slot)
+        self.kv.prompt.release(s.prompt_slot)
+        if s.shared:
+            key = tuple(s.ids[:s.shared])
+            root = self.roots[key]
+            root.users -= 1
+            if not root.users:
+                self.kv.root.release(root.slot)
+                del self.roots[key]
+        gone = {id(row) for row in s.rows}
+        self.decoding = [row for row in self.decoding if id(row) not in gone]
+        self.searches = [x for x in self.searches if x is not s]
+        self.waiting = [x for x in self.waiting if x is not s]
+
+    @torch.inference_mode()
+    def _drop_cancelled(self) -> None:
+        if not self.cancelled:
+            return
+        for s in [s for s in self.searches if s.index in self.cancelled]:
+            if s.shared and self.roots[tuple(s.ids[:s.shared])].owner is s and s.prefilling:
+                continue  # it is writing a prefix others wait for: it leaves once that is written
+            self._leave(s)
+            self.cancelled.discard(s.index)
+        self.cancelled &= {s.index for s in self.searches}
+
+    def held_tokens(self) -> int:
+        """KV columns held by every prompt in flight (each shared slot once)."""
+        total = sum(len(r.ids) for r in self.roots.values())
+        for s in self.searches:
+            total += len(s.ids) - s.shared
+            total += sum(len(b.token_ids) for b in s.beams if b.slot >= 0)
+            for row in s.rows:
+                total += row.fed
+                if not self.share:
+                    total += len(s.ids) + (len(row.beam.token_ids) if row.beam_slot >= 0 else 0)
+        return total
+
+
+# -- per prompt: combine, select, record ------------------------------------------------------
+
+def _select(s: Search, texts: list[str], raw: dict[str, torch.Tensor]) -> list[int] | None:
+    """Combine, select and record one prompt's step. Returns the rows (local) that go on, or None
+    when its search ended."""
+    rows = s.rows
+    step, shape = len(s.steps), s.plan.strategy
+    check_scores(raw, step)
+    groups = torch.arange(len(rows)) // shape.candidates  # (R_s,) the beam (dvts: subtree)
+    combined = _combine(s.plan, raw, groups)
+    ended = torch.tensor([row.end != "step" for row in rows])
+    eligible = _eligible(s.plan, rows, groups)
+    selection = select(shape, combined, ended, groups, eligible, len(s.finished))
+    s.steps.append(_record(shape, rows, texts, raw, combined, selection, s.origins))
+    s.stats.steps += 1
+    s.finished += [
+        Finished(_beam(rows[r], texts[r]), rows[r].end, {k: float(v[r]) for k, v in raw.items()}, step, r)
+        for r in selection.finished
+    ]
+    s.beams = [_beam(rows[r], texts[r]) for r in selection.active]
+    s.origins = selection.active
+    if not s.beams or (not shape.per_beam and len(s.finished) >= shape.beams):
+        return None
+    return selection.active
+
+
+def _beam(row: Row, text: str) -> Beam:
+    return Beam(row.beam.token_ids + row.tokens, text, row.beam.logprobs + row.logprobs, row.stream,
+                _split_steps(row.beam.steps, text))
+
+
+def _combine(plan: Plan, raw: dict[str, torch.Tensor], groups: torch.Tensor) -> torch.Tensor:
+    if not raw:  # unguided: every candidate ties, the first wins
+        return torch.zeros(len(groups), dtype=torch.float64)
+    per_beam = groups if plan.strategy.per_beam else None
+    return combine(raw, plan.weights, plan.cfg.objective.normalize, per_beam)
+
+
+def _eligible(plan: Plan, rows: list[Row], groups: torch.Tensor) -> torch.Tensor:
+    """(R,) False for a candidate identical to an earlier one it competes with (``dedupe``)."""
+    if not plan.cfg.search.dedupe:
+        return torch.ones(len(rows), dtype=torch.bool)
+    keys = [(tuple(row.beam.token_ids + row.tokens), row.end) for row in rows]
+    return first_copies(keys, groups if plan.strategy.per_beam else torch.zeros_like(groups))
+
+
+def _record(shape: Strategy, rows: list[Row], texts: list[str], raw: dict[str, torch.Tensor], combined: torch.Tensor,
+            selection: Selection, origins: list[int]) -> Step:
+    records = [
+        Candidate(
+            text=_step_text(row.beam.text, texts[r]),
+            token_ids=list(row.tokens),
+            scores={k: float(v[r]) for k, v in raw.items()},
+            combined=float(combined[r]),
+            parent=origins[row.parent],
+            end=row.end,
+            logprobs=list(row.logprobs),
         )
+        for r, row in enumerate(rows)
+    ]
+    kept = selection.active + selection.finished
+    return Step(records, kept[0] if shape.beams == 1 else sorted(kept))
+
+
+def _result(s: Search) -> GuidedResult:
+    plan = s.plan
+    raw = {k: torch.tensor([f.scores[k] for f in s.finished], dtype=torch.float64) for k in plan.weights}
+    best = s.finished[final_pick(raw, [len(f.beam.token_ids) for f in s.finished], plan.cfg, plan.weights)]
+    if plan.strategy.beams == 1:  # the step that ended the search records the answer it gave
+        s.steps[best.step].chosen = best.row
+    s.stats.response_tokens = len(best.beam.token_ids)
+    s.stats.wall_s = time.perf_counter() - s.t0
+    return GuidedResult(
+        text=best.beam.text, token_ids=best.beam.token_ids, stop_reason=best.reason, steps=s.steps,
+        stats=s.stats, scores=best.scores,
+    )
 
 
 def _split_steps(steps: list[str], full: str) -> list[str]:
@@ -634,18 +734,3 @@ def _split_steps(steps: list[str], full: str) -> list[str]:
 def _step_text(parent: str, full: str) -> str:
     """The text a candidate added to its beam's text."""
     return full[len(parent):] if full.startswith(parent) else full
-
-
-def _flag_table(table: TokenTable | None, eos_ids: frozenset[int], vocab: int) -> list[int]:
-    """Per-token flags for the hot loop: end of turn, and what the step rules need to know."""
-    flags = [0] * vocab
-    if table is not None:
-        for i in range(min(vocab, len(table.text))):
-            flags[i] = (
-                _WS_START * table.ws_start[i] | _WS_END * table.ws_end[i] | _SPACES * table.spaces[i]
-                | _MAY_END * table.may_end[i]
-            )
-    for i in eos_ids:
-        if 0 <= i < vocab:
-            flags[i] |= _EOS
-    return flags

@@ -1,13 +1,22 @@
-"""Many prompts in flight: continuous batching at step granularity.
+"""Admission: which waiting prompts join the batch, and when. Token-level continuous batching.
 
     while prompts remain or any is in flight:
-      admit    as many waiting prompts as fit (max_prompts, max_rows), prefilled together
-      step     every prompt in flight advances one step together (mahalo.engine.controller)
-      yield    the prompts that ended; their rows are freed for the next admissions
+      admit    waiting prompts, oldest first, while they fit (:func:`fits`)
+      tick     everything in flight advances one token (mahalo.engine.controller)
+      yield    the prompts that ended; their slots are free at the next token
+
+One rule (:func:`fits`) for the library's :func:`schedule` and the threaded :class:`Engine`:
+admission is governed by a budget of *decoding* rows (``batch.max_rows``: rows fed at the next
+token, plus those promised to prompts still prefilling), not by prompts in flight. Rows that ended
+their step and wait for their siblings hold only their step's KV and do not count, so more
+prompts join to keep the batch full; ``batch.max_prompts`` caps prompts in flight (and the KV
+they hold). With ``engine.step_barrier`` (the lockstep ablation) prompts join only between
+global steps, up to ``max_prompts`` and ``max_rows`` rows held.
 
 Prompts are read lazily from any iterable, so a dataset streams through; results come back as
 they finish, each with its input index. :class:`Engine` is the same loop fed from other threads
-(a Ray replica's concurrent batches): callers submit prompts at any time and wait on futures.
+(a server's requests, a Ray replica's batches): callers submit prompts at any time and wait on
+futures; a request starts at the next token.
 """
 
 from __future__ import annotations
@@ -22,62 +31,88 @@ import torch
 
 from mahalo.chat import as_messages
 from mahalo.config import GuideConfig
-from mahalo.engine.controller import Controller, Plan, Prompt
+from mahalo.engine.controller import Controller
+from mahalo.engine.rows import Plan, Prompt
 from mahalo.result import GuidedResult
 
-# max_prompts=0 picks by the policy's device. CPU: benchmarks/throughput.py on the 2-core sandbox
-# (embedded models, N=5, 128 tokens, 32 questions) was fastest at 16 of 1-16 (12.2 questions/min,
-# 2.0x max_prompts=1). GPU: not measured (no GPU was available to this project yet); 32 keeps an
-# 8B decode step near its weight-read floor (5 rows x 32 = 160 rows).
-DEVICE_MAX_PROMPTS = {"cpu": 16, "cuda": 32}
+# batch.max_prompts / batch.max_rows when 0: (prompts in flight, decoding rows) by the policy's
+# device. CPU: benchmarks/throughput.py on the 2-core sandbox (benchmarks/README.md §4). GPU: not
+# measured (no GPU was lent to this project yet): 256 rows keep an 8B decode step near its
+# weight-read floor (benchmarks/gpu_check.py's roofline).
+DEVICE_LIMITS = {"cpu": (64, 48), "cuda": (256, 256)}
 
 log = logging.getLogger(__name__)
 
 
-def max_prompts_for(controller: Controller, requested: int) -> int:
-    """``requested``, or the device's default for 0."""
-    if requested:
-        return requested
-    device = getattr(controller.policy, "device", torch.device("cpu"))
-    return DEVICE_MAX_PROMPTS.get(torch.device(device).type, DEVICE_MAX_PROMPTS["cpu"])
+def device_limits(device: str, barrier: bool, max_prompts: int, max_rows: int) -> tuple[int, int]:
+    """(prompts in flight, rows): the ones asked for, or the defaults of a ``device`` type (cpu,
+    cuda) for 0 (with a step barrier, ``max_rows=0`` means no bound on rows held)."""
+    prompts, rows = DEVICE_LIMITS.get(device, DEVICE_LIMITS["cpu"])
+    return max_prompts or prompts, max_rows or (0 if barrier else rows)
+
+
+def limits(controller: Controller, max_prompts: int, max_rows: int) -> tuple[int, int]:
+    """:func:`device_limits` for ``controller``'s policy device and step barrier."""
+    device = torch.device(getattr(controller.policy, "device", "cpu")).type
+    return device_limits(device, controller.barrier, max_prompts, max_rows)
+
+
+def fits(controller: Controller, plans: list[Plan], max_prompts: int, max_rows: int) -> bool:
+    """May prompts searched by ``plans`` all join now (with what is already in flight)?
+
+    One prompt always may, when nothing is in flight; else prompts in flight stay within
+    ``max_prompts`` and decoding rows (the first step's B*N of each joining prompt) within
+    ``max_rows``; with a step barrier, only between global steps and within ``max_rows`` rows held.
+    """
+    prompts = controller.in_flight + len(plans)
+    if prompts <= 1:
+        return True
+    if prompts > max_prompts:
+        return False
+    rows = sum(p.rows for p in plans)
+    if controller.barrier:
+        return controller.between_steps and (not max_rows or controller.rows_held + rows <= max_rows)
+    return controller.decoding_rows + rows <= max_rows
 
 
 def schedule(
-    controller: Controller, prompts: Iterable[object], max_prompts: int, max_rows: int = 0
+    controller: Controller, prompts: Iterable[object], max_prompts: int = 0, max_rows: int = 0
 ) -> Iterator[tuple[int, GuidedResult | ValueError]]:
-    """Decode ``prompts`` (strings or message lists) with at most ``max_prompts`` in flight and at
-    most ``max_rows`` policy rows (0: no row limit).
+    """Decode ``prompts`` (strings or message lists) within ``max_prompts`` prompts in flight and
+    ``max_rows`` decoding rows (0: the device's defaults).
 
     Yields:
         (input index, result) as each prompt finishes, or (input index, ValueError) for a prompt
-        that failed (a malformed or too long prompt, a reward model's NaN).
+        that failed (a malformed or too long prompt, a reward model's fault).
     """
-    per_prompt = controller.default.rows  # rows a prompt may hold (its first step)
+    max_prompts, max_rows = limits(controller, max_prompts, max_rows)
     waiting = enumerate(prompts)
+    head: tuple[int, object] | None = None  # the next prompt, read but not yet admitted
     exhausted = False
     while True:
         batch: list[tuple[int, object]] = []
-        while not exhausted and _fits(controller.in_flight + len(batch) + 1, per_prompt, max_prompts, max_rows):
-            item = next(waiting, None)
-            if item is None:
-                exhausted = True
+        while True:
+            if head is None and not exhausted:
+                item = next(waiting, None)
+                if item is None:
+                    exhausted = True
+                else:
+                    try:
+                        head = (item[0], as_messages(item[1]))
+                    except ValueError as err:
+                        yield item[0], err
+                        continue
+            if head is None or not fits(controller, [controller.default] * (len(batch) + 1), max_prompts, max_rows):
                 break
-            index, prompt = item
-            try:
-                batch.append((index, as_messages(prompt)))
-            except ValueError as err:
-                yield index, err
+            batch.append(head)
+            head = None
         if batch:
             yield from controller.admit(batch)
         if not controller.in_flight:
-            if exhausted:
+            if exhausted and head is None:
                 return
             continue
-        yield from controller.step()
-
-
-def _fits(prompts: int, per_prompt: int, max_prompts: int, max_rows: int) -> bool:
-    return prompts <= max_prompts and (max_rows == 0 or prompts * per_prompt <= max_rows)
+        yield from controller.tick()
 
 
 class EngineStopped(RuntimeError):
@@ -91,18 +126,19 @@ class Busy(RuntimeError):
 class Engine:
     """Continuous batching for prompts that arrive over time, from any thread.
 
-    A background thread runs the scheduler's loop (admit what fits, step, hand back what ended);
+    A background thread runs the scheduler's loop (admit what fits, tick, hand back what ended);
     :meth:`submit` queues a prompt and returns a future of its ``GuidedResult``, or of its
     ``ValueError`` for a prompt that failed (a :class:`~mahalo.result.PromptError` when it was
     refused before decoding). A prompt gets the same answer as through :func:`schedule`: the
-    controller's answers never depend on their neighbours.
+    controller's answers never depend on their neighbours. A prompt submitted while others
+    decode joins at the next token.
 
-    A prompt may bring its own :class:`~mahalo.engine.controller.Plan` (:meth:`plan`: another
+    A prompt may bring its own :class:`~mahalo.engine.rows.Plan` (:meth:`plan`: another
     strategy, N, weights, seed ...) and an ``on_step`` callback, called from the engine thread
     with the response text so far each time a step becomes final (one-beam step searches).
     :meth:`prepare` checks a prompt against every model's context from the caller's thread, so a
     server refuses it before it queues. :meth:`cancel` drops a prompt: at once while it waits,
-    at the next step in flight; a cancel never stops the engine.
+    at the next token in flight; a cancel never stops the engine.
 
     Faults of one prompt stay with it (its future gets the ``ValueError``). Any other exception in
     the loop (a bug, out of memory) stops the engine: every pending future fails with it,
@@ -110,9 +146,10 @@ class Engine:
     supervisor restarts it), and later :meth:`submit` calls raise :class:`EngineStopped`.
     """
 
-    def __init__(self, controller: Controller, max_prompts: int, max_rows: int = 0,
+    def __init__(self, controller: Controller, max_prompts: int = 0, max_rows: int = 0,
                  on_stop: Callable[[BaseException], None] | None = None) -> None:
-        self.controller, self.max_prompts, self.max_rows = controller, max_prompts, max_rows
+        self.controller = controller
+        self.max_prompts, self.max_rows = limits(controller, max_prompts, max_rows)
         self.on_stop = on_stop
         self._cond = threading.Condition()
         self._waiting: deque[tuple[int, object, Plan | None]] = deque()  # guarded by _cond
@@ -139,6 +176,11 @@ class Engine:
                 too long for a model it will read.
         """
         return self.controller.prepare(as_messages(prompt), plan)
+
+    @property
+    def tokenizer(self) -> object:
+        """The policy's tokenizer."""
+        return self.controller.policy.tokenizer
 
     def submit(self, prompt: object, plan: Plan | None = None, on_step: Callable[[str], None] | None = None,
                limit: int | None = None) -> Future:
@@ -167,7 +209,7 @@ class Engine:
 
     def cancel(self, future: Future) -> None:
         """Drop the prompt of ``future`` (a client that went away): a waiting prompt leaves the
-        queue, one in flight leaves the batch at the next step. The future is cancelled."""
+        queue, one in flight leaves the batch at the next token. The future is cancelled."""
         with self._cond:
             ticket = self._tickets_of.pop(id(future), None)
             if ticket is None or ticket not in self._futures:
@@ -217,7 +259,7 @@ class Engine:
                 for ticket in cancel:
                     self.controller.cancel(ticket)
                 if self.controller.in_flight:
-                    for ticket, out in self.controller.step():
+                    for ticket, out in self.controller.tick():
                         self._deliver(ticket, out)
                     for ticket, text in self.controller.accepted:
                         self._step_done(ticket, text)
@@ -236,29 +278,29 @@ class Engine:
     def _take(self) -> tuple[list[tuple] | None, list[tuple[int, ValueError]]]:
         """The waiting prompts that fit now (blocks while there is nothing to do: nothing waits,
         nothing is in flight, no cancel to apply); None: closed and drained, stop."""
-        in_flight = self.controller.in_flight
-        rows = sum(s.plan.rows for s in self.controller.searches)
+        controller = self.controller
+        in_flight = controller.in_flight
         with self._cond:
             while not self._waiting and not in_flight and not self._closing and not self._cancel:
                 self._cond.wait()
             if not self._waiting and not in_flight and self._closing:
                 return None, []
-            batch, failed = [], []
+            batch, failed, plans = [], [], []
             while self._waiting:
                 ticket, prompt, plan = self._waiting[0]
-                need = (prompt.plan if isinstance(prompt, Prompt) else plan or self.controller.default).rows
-                prompts = in_flight + len(batch) + 1
-                if prompts > self.max_prompts or (self.max_rows and rows + need > self.max_rows and prompts > 1):
+                plan = prompt.plan if isinstance(prompt, Prompt) else plan or controller.default
+                if not fits(controller, [*plans, plan], self.max_prompts, self.max_rows):
                     break
                 self._waiting.popleft()
-                rows += need
                 if isinstance(prompt, Prompt):
                     batch.append((ticket, prompt))
-                    continue
-                try:
-                    batch.append((ticket, as_messages(prompt), plan))
-                except ValueError as err:
-                    failed.append((ticket, err))
+                else:
+                    try:
+                        batch.append((ticket, as_messages(prompt), plan))
+                    except ValueError as err:
+                        failed.append((ticket, err))
+                        continue
+                plans.append(plan)
         return batch, failed
 
     def _deliver(self, ticket: int, out: GuidedResult | ValueError) -> None:

@@ -82,8 +82,7 @@ def concat(parts: list[Candidates], beams: list[int]) -> Candidates:
         return None if any(v is None for v in values) else [x for v in values for x in v]
 
     parents = torch.cat([c.parents + off for c, off in zip(parts, offsets)])
-    return Candidates(parents, joined("token_ids"), joined("texts"), joined("steps"), parts[0].policy,
-                      joined("held"), joined("rows"))
+    return Candidates(parents, joined("token_ids"), joined("texts"), joined("steps"), joined("held"))
 
 
 def score(source: Source, states: list[Any], candidates: list[Candidates], beams: list[int]) -> Scored:

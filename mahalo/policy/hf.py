@@ -6,9 +6,9 @@ from typing import Any
 
 import torch
 
+from mahalo.cascade import ATTENTION, Item, Packed, SharedKV, attention_of, pack, unsupported
 from mahalo.chat import Messages, generation_prompt_ids, template_end_of_turn_ids
-from mahalo.kv import KVRows, empty_rows, right_padded
-from mahalo.policy.protocol import Policy, PolicyState
+from mahalo.policy.protocol import Policy
 
 # Causal LMs whose forward is exactly ``lm_head(model(...).last_hidden_state)`` (no logit scale,
 # soft-capping or bias). On a CPU the policy applies their head itself as ``W @ h.T``: for the few
@@ -39,7 +39,11 @@ def stop_token_ids(model: Any, tokenizer: Any) -> frozenset[int]:
 
 
 class HFPolicy:
-    """A transformers causal LM (``model``, ``tokenizer``) as a :class:`Policy`."""
+    """A transformers causal LM (``model``, ``tokenizer``) as a :class:`Policy`.
+
+    Its forwards run the model's own layers with one thing replaced: attention reads the
+    shared-prefix cache (:func:`mahalo.cascade.cascade_attention`), for that forward only.
+    """
 
     def __init__(self, model: Any, tokenizer: Any) -> None:
         self.model = model.eval()
@@ -47,53 +51,48 @@ class HFPolicy:
         self.eos_ids = stop_token_ids(model, tokenizer)
         self.max_context = getattr(model.config, "max_position_embeddings", None)
         self.device = next(model.parameters()).device
-        self._pad_id = next(iter(sorted(self.eos_ids)), 0)
+        self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
         self._head = _plain_head_weight(model) if self.device.type == "cpu" else None  # (V, H) or None
+        self._backbone = model.base_model
 
     def prompt_ids(self, messages: Messages) -> list[int]:
         return generation_prompt_ids(self.tokenizer, messages)
 
-    @torch.inference_mode()
-    def prefill(self, prompts: list[list[int]]) -> PolicyState:
-        """Right-padded prefill: every prompt starts at column 0, shorter ones end in holes."""
-        input_ids, new_mask = right_padded(prompts, self._pad_id, self.device)  # (P, T)
-        kv = empty_rows(self.device, len(prompts))
-        last = torch.tensor([len(ids) - 1 for ids in prompts], device=self.device)  # (P,)
-        return PolicyState(kv, self._forward(kv, input_ids, new_mask, last))
+    def unsupported(self) -> str | None:
+        """Why the shared-prefix cache would not compute what this model's attention computes."""
+        return unsupported(self.model)
+
+    def compile(self) -> None:
+        """Compile the backbone's forward (``torch.compile``, dynamic shapes); attention stays eager."""
+        self._backbone = torch.compile(self.model.base_model, dynamic=True)
+
+    def shared_kv(self) -> SharedKV:
+        """An empty cache shaped for this model's layers (each on its layer's device)."""
+        config = self.model.config
+        kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        layers = self.model.base_model.layers[: config.num_hidden_layers]
+        devices = [next(layer.parameters()).device for layer in layers]
+        return SharedKV(devices, kv_heads, dim, next(self.model.parameters()).dtype)
 
     @torch.inference_mode()
-    def forward(self, state: PolicyState, tokens: torch.Tensor, feed: torch.Tensor) -> None:
-        feed = feed.to(self.device)
-        tokens = torch.where(feed, tokens.to(self.device), self._pad_id)[:, None]  # (R, 1)
-        logits = self._forward(state.kv, tokens, feed.long()[:, None])  # (R, V)
-        state.logits = torch.where(feed[:, None], logits, state.logits)
+    def run(self, kv: SharedKV, items: list[Item], extra: list[int] | None = None) -> tuple[torch.Tensor, Packed]:
+        """Forward ``items`` packed into one sequence on ``kv`` (their keys and values are written
+        into their slots). Returns the backbone's last hidden states (n_out, H) of the tokens the
+        items ask for, and the packed forward's description (``extra`` integers come back on the
+        device as ``Packed.extra``, sent with the forward's own indices)."""
+        input_ids, positions, packed = pack(kv, items, self.device, extra)
+        with attention_of(self.model, ATTENTION):
+            hidden = self._backbone(input_ids=input_ids, position_ids=positions, use_cache=False,
+                                    mahalo_packed=packed).last_hidden_state  # (1, N, H)
+        return hidden[0, packed.outputs], packed
 
     @torch.inference_mode()
-    def hidden(self, kv: KVRows, input_ids: torch.Tensor, new_mask: torch.Tensor) -> torch.Tensor:
-        """Forward ``input_ids`` (R, T) on ``kv`` (appending T columns) and return the backbone's
-        last hidden states (R, T, H): what a reward head on this backbone reads."""
-        mask, positions = kv.extend(new_mask)
-        return self.model.base_model(
-            input_ids=input_ids.to(self.device), attention_mask=mask, position_ids=positions, cache=kv.cache,
-            use_cache=True,
-        ).last_hidden_state
-
-    def _forward(
-        self, kv: KVRows, input_ids: torch.Tensor, new_mask: torch.Tensor, last: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """Forward ``input_ids`` (R, T) on ``kv``; the logits (R, V) at column ``last[r]`` of the
-        block (default: its last column)."""
-        mask, positions = kv.extend(new_mask)
-        inputs = dict(input_ids=input_ids, attention_mask=mask, position_ids=positions, cache=kv.cache, use_cache=True)
-        rows = torch.arange(input_ids.shape[0], device=self.device)
-        if self._head is None:
-            if last is None:
-                return self.model(**inputs, logits_to_keep=1).logits[:, -1].float()  # (R, V)
-            keep, where = torch.unique(last, return_inverse=True)  # the columns some row reads
-            return self.model(**inputs, logits_to_keep=keep).logits[rows, where].float()  # (R, V)
-        hidden = self.model.model(**inputs).last_hidden_state  # (R, T, H)
-        hidden = hidden[:, -1] if last is None else hidden[rows, last]  # (R, H)
-        return torch.mm(self._head, hidden.T).T.float()  # (R, V)
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Next-token logits (n, V) float32 of hidden states (n, H) from :meth:`run`."""
+        if self._head is not None:
+            return torch.mm(self._head, hidden.T).T.float()
+        return self.model.get_output_embeddings()(hidden).float()
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)

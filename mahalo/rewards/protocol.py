@@ -44,9 +44,7 @@ class Candidates:
     token_ids: list[list[int]]  # policy ids of the whole response so far (no end-of-turn)
     texts: list[str]  # text of the whole response so far
     steps: list[list[str]] | None = None  # the response's steps (the engine's), concatenating to its text
-    policy: Any = None  # the policy's rows (PolicyState), one per candidate, for a head on the policy's backbone
     held: list[int] | None = None  # response tokens each policy row's cache holds (the rest were not fed)
-    rows: list[int] | None = None  # the policy row of each candidate (None: candidate i is row i)
 
 
 @dataclass

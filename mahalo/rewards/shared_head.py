@@ -2,10 +2,12 @@
 
 When a reward model is a head on the same backbone and weights as the policy (the embedded pair:
 SmolLM2-135M-Instruct and SmolLM2 plus a trained linear truth head), its hidden states are the
-policy's. So after each step the scoring suffix (the end-of-turn tokens the reward model reads
-after the response) is forwarded as extra columns of the policy's own candidate rows, the head
-reads the last one, and the columns are cropped off again: the policy goes on exactly as if they
-had never been there. The reward model's cache, its prefill and its copy of the weights are gone.
+policy's. So when a step ends, the scoring suffix of each candidate (the end-of-turn tokens the
+reward model reads after the response) is forwarded through the policy, in the same forward as
+the other rows' next tokens, written after the candidate's own tokens, and the head reads the
+last one. Those columns are never counted as the row's: the policy goes on exactly as if they had
+never been there. The reward model's cache, its prefill and its copy of the weights are gone, and
+scoring costs no forward of its own.
 
 Exactness: the reward model reads ``apply_chat_template(messages + [assistant text])`` tokenised
 (:mod:`mahalo.chat`). A policy row holds the generation prompt and the response ids it sampled;
@@ -23,7 +25,6 @@ from typing import Any
 import torch
 
 from mahalo.chat import SCORE_AT, Messages, ScoringFormat, scoring_format, scoring_ids
-from mahalo.kv import KVRows, right_padded
 from mahalo.rewards.backbone import HeadReader, common_prefix
 from mahalo.rewards.protocol import Candidates, RowCost
 
@@ -47,7 +48,7 @@ class SharedHeadReward:
     """
 
     def __init__(self, policy: Any, head: Any, num_labels: int = 1, score_at: str = "last_token") -> None:
-        if not hasattr(policy, "hidden"):
+        if not hasattr(policy, "run"):
             raise ValueError(f"{type(policy).__name__} cannot lend its hidden states to a reward head")
         if num_labels not in (1, 2):
             raise ValueError(f"a reward head needs num_labels 1 or 2, got {num_labels}")
@@ -85,50 +86,32 @@ class SharedHeadReward:
         state.prompts += [self.policy.prompt_ids(m) for m in prompts]
         state.cost = RowCost.free(len(prompts))
 
-    @torch.inference_mode()
-    def score(self, state: _SharedState, candidates: Candidates) -> torch.Tensor:
-        if candidates.policy is None or candidates.held is None:
-            raise ValueError(
-                "a reward head on the policy's backbone scores inside the engine (it needs the policy's rows)")
-        # 1. the reward model's ids of every candidate, and how much of them its policy row holds
+    def targets(self, state: _SharedState, candidates: Candidates) -> list[tuple[list[int], int]]:
+        """For each candidate: the reward model's ids of its conversation, and how many of them
+        its policy row already holds (at most all but the last: the head reads a forwarded token).
+        The engine forwards the rest with the policy's next tokens (a row whose ids differ from
+        its held ones from a scratch copy cut back to their common prefix) and hands the hidden
+        states at each candidate's last id to :meth:`read`. The state becomes the candidates'."""
         parents = candidates.parents.tolist()
         formats = [state.formats[p] for p in parents]
         ids = scoring_ids(self.tokenizer, formats, candidates.texts)  # (R, *)
         held = [state.prompts[p] + t[:n] for p, t, n in zip(parents, candidates.token_ids, candidates.held)]
         reuse = [min(common_prefix(h, r), len(r) - 1) for h, r in zip(held, ids)]
-        live = [i for i, (h, k) in enumerate(zip(held, reuse)) if k == len(h)]
-        cut = [i for i, (h, k) in enumerate(zip(held, reuse)) if k < len(h)]
-        kv: KVRows = candidates.policy.kv
-        at = candidates.rows if candidates.rows is not None else list(range(len(ids)))  # policy row of each
-        hidden = [None] * len(ids)
-        # 2. rows that hold a prefix of their ids: forward the rest as extra columns, then crop them
-        if live:
-            new = [[self._pad_id] for _ in range(kv.rows)]  # every policy row takes part (holes)
-            for i in live:
-                new[at[i]] = ids[i][reuse[i]:]
-            block, mask = right_padded(new, self._pad_id, kv.mask.device)  # (R_policy, T)
-            fed = torch.zeros(kv.rows, dtype=torch.bool)
-            fed[[at[i] for i in live]] = True
-            mask[~fed.to(mask.device)] = 0
-            out = self.policy.hidden(kv, block, mask)  # (R_policy, T, H)
-            kv.crop(block.shape[1])
-            for i in live:
-                hidden[i] = out[at[i], len(new[at[i]]) - 1]
-        # 3. rows whose ids differ: a copy cut back to the common prefix, forwarded from there
-        if cut:
-            rows = kv.take(torch.tensor([at[i] for i in cut]))
-            rows.keep_valid(torch.tensor([reuse[i] for i in cut]))
-            new = [ids[i][reuse[i]:] for i in cut]
-            block, mask = right_padded(new, self._pad_id, kv.mask.device)
-            out = self.policy.hidden(rows, block, mask)
-            for j, i in enumerate(cut):
-                hidden[i] = out[j, len(new[j]) - 1]
-        scores = self.reader(torch.stack(hidden))[:, 0].cpu()  # (R,)
         state.formats = formats
         state.prompts = [state.prompts[p] for p in parents]
         forwarded = [len(r) - k for r, k in zip(ids, reuse)]
-        state.cost = RowCost(forwarded, [max(forwarded)] * len(ids), [len(r) for r in ids])
-        return scores
+        state.cost = RowCost(forwarded, [max(forwarded, default=0)] * len(ids), [len(r) for r in ids])
+        return list(zip(ids, reuse))
+
+    @torch.inference_mode()
+    def read(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Scores (R,) float64 of the hidden states (R, H) at each candidate's last scoring id."""
+        return self.reader(hidden)[:, 0].cpu()
+
+    def score(self, state: _SharedState, candidates: Candidates) -> torch.Tensor:
+        """Not called: the engine forwards the scoring suffixes with its own tokens (:meth:`targets`,
+        :meth:`read`)."""
+        raise ValueError("a reward head on the policy's backbone scores inside the engine (it needs the policy's rows)")
 
     def keep(self, state: _SharedState, rows: torch.Tensor) -> None:
         kept = rows.tolist()

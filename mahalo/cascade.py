@@ -1,0 +1,392 @@
+"""A KV cache that shares prefixes, and the attention that reads it.
+
+A row of a search reads keys and values from four *levels*:
+
+    level    holds                                  one slot per     shared by
+    root     a prefix common to several prompts     distinct prefix  every prompt that starts with it
+             (the conversation before the last user turn: a system turn)
+    prompt   the rest of its prompt                 prompt           every row of the prompt
+    beam     the steps its beam has accepted        beam             the beam's N candidates
+    row      the tokens of its current step         candidate row    nobody
+
+Fanning a beam out into N candidates copies nothing: each candidate gets an empty row slot and
+points at the beam's slot. When a step is kept, a surviving candidate's row tokens are appended
+to its beam's slot (copy-on-write: a beam with several surviving children is copied for all but
+one), so the only copies are of the tokens of one step. A row that ended its step and waits for
+its siblings holds its row slot only.
+
+Why cascade attention rather than paged blocks: transformers' attention interface hands an
+attention function the new queries, keys and values of one layer, and the function may read any
+tensor it likes. With levels, every query of one slot is multiplied by that slot's keys in one
+matmul (Hydragen, arXiv 2402.05099; FlashInfer's cascade attention), so a prompt's keys are read
+once per forward however many rows share it, where a paged gather would copy them once per row.
+Each level gives a partial softmax (its max and sum); partials are merged by log-sum-exp. Exact:
+the same keys and values, the same softmax, summed in another order (tested against a plain
+forward to 1e-5 in fp32).
+
+A forward is a list of :class:`Item` s packed into one sequence (no padding): decode tokens,
+prefill chunks, a reward head's scoring suffix. Each item writes its tokens into one slot (the
+prompt level for a prefill, the row level otherwise) and reads a prefix of a slot at each other
+level. The model runs as usual (its own projections, RoPE, MLPs); only attention is replaced,
+through transformers' ``AttentionInterface`` (:func:`cascade_attention`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import AttentionInterface
+
+ROOT, PROMPT, BEAM, ROW = 0, 1, 2, 3
+LEVELS = ("root", "prompt", "beam", "row")
+ATTENTION = "mahalo_cascade"
+SMALL_GROUP = 32  # a slot read by at most this many query tokens joins the batched matmul; more: its own
+GROW = 0.25  # spare columns or slots a level gets when it grows (at least MIN_SPARE columns)
+MIN_SPARE = 16
+
+
+class Level:
+    """Slots of keys and values for every layer: ``k[layer]`` (S, H_kv, L, D). What a slot holds
+    is its owner's business (the engine knows each slot's length); slots are handed out lowest
+    first so those in use stay packed at the front (the batched attention runs over slots
+    ``0..highest read``)."""
+
+    def __init__(self, devices: list[torch.device], heads: int, dim: int, dtype: torch.dtype) -> None:
+        self.devices, self.heads, self.dim, self.dtype = devices, heads, dim, dtype
+        self.layers = len(devices)
+        self.k: list[torch.Tensor] = [self._empty(i, 0, 0) for i in range(self.layers)]
+        self.v: list[torch.Tensor] = [self._empty(i, 0, 0) for i in range(self.layers)]
+        self.live: list[bool] = []  # per slot: handed out
+
+    def _empty(self, layer: int, slots: int, columns: int) -> torch.Tensor:
+        return torch.zeros(slots, self.heads, columns, self.dim, dtype=self.dtype, device=self.devices[layer])
+
+    @property
+    def slots(self) -> int:
+        return len(self.live)
+
+    @property
+    def columns(self) -> int:
+        return self.k[0].shape[2] if self.layers else 0
+
+    @property
+    def in_use(self) -> int:
+        return sum(self.live)
+
+    def alloc(self, columns: int = 0) -> int:
+        """A free slot with room for ``columns`` columns (its old contents are not cleared:
+        nothing reads past what its owner writes)."""
+        slot = next((s for s, on in enumerate(self.live) if not on), None)
+        if slot is None:
+            slot = self.slots
+            self._grow(slot + 1 + int(slot * GROW), self.columns)
+        self.live[slot] = True
+        self.reserve(columns)
+        return slot
+
+    def release(self, slot: int) -> None:
+        self.live[slot] = False
+
+    def reserve(self, columns: int) -> None:
+        """Room for ``columns`` columns in every slot."""
+        if columns > self.columns:
+            self._grow(self.slots, columns + max(MIN_SPARE, int(columns * GROW)))
+
+    @torch.inference_mode()
+    def _grow(self, slots: int, columns: int) -> None:
+        """Reallocate every layer as (slots, H, columns, D), keeping the contents."""
+        old_slots, old_columns = self.slots, self.columns
+        for i in range(self.layers):
+            for store in (self.k, self.v):
+                new = self._empty(i, slots, columns)
+                new[:old_slots, :, :old_columns] = store[i]
+                store[i] = new
+        self.live += [False] * (slots - old_slots)
+
+    @torch.inference_mode()
+    def copy(self, dst: int, at: int, src: Level, slot: int, start: int, end: int) -> None:
+        """Columns ``start:end`` of ``src``'s ``slot`` -> columns ``at..`` of ``dst`` (all layers)."""
+        n = end - start
+        if n <= 0:
+            return
+        self.reserve(at + n)
+        for i in range(self.layers):
+            self.k[i][dst, :, at:at + n] = src.k[i][slot, :, start:end]
+            self.v[i][dst, :, at:at + n] = src.v[i][slot, :, start:end]
+
+
+class SharedKV:
+    """The four levels of a model's cache (one per model; many prompts' slots side by side).
+    ``devices``: each layer's device (a model spread over GPUs keeps each layer's cache on its own)."""
+
+    def __init__(self, devices: list[torch.device], heads: int, dim: int, dtype: torch.dtype) -> None:
+        self.levels = [Level(devices, heads, dim, dtype) for _ in LEVELS]
+        self.bytes_per_token = 2 * len(devices) * heads * dim * torch.empty(0, dtype=dtype).element_size()
+
+    @property
+    def root(self) -> Level:
+        return self.levels[ROOT]
+
+    @property
+    def prompt(self) -> Level:
+        return self.levels[PROMPT]
+
+    @property
+    def beam(self) -> Level:
+        return self.levels[BEAM]
+
+    @property
+    def row(self) -> Level:
+        return self.levels[ROW]
+
+    def allocated_bytes(self) -> int:
+        """Bytes of every level's buffers (what the cache has claimed, used or not)."""
+        return sum(t.numel() * t.element_size() for level in self.levels for store in (level.k, level.v)
+                   for t in store)
+
+
+@dataclass
+class Item:
+    """Tokens forwarded together as one sequence of a packed forward.
+
+    ``write`` = (level, slot, column): where its tokens' keys and values go (they are attended by
+    the item's later tokens, causally). ``reads`` = (slot, columns) per level: the prefix of a
+    slot each token also attends at the levels it does not write (slot -1: none). ``start``:
+    the position of its first token. ``out``: which hidden states are returned: its ``last``
+    token's, ``all`` of them, or ``none``.
+    """
+
+    tokens: list[int]
+    start: int
+    write: tuple[int, int, int]
+    reads: tuple[tuple[int, int], ...]
+    out: str = "last"
+
+
+@dataclass
+class _Groups:
+    """The query tokens that attend one level, grouped by slot (device tensors)."""
+
+    token: torch.Tensor  # (n,) index into the packed tokens
+    slot: torch.Tensor  # (n,)
+    rank: torch.Tensor  # (n,) position among its slot's tokens
+    limit: torch.Tensor  # (n,) columns of the slot it attends
+    groups: int  # slots range 0..groups
+    width: int  # most tokens of one slot (M)
+    columns: int  # most columns attended
+
+
+@dataclass
+class Packed:
+    """Everything the attention needs about one packed forward (built on the host once per
+    forward, moved to the device in one transfer)."""
+
+    kv: SharedKV
+    writes: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]  # (level, token idx, slot, column)
+    small: list[tuple[int, _Groups]]  # (level, groups) read by the batched matmul
+    large: list[tuple[int, int, torch.Tensor, torch.Tensor]]  # (level, slot, token idx, limit): one matmul each
+    outputs: torch.Tensor  # (n_out,) token indices whose hidden states are returned
+    stats: dict[str, int] = field(default_factory=dict)
+    extra: torch.Tensor | None = None  # the caller's integers, sent in the same transfer
+
+
+class _Upload:
+    """Integer lists gathered on the host and sent to the device in one transfer (pinned and
+    non-blocking on a GPU): the host-to-device side of a forward is one copy."""
+
+    def __init__(self) -> None:
+        self.values: list[int] = []
+
+    def add(self, values: list[int]) -> slice:
+        start = len(self.values)
+        self.values += values
+        return slice(start, len(self.values))
+
+    def send(self, device: torch.device) -> torch.Tensor:
+        host = torch.tensor(self.values, dtype=torch.long)
+        if device.type == "cuda":
+            return host.pin_memory().to(device, non_blocking=True)
+        return host.to(device)
+
+
+def pack(kv: SharedKV, items: list[Item], device: torch.device, extra: list[int] | None = None
+         ) -> tuple[torch.Tensor, torch.Tensor, Packed]:
+    """``(input_ids (1, N), position_ids (1, N), Packed)`` of ``items`` packed into one sequence;
+    ``extra`` integers ride along in the same transfer (``Packed.extra``).
+
+    Host work is proportional to the tokens; every index the device needs goes in one transfer.
+    """
+    ids, pos, outputs = [], [], []
+    attended = 0  # (query, key) pairs: the attention's work
+    writes: dict[int, list[tuple[int, int, int]]] = {}
+    reads: dict[int, dict[int, list[tuple[int, int]]]] = {lv: {} for lv in range(len(LEVELS))}  # slot -> (token, limit)
+    for item in items:
+        level, slot, column = item.write
+        first = len(ids)
+        for t, token in enumerate(item.tokens):
+            tok = first + t
+            ids.append(token)
+            pos.append(item.start + t)
+            writes.setdefault(level, []).append((tok, slot, column + t))
+            reads[level].setdefault(slot, []).append((tok, column + t + 1))
+            attended += column + t + 1
+            for lv, (s, n) in enumerate(item.reads):
+                if lv != level and s >= 0 and n > 0:
+                    reads[lv].setdefault(s, []).append((tok, n))
+                    attended += n
+        if item.out == "last":
+            outputs.append(len(ids) - 1)
+        elif item.out == "all":
+            outputs += list(range(first, len(ids)))
+        kv.levels[level].reserve(column + len(item.tokens))
+    up = _Upload()
+    spans = {"ids": up.add(ids), "pos": up.add(pos), "outputs": up.add(outputs), "extra": up.add(extra or [])}
+    write_spans = []
+    for level, rows in sorted(writes.items()):
+        tok, slot, col = (list(x) for x in zip(*rows))
+        write_spans.append((level, up.add(tok), up.add(slot), up.add(col)))
+    small_spans, large_spans = [], []
+    read_tokens = 0
+    for level, by_slot in reads.items():
+        members: list[tuple[int, int, int, int]] = []  # (token, slot, rank, limit)
+        for slot, toks in by_slot.items():
+            read_tokens += max(limit for _, limit in toks)
+            if len(toks) > SMALL_GROUP:
+                large_spans.append((level, slot, up.add([t for t, _ in toks]), up.add([n for _, n in toks])))
+                continue
+            members += [(t, slot, r, n) for r, (t, n) in enumerate(toks)]
+        if members:
+            tok, slot, rank, limit = (list(x) for x in zip(*members))
+            small_spans.append((level, up.add(tok), up.add(slot), up.add(rank), up.add(limit),
+                                max(slot) + 1, max(rank) + 1, max(limit)))
+    buf = up.send(device)  # the one host-to-device copy of this forward
+    stats = {"tokens": len(ids), "kv_tokens_read": read_tokens, "attended": attended}
+    packed = Packed(
+        kv,
+        [(level, buf[a], buf[b], buf[c]) for level, a, b, c in write_spans],
+        [(level, _Groups(buf[a], buf[b], buf[c], buf[d], groups, width, columns))
+         for level, a, b, c, d, groups, width, columns in small_spans],
+        [(level, slot, buf[a], buf[b]) for level, slot, a, b in large_spans],
+        buf[spans["outputs"]], stats, buf[spans["extra"]],
+    )
+    return buf[spans["ids"]][None], buf[spans["pos"]][None], packed
+
+
+@torch.compiler.disable
+def cascade_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                      attention_mask: Any, scaling: float | None = None, dropout: float = 0.0, **kwargs: Any):
+    """transformers attention function: write the new keys and values into their slots, attend
+    every level, merge by log-sum-exp. ``query`` (1, H, N, D), ``key``/``value`` (1, H_kv, N, D)
+    of the packed tokens; returns (1, N, H, D)."""
+    packed: Packed | None = kwargs.get("mahalo_packed")
+    if packed is None:
+        raise RuntimeError("cascade attention runs only inside mahalo's packed forwards (mahalo.cascade.forward)")
+    layer = module.layer_idx
+    levels = packed.kv.levels
+    _, heads, n, dim = query.shape
+    kv_heads = key.shape[1]
+    group = heads // kv_heads
+    scale = scaling if scaling is not None else dim ** -0.5
+    k_new, v_new = key[0].transpose(0, 1), value[0].transpose(0, 1)  # (N, H_kv, D)
+    for level, tok, slot, col in packed.writes:  # 1. the new tokens' keys and values, in their slots
+        levels[level].k[layer][slot, :, col] = k_new[tok]
+        levels[level].v[layer][slot, :, col] = v_new[tok]
+    q = query[0].transpose(0, 1).reshape(n, kv_heads, group, dim)  # (N, H_kv, G, D)
+    out = torch.zeros(n, kv_heads, group, dim, dtype=torch.float32, device=query.device)
+    total = torch.full((n, kv_heads, group), float("-inf"), dtype=torch.float32, device=query.device)
+    partials = []  # 2. each level's normalised output and log-sum-exp, per query token
+    for level, g in packed.small:
+        partials.append((g.token, *_attend_groups(q, levels[level].k[layer], levels[level].v[layer], g, scale)))
+    for level, slot, tok, limit in packed.large:
+        partials.append((tok, *_attend_one(q[tok], levels[level].k[layer][slot], levels[level].v[layer][slot],
+                                           limit, scale)))
+    for tok, _, lse in partials:  # 3. merge: weights exp(lse_l - lse_total)
+        total.index_put_((tok,), torch.logaddexp(total[tok], lse))
+    for tok, o, lse in partials:
+        out.index_add_(0, tok, o * torch.exp(lse - total[tok])[..., None])
+    return out.reshape(n, heads, dim).to(query.dtype)[None], None
+
+
+def _softmax_parts(scores: torch.Tensor, valid: torch.Tensor, values: torch.Tensor):
+    """Masked softmax of ``scores`` (..., Q, L) over ``values`` (..., L, D): (normalised output
+    (..., Q, D) float32, log-sum-exp (..., Q) float32; -inf where nothing is valid)."""
+    scores = scores.float().masked_fill(~valid, float("-inf"))
+    top = scores.amax(-1, keepdim=True)
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    p = torch.exp(scores - top)
+    mass = p.sum(-1, keepdim=True)
+    o = torch.matmul(p.to(values.dtype), values).float() / mass.clamp_min(1e-30)
+    return o, (top + torch.log(mass))[..., 0]
+
+
+def _attend_groups(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, g: _Groups, scale: float):
+    """Queries of many slots, ``g.width`` at most per slot, against their slots' first
+    ``g.columns`` columns in one matmul: (output (n, H_kv, G, D), lse (n, H_kv, G))."""
+    _, kv_heads, group, dim = q.shape
+    keys, values = keys[:g.groups, :, :g.columns], values[:g.groups, :, :g.columns]  # views
+    grouped = q.new_zeros(g.groups, g.width, kv_heads, group, dim)
+    grouped[g.slot, g.rank] = q[g.token]
+    grouped = grouped.permute(0, 2, 1, 3, 4).reshape(g.groups, kv_heads, g.width * group, dim)  # (S, H_kv, M*G, D)
+    scores = torch.matmul(grouped, keys.transpose(-1, -2)) * scale  # (S, H_kv, M*G, L)
+    limit = torch.zeros(g.groups, g.width, dtype=torch.long, device=q.device)
+    limit[g.slot, g.rank] = g.limit
+    valid = torch.arange(g.columns, device=q.device) < limit[..., None]  # (S, M, L)
+    valid = valid[:, None, :, None, :].expand(-1, kv_heads, -1, group, -1).reshape(scores.shape)
+    o, lse = _softmax_parts(scores, valid, values)
+    o = o.view(g.groups, kv_heads, g.width, group, dim)[g.slot, :, g.rank]  # (n, H_kv, G, D)
+    lse = lse.view(g.groups, kv_heads, g.width, group)[g.slot, :, g.rank]
+    return o, lse
+
+
+def _attend_one(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, limit: torch.Tensor, scale: float):
+    """Many queries (n, H_kv, G, D) of one slot against its keys (H_kv, L, D)."""
+    n, kv_heads, group, dim = q.shape
+    columns = int(limit.max())
+    keys, values = keys[:, :columns], values[:, :columns]
+    grouped = q.permute(1, 0, 2, 3).reshape(kv_heads, n * group, dim)  # (H_kv, n*G, D)
+    scores = torch.matmul(grouped, keys.transpose(-1, -2)) * scale  # (H_kv, n*G, L)
+    valid = torch.arange(columns, device=q.device) < limit[:, None]  # (n, L)
+    valid = valid[None, :, None, :].expand(kv_heads, -1, group, -1).reshape(scores.shape)
+    o, lse = _softmax_parts(scores, valid, values)
+    return o.view(kv_heads, n, group, dim).permute(1, 0, 2, 3), lse.view(kv_heads, n, group).permute(1, 0, 2)
+
+
+AttentionInterface.register(ATTENTION, cascade_attention)
+
+
+@contextlib.contextmanager
+def attention_of(model: Any, implementation: str):
+    """Run ``model`` with another attention implementation for the duration (the config's
+    attribute is what every attention module reads at each call)."""
+    configs = [m.config for m in model.modules() if hasattr(m, "config")]
+    configs = list({id(c): c for c in configs}.values())
+    saved = [c._attn_implementation_internal for c in configs]
+    for c in configs:
+        c._attn_implementation_internal = implementation
+    try:
+        yield
+    finally:
+        for c, old in zip(configs, saved):
+            c._attn_implementation_internal = old
+
+
+def unsupported(model: Any) -> str | None:
+    """Why cascade attention would not compute what ``model``'s own attention computes (a
+    sliding window, soft-capped logits, attention sinks), or None."""
+    config = model.config
+    if getattr(config, "attn_logit_softcapping", None):
+        return "its attention logits are soft-capped"
+    for name in ("final_logit_softcapping", "logit_scale", "logits_scaling"):  # its head is not a plain linear map
+        if getattr(config, name, None) not in (None, 1, 1.0):
+            return f"its output logits are post-processed ({name})"
+    if getattr(config, "use_sliding_window", True) and getattr(config, "sliding_window", None) is not None:
+        window = config.sliding_window
+        if window < getattr(config, "max_position_embeddings", 0):
+            return f"it attends a sliding window of {window} tokens"
+    for m in model.modules():
+        if hasattr(m, "sinks") or getattr(m, "is_causal", True) is False:
+            return "its attention is not plain causal attention"
+    return None
