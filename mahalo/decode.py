@@ -1,11 +1,12 @@
-"""``python -m mahalo.decode``: the command line (the only module that imports Hydra).
+"""``python -m mahalo.decode``: the command line.
 
     python -m mahalo.decode +objective=truth prompt="Can you see the Great Wall from space?"
     python -m mahalo.decode +objective=truth_concise prompts=qs.jsonl output=out.jsonl
     python -m mahalo.decode +objective=human_values models=llama3_8b search=step_beam
 
-compose (Hydra) -> RunConfig (typed, validated) -> load models -> guided_generate_many (prompts in flight)
--> JSONL records -> rich summary. Bad input ends with one line on stderr and exit code 2.
+compose (Hydra, mahalo.app.compose) -> RunConfig (typed, validated) -> a launcher (mahalo.launch: this
+process, or Ray replicas) -> JSONL records -> rich summary. Bad input ends with one line on stderr and
+exit code 2.
 """
 
 from __future__ import annotations
@@ -13,16 +14,10 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
-from hydra import compose, initialize_config_dir
-from hydra.core.config_store import ConfigStore
-from hydra.errors import HydraException
 from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -33,7 +28,8 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from mahalo.api import guided_generate_many
+from mahalo import launch as launchers
+from mahalo.app.compose import CONF_DIR, GROUPS, compose_config, group_options  # noqa: F401 - the CLI's names
 from mahalo.app.config import RESUMABLE_KEYS, RunConfig, read_system_prompt
 from mahalo.app.io import (
     Existing,
@@ -46,77 +42,14 @@ from mahalo.app.io import (
     pending,
     read_prompts,
 )
-from mahalo.app.registry import check_provided, check_sources, load_guide
+from mahalo.app.registry import check_provided
 from mahalo.chat import as_messages, with_system
 from mahalo.launch import Unanswered
 from mahalo.result import GuidedResult
 
 
-def _conf_dir() -> Path:
-    """``conf/``: shipped inside the package by a wheel (``mahalo/conf``), at the repository's top
-    level in a checkout or an editable install."""
-    package = Path(__file__).resolve().parent
-    shipped = package / "conf"
-    return shipped if (shipped / "decode.yaml").is_file() else package.parent / "conf"
-
-
-CONF_DIR = _conf_dir()
-GROUPS = ("models", "objective", "search", "launcher")
 USAGE = __doc__.split("\n\n")[1]
 log = logging.getLogger("mahalo")
-
-
-# --------------------------------------------------------------------------- compose
-
-
-def group_options(group: str) -> list[str]:
-    """The config names available in a group (``conf/<group>/*.yaml``)."""
-    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
-
-
-def _check_group_overrides(overrides: list[str]) -> None:
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        group = key.lstrip("+~")
-        if not sep or group not in GROUPS:
-            continue
-        if group == "objective" and not key.startswith("+"):
-            raise ValueError(f"write +objective={value} (objective is appended, not in the defaults list)")
-        if value not in group_options(group):
-            raise ValueError(f"unknown {group} {value!r}: choose one of {group_options(group)}")
-
-
-def compose_config(overrides: list[str], config_name: str = "decode", schema: type = RunConfig) -> Any:
-    """Compose ``conf/<config_name>.yaml`` with ``overrides`` into a validated ``schema``
-    (:class:`RunConfig` for the CLI; ``mahalo.serve`` composes ``serve.yaml`` the same way).
-
-    Raises:
-        ValueError: an unknown group option, a bad override or an invalid value.
-    """
-    _check_group_overrides(overrides)
-    # The typed schema is the first default of the yaml file: every key exists and is type-checked.
-    ConfigStore.instance().store(name=f"{config_name}_schema", node=schema)
-    try:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-            cfg = compose(config_name=config_name, overrides=overrides)
-        return OmegaConf.to_object(cfg)
-    except (HydraException, OmegaConfBaseException) as err:
-        raise ValueError(_one_line(err)) from None
-
-
-def _first_line(err: BaseException) -> str:
-    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
-    return lines[0] if lines else type(err).__name__
-
-
-def _one_line(err: BaseException) -> str:
-    """One line from a Hydra/OmegaConf error: its first line, the cause's, and a hint."""
-    line = _first_line(err)
-    if err.__cause__ is not None:
-        line += f": {_first_line(err.__cause__)}"
-    if line.startswith("Could not override"):
-        line += " The key is not in the config: check its spelling (python -m mahalo.decode --help)"
-    return line
 
 
 # --------------------------------------------------------------------------- run
@@ -210,7 +143,7 @@ def run(cfg: RunConfig, console: Console) -> Outcome:
     outcome = Outcome()
     if not todo:
         return outcome
-    launch = _on_ray if cfg.launcher.kind == "ray" else _here
+    launch = launchers.answers_on_ray if cfg.launcher.kind == "ray" else launchers.answers_here
     prompts = [with_system(as_messages(it.conversation), system) for it in todo]
     answers = launch(cfg, objectives, prompts, console)  # bad options raise here
     t1 = time.perf_counter()
@@ -231,44 +164,6 @@ def run(cfg: RunConfig, console: Console) -> Outcome:
             outcome.unanswered = str(err)
     outcome.elapsed_s = time.perf_counter() - t1
     return outcome
-
-
-Answers = Iterator[tuple[int, GuidedResult | ValueError, dict[str, Any]]]
-
-
-def _here(cfg: RunConfig, objectives: list[str], prompts: list[Any], console: Console) -> Answers:
-    """``launcher=local``: load the models in this process, decode with many prompts in flight."""
-    t0 = time.perf_counter()
-    policy, prms = load_guide(cfg.models, objectives)
-    console.print(f"models loaded in {time.perf_counter() - t0:.1f} s", style="dim")
-    answers = guided_generate_many(policy, prms, prompts, config=cfg.guide(), errors="return")
-    return ((k, res, {}) for k, res in answers)
-
-
-def _on_ray(cfg: RunConfig, objectives: list[str], prompts: list[Any], console: Console) -> Answers:
-    """``launcher=ray``: join the cluster and check the options now; replicas load the models."""
-    from mahalo.launch import ray as on_ray
-
-    on_ray.require_ray()
-    on_ray.check_models(cfg, objectives)
-    if cfg.launcher.address is None:  # the replicas will run here: their model files must exist here
-        check_sources(cfg.models, objectives)
-    t0 = time.perf_counter()
-    cluster = on_ray.connect(cfg.launcher)
-    lc = cfg.launcher
-    console.print(
-        f"ray: {lc.replicas} replicas x ({lc.cpus_per_replica:g} CPU, {lc.gpus_per_replica:g} GPU) on a cluster of "
-        f"{cluster.cpus:g} CPUs, {cluster.gpus:g} GPUs (joined in {time.perf_counter() - t0:.1f} s)", style="dim",
-    )
-
-    def answers() -> Answers:
-        try:
-            for a in on_ray.answer_many(cfg, objectives, prompts, cluster):
-                yield a.k, a.result, {"replica": a.replica, "attempt": a.attempt}
-        finally:
-            cluster.close()
-
-    return answers()
 
 
 def _progress(console: Console, show: bool) -> Progress:

@@ -18,10 +18,9 @@ import os
 import sys
 from typing import Any
 
+from mahalo.app.compose import compose_config, group_options
 from mahalo.app.config import ServeConfig, read_system_prompt
-from mahalo.decode import compose_config, group_options
-from mahalo.engine.controller import Controller
-from mahalo.engine.scheduler import Engine, max_prompts_for
+from mahalo.engine.scheduler import Engine
 
 USAGE = __doc__.split("\n\n")[1]
 GROUPS = ("models", "objective", "search")
@@ -46,12 +45,11 @@ def require_server() -> None:
 
 def build_engine(cfg: ServeConfig) -> tuple[Engine, list[str]]:
     """Load the models once and start the engine; returns it and the objectives it can weight."""
-    from mahalo.app.registry import check_provided, load_guide
+    from mahalo.app.build import load_engine
+    from mahalo.app.registry import check_provided
 
     objectives = check_provided(cfg.models, cfg.loaded_objectives())
-    policy, prms = load_guide(cfg.models, objectives)
-    controller = Controller(policy, prms, cfg.guide())
-    return Engine(controller, max_prompts_for(controller, cfg.batch.max_prompts), cfg.batch.max_rows), objectives
+    return load_engine(cfg, objectives), objectives
 
 
 def build_server(cfg: ServeConfig, engine: Engine, objectives: list[str], system_prompt: str | None = None) -> Any:

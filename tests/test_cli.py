@@ -97,7 +97,9 @@ def _write_prompts(path: Path, n: int) -> list[str]:
 def test_interrupt_then_resume_without_loss_or_duplicates(tmp_path, monkeypatch, capsys):
     prompts, out = tmp_path / "p.jsonl", tmp_path / "out.jsonl"
     texts = _write_prompts(prompts, 5)
-    real = decode.guided_generate_many
+    from mahalo.launch import local
+
+    real = local.guided_generate_many
 
     def flaky(*a, **k):  # Ctrl-C after two prompts finished
         for n, answer in enumerate(real(*a, **k)):
@@ -105,7 +107,7 @@ def test_interrupt_then_resume_without_loss_or_duplicates(tmp_path, monkeypatch,
                 raise KeyboardInterrupt
             yield answer
 
-    monkeypatch.setattr(decode, "guided_generate_many", flaky)
+    monkeypatch.setattr(local, "guided_generate_many", flaky)
     assert decode.main(_run_args(prompts, out)) == 130
     first = [r["index"] for r in _lines(out)]
     assert len(first) == 2
@@ -113,7 +115,7 @@ def test_interrupt_then_resume_without_loss_or_duplicates(tmp_path, monkeypatch,
     # a torn last line from a hard kill is dropped, complete records are kept byte for byte
     with out.open("a") as f:
         f.write('{"index": 2, "prompt": "Quest')
-    monkeypatch.setattr(decode, "guided_generate_many", real)
+    monkeypatch.setattr(local, "guided_generate_many", real)
     assert decode.main(_run_args(prompts, out)) == 0
     assert "resuming: 2 of 5" in capsys.readouterr().out
     recs = _lines(out)

@@ -152,7 +152,9 @@ def test_replicas_that_cannot_load_their_models_exit_2_and_write_nothing(cluster
 
 def test_without_ray_installed_exit_2_before_anything_loads(prompts, tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
-    monkeypatch.setattr(decode, "load_guide", lambda *a: pytest.fail("models loaded"))
+    from mahalo.launch import local
+
+    monkeypatch.setattr(local, "load_guide", lambda *a: pytest.fail("models loaded"))
     out = tmp_path / "out.jsonl"
     assert decode.main([*BASE, f"prompts={prompts}", f"output={out}", "launcher=ray"]) == 2
     err = capsys.readouterr().err.strip()

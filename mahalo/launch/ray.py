@@ -33,8 +33,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from mahalo.app.config import LauncherConfig, RunConfig
-from mahalo.engine.scheduler import DEVICE_MAX_PROMPTS
-from mahalo.launch import Unanswered
+from mahalo.engine.scheduler import device_limits
+from mahalo.launch import Answers, Unanswered
 from mahalo.result import GuidedResult
 
 log = logging.getLogger(__name__)
@@ -139,9 +139,11 @@ def _check_fits(launcher: LauncherConfig, cluster: Cluster) -> None:
             )
 
 
-def replica_prompts(launcher: LauncherConfig, max_prompts: int) -> int:
-    """Prompts a replica keeps in flight: ``batch.max_prompts``, or its device's default."""
-    return max_prompts or DEVICE_MAX_PROMPTS["cuda" if launcher.gpus_per_replica > 0 else "cpu"]
+def replica_prompts(cfg: RunConfig) -> int:
+    """Prompts a replica keeps in flight: ``batch.max_prompts``, or its device's default (the
+    scheduler's rule)."""
+    device = "cuda" if cfg.launcher.gpus_per_replica > 0 else "cpu"
+    return device_limits(device, cfg.engine.step_barrier, cfg.batch.max_prompts, cfg.batch.max_rows)[0]
 
 
 class Replica:
@@ -155,16 +157,11 @@ class Replica:
         import ray
         import torch
 
-        from mahalo.app.registry import load_guide
-        from mahalo.engine.controller import Controller
-        from mahalo.engine.scheduler import Engine
+        from mahalo.app.build import load_engine
 
         t0 = time.time()
         torch.set_num_threads(max(1, int(cfg.launcher.cpus_per_replica)))
-        policy, prms = load_guide(cfg.models, objectives)
-        guide = cfg.guide()
-        limit = replica_prompts(cfg.launcher, guide.batch.max_prompts)
-        self.engine = Engine(Controller(policy, prms, guide), limit, guide.batch.max_rows)
+        self.engine = load_engine(cfg, objectives)
         self.name = ray.get_runtime_context().get_actor_id()
         self.started, self.ready = t0, time.time()
         log.info("replica %s ready in %.1f s (pid %d)", self.name, self.ready - t0, os.getpid())
@@ -208,7 +205,7 @@ def answer_many(cfg: RunConfig, objectives: list[str], prompts: list[Any], clust
     context.enable_progress_bars = False
     context.max_errored_blocks = -1  # a batch whose replica died for good: carry on, rerun it next pass
     logging.getLogger("ray.data").setLevel(logging.WARNING)
-    per_actor = math.ceil(replica_prompts(launcher, cfg.batch.max_prompts) / launcher.batch_size)
+    per_actor = math.ceil(replica_prompts(cfg) / launcher.batch_size)
     remaining = dict(enumerate(prompts))
     for attempt in range(1, launcher.max_passes + 1):
         rows = [{"k": k, "prompt": json.dumps(p)} for k, p in sorted(remaining.items())]  # conversations as JSON
@@ -258,6 +255,33 @@ def answer_many(cfg: RunConfig, objectives: list[str], prompts: list[Any], clust
         "(their replica died or its engine stopped each time; see Ray's log above): re-run the same command to "
         "retry them"
     )
+
+
+def answers(cfg: RunConfig, objectives: list[str], prompts: list[Any], console: Any) -> Answers:
+    """``launcher=ray``: join the cluster and check the options now (exit 2 on bad ones); the
+    replicas load the models. Each answer carries its ``replica`` and ``attempt``."""
+    from mahalo.app.registry import check_sources
+
+    require_ray()
+    check_models(cfg, objectives)
+    if cfg.launcher.address is None:  # the replicas will run here: their model files must exist here
+        check_sources(cfg.models, objectives)
+    t0 = time.perf_counter()
+    cluster = connect(cfg.launcher)
+    lc = cfg.launcher
+    console.print(
+        f"ray: {lc.replicas} replicas x ({lc.cpus_per_replica:g} CPU, {lc.gpus_per_replica:g} GPU) on a cluster of "
+        f"{cluster.cpus:g} CPUs, {cluster.gpus:g} GPUs (joined in {time.perf_counter() - t0:.1f} s)", style="dim",
+    )
+
+    def stream() -> Answers:
+        try:
+            for a in answer_many(cfg, objectives, prompts, cluster):
+                yield a.k, a.result, {"replica": a.replica, "attempt": a.attempt}
+        finally:
+            cluster.close()
+
+    return stream()
 
 
 def _root_error(err: BaseException) -> str:
