@@ -7,8 +7,8 @@ response token, policy forwards per response token (a step lasts as long as its 
 candidate) and ms per forward. Fixed-size steps compare engines at equal work; sentence steps
 show what the step rule adds.
 
-It uses only ``guided_generate`` and the model loaders, and runs at older commits too (it finds
-the loaders at their old place), so two versions can be compared on the same machine::
+It uses only ``guided_generate`` and the model loaders (``mahalo.app``, since 2026-11-28), so
+two versions can be compared on the same machine::
 
     git worktree add /tmp/old <commit>
     (cd /tmp/old && OMP_NUM_THREADS=2 PYTHONPATH=/tmp/old python /path/to/benchmarks/step_rule_cost.py)
@@ -26,12 +26,8 @@ import torch
 
 from mahalo import guided_generate
 
-try:
-    from mahalo.app.config import ModelConfig, ModelsConfig
-    from mahalo.app.registry import load_models
-except ImportError:  # before the app/ layout
-    from mahalo.config import ModelConfig, ModelsConfig  # noqa: I001
-    from mahalo.models.registry import load_models
+from mahalo.app.config import ModelConfig, ModelsConfig
+from mahalo.app.registry import load_models
 
 QUESTIONS = Path(__file__).resolve().parents[2] / "shared" / "data" / "truthfulqa" / "questions_dev.csv"
 

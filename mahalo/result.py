@@ -49,9 +49,6 @@ class Stats:
     wall_s: float = 0.0
     prompt_tokens: int = 0  # the chat prompt's tokens (the policy's prefill)
 
-    def __getitem__(self, key: str) -> float:
-        return getattr(self, key)
-
     @property
     def tokens_per_s(self) -> float:
         """Response tokens per wall-clock second."""

@@ -113,7 +113,7 @@ def test_budget_and_stats(policy, reward):
     s = res.stats
     assert s.response_tokens == len(res.token_ids)
     assert s.policy_tokens <= s.policy_tokens_padded and s.prm_tokens <= s.prm_tokens_padded
-    assert s["wall_s"] > 0 and s.steps == len(res.steps)
+    assert s.wall_s > 0 and s.steps == len(res.steps)
 
 
 def test_unguided_strategies_run_without_rewards(policy):

@@ -373,11 +373,6 @@ def load_pretrained(
     return _finish(model, None if device_map else torch_device), tokenizer
 
 
-def read_head_weight(head_file: str | os.PathLike[str], num_labels: int) -> torch.Tensor:
-    """``score.weight`` (num_labels, hidden) of a head file (safetensors or torch)."""
-    return _read_head(head_file, num_labels)
-
-
 def multihead_checkpoint(path: str) -> dict[str, Any]:
     """The state dict of a MAH-DPO checkpoint: ``path`` is a ``policy.pt`` file, a directory
     holding one, or a hub id of a repository holding one.
@@ -465,7 +460,7 @@ def load_reward_model(
     if num_labels < 1:
         raise ValueError(f"num_labels must be >= 1, got {num_labels}")
     torch_dtype, torch_device, attention = _resolved(dtype, device, attn_implementation)
-    head = _read_head(head_file, num_labels) if head_file is not None else None  # before a slow conversion
+    head = read_head_weight(head_file, num_labels) if head_file is not None else None  # before a slow conversion
     source, tokenizer = _source_and_tokenizer(path, gguf_file)
     with _quiet_transformers():
         model, info = _from_pretrained(
@@ -483,7 +478,7 @@ def load_reward_model(
     return _finish(model, None if device_map else torch_device), tokenizer
 
 
-def _read_head(head_file: str | os.PathLike[str], num_labels: int) -> torch.Tensor:
+def read_head_weight(head_file: str | os.PathLike[str], num_labels: int) -> torch.Tensor:
     """``score.weight`` from a safetensors or torch file, checked to have ``num_labels`` rows."""
     file = Path(head_file).expanduser()
     if not file.is_file():

@@ -74,8 +74,6 @@ class SequenceClassifierReward(BackboneReward):
                          getattr(model.config, "max_position_embeddings", None))
         self.model = model.eval()
 
-    head_of = staticmethod(head_of)
-
     @classmethod
     def accepts(cls, model: Any) -> bool:
         """A model with a base model, a classification head and 1 or 2 labels."""
