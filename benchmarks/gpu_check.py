@@ -10,10 +10,12 @@ It measures and prints (and writes to ``--out DIR/gpu_check.json``):
 
 1. the memory bandwidth of a device-to-device copy, and from it the weight-read floor of one
    policy decode step (policy weight bytes / bandwidth);
-2. ms per policy decode step (``HFPolicy.forward``, one token per row) at 5, 40 and 160 rows
-   against that floor (target: <= 2x at 160 rows);
+2. ms per policy decode step (the engine's packed forward of one token per row, rows reading a
+   shared cached prompt, and the head) at 5, 40 and 160 rows against that floor (target: <= 2x
+   at 160 rows), eager and with ``engine.compile`` (``torch.compile`` of the backbone);
 3. prompts per minute of ``step_best_of_n`` (N=5) through ``guided_generate_many`` at
-   ``max_prompts`` 1, 8, 32 and 64 (target: 32 >= 15x 1);
+   ``max_prompts`` 1, 8, 32 and 64 (target: 32 >= 15x 1), with the token-level engine and with
+   the lockstep ablation (``step_barrier=True, share_prefix=False``);
 4. the paper's loop (``reference_decoder.py``): s/token and prompts per minute (target: mahalo
    at 32 >= 20x it);
 5. peak GPU memory.
@@ -50,6 +52,7 @@ from transformers import (  # noqa: E402
 )
 
 from benchmarks.reference_decoder import reference_decode  # noqa: E402
+from benchmarks.step_cost import time_step  # noqa: E402
 from mahalo import guided_generate_many  # noqa: E402
 from mahalo.app.tiny import LLAMA3  # noqa: E402
 from mahalo.policy import HFPolicy  # noqa: E402
@@ -126,20 +129,10 @@ def copy_bandwidth(device: torch.device, mb: int) -> float:
 
 
 def decode_step_ms(policy: HFPolicy, prompt: list[int], rows: int, steps: int, device: torch.device) -> float:
-    """Median ms of one decode step (one token per row) with ``rows`` rows on a shared prompt."""
-    state = policy.prefill([prompt])
-    state.select(torch.zeros(rows, dtype=torch.long))
-    feed = torch.ones(rows, dtype=torch.bool)
-    times = []
-    for i in range(steps + 2):
-        tokens = torch.randint(10, 1000, (rows,))
-        sync(device)
-        t = time.perf_counter()
-        policy.forward(state, tokens, feed)
-        sync(device)
-        if i >= 2:  # two warm-up steps
-            times.append(time.perf_counter() - t)
-    return 1000 * statistics.median(times)
+    """Median ms of one decode step (one token per row) with ``rows`` rows on a shared prompt
+    (:func:`benchmarks.step_cost.time_step`; its timing reads the logits, which syncs the GPU)."""
+    sync(device)
+    return time_step(policy, prompt, rows, steps, repeats=3)
 
 
 def prompt_text(i: int, words: int, vocab: int) -> str:
@@ -147,18 +140,23 @@ def prompt_text(i: int, words: int, vocab: int) -> str:
     return " ".join(f"w{int(w)}" for w in torch.randint(0, vocab - 16, (words,), generator=gen))
 
 
-def prompts_per_minute(policy: HFPolicy, truth: Any, prompts: list[str], max_prompts: int, args: argparse.Namespace
-                       ) -> dict[str, Any]:
+ENGINES = {"token-level": {}, "lockstep ablation": {"step_barrier": True, "share_prefix": False}}
+
+
+def prompts_per_minute(policy: HFPolicy, truth: Any, prompts: list[str], max_prompts: int, args: argparse.Namespace,
+                       engine: str) -> dict[str, Any]:
     opts = dict(strategy="step_best_of_n", num_candidates=5, max_new_tokens=args.max_new_tokens, step="max_tokens",
-                min_step_tokens=0, max_step_tokens=args.step_tokens, seed=0, max_prompts=max_prompts)
+                min_step_tokens=0, max_step_tokens=args.step_tokens, seed=0, max_prompts=max_prompts,
+                max_rows=max(5 * max_prompts, 5), **ENGINES[engine])
     sync(policy.device)
     t = time.perf_counter()
     results = dict(guided_generate_many(policy, {"truth": truth}, prompts, **opts))
     sync(policy.device)
     wall = time.perf_counter() - t
     tokens = sum(r.stats.response_tokens for r in results.values())
-    return {"max_prompts": max_prompts, "prompts": len(prompts), "wall_s": wall,
-            "prompts_per_min": 60 * len(prompts) / wall, "response_tokens_per_s": tokens / wall}
+    return {"engine": engine, "max_prompts": max_prompts, "prompts": len(prompts), "wall_s": wall,
+            "prompts_per_min": 60 * len(prompts) / wall, "response_tokens_per_s": tokens / wall,
+            "answers": {i: r.token_ids for i, r in results.items()}}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -172,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--step-tokens", type=int, default=16)
     p.add_argument("--reference-tokens", type=int, default=32)
+    p.add_argument("--no-compile", action="store_true", help="skip the compiled decode step")
     args = p.parse_args(argv)
     tiny = args.shape == "tiny"
     device = torch.device(args.device or ("cpu" if tiny else "cuda"))
@@ -202,20 +201,33 @@ def main(argv: list[str] | None = None) -> int:
     _say(f"copy bandwidth {bw / 1e9:.0f} GB/s -> weight-read floor {roofline_ms:.2f} ms per decode step")
     prompt = policy.prompt_ids([{"role": "user", "content": prompt_text(0, args.prompt_words, shape["vocab_size"])}])
     out["decode_step"] = []
+    compiled = None if args.no_compile else HFPolicy(policy_model, tok)
+    if compiled is not None:
+        compiled.compile()
     for rows in [int(r) for r in args.rows.split(",")]:
         ms = decode_step_ms(policy, prompt, rows, steps=5 if tiny else 20, device=device)
-        out["decode_step"].append({"rows": rows, "ms": ms, "x_roofline": ms / roofline_ms})
-        _say(f"decode step at {rows:4d} rows: {ms:8.2f} ms = {ms / roofline_ms:.2f}x the weight-read floor")
+        row = {"rows": rows, "ms": ms, "x_roofline": ms / roofline_ms}
+        if compiled is not None:
+            t = time.perf_counter()
+            row["compiled_ms"] = decode_step_ms(compiled, prompt, rows, steps=5 if tiny else 20, device=device)
+            row["compile_and_time_s"] = time.perf_counter() - t
+        out["decode_step"].append(row)
+        _say(f"decode step at {rows:4d} rows: {ms:8.2f} ms = {ms / roofline_ms:.2f}x the weight-read floor"
+             + (f"; compiled {row['compiled_ms']:.2f} ms" if compiled is not None else ""))
 
-    # 3. prompts per minute at max_prompts
+    # 3. prompts per minute at max_prompts, both engines (the same answers)
     out["throughput"] = []
     for mp in [int(m) for m in args.max_prompts.split(",")]:
         count = max(2 * mp, 8) if not tiny else max(mp, 2)
         prompts = [prompt_text(i, args.prompt_words, shape["vocab_size"]) for i in range(count)]
-        row = prompts_per_minute(policy, truth, prompts, mp, args)
-        out["throughput"].append(row)
-        _say(f"max_prompts={mp:3d}: {row['prompts']} prompts in {row['wall_s']:.1f} s = "
-             f"{row['prompts_per_min']:.1f} prompts/min, {row['response_tokens_per_s']:.0f} response tokens/s")
+        rows = [prompts_per_minute(policy, truth, prompts, mp, args, engine) for engine in ENGINES]
+        same = rows[0].pop("answers") == rows[1].pop("answers")
+        for row in rows:
+            row["same_answers"] = same
+            out["throughput"].append(row)
+            _say(f"{row['engine']:>17} max_prompts={mp:3d}: {row['prompts']} prompts in {row['wall_s']:.1f} s = "
+                 f"{row['prompts_per_min']:.1f} prompts/min, {row['response_tokens_per_s']:.0f} response tokens/s"
+                 f" (same answers: {same})")
 
     # 4. the paper's loop
     t = time.perf_counter()
@@ -233,12 +245,14 @@ def main(argv: list[str] | None = None) -> int:
 
     # 5. peak memory and the targets
     out["peak_gpu_gb"] = torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else math.nan
-    by_mp = {r["max_prompts"]: r["prompts_per_min"] for r in out["throughput"]}
+    by_mp = {r["max_prompts"]: r["prompts_per_min"] for r in out["throughput"] if r["engine"] == "token-level"}
+    old = {r["max_prompts"]: r["prompts_per_min"] for r in out["throughput"] if r["engine"] != "token-level"}
     by_rows = {r["rows"]: r["x_roofline"] for r in out["decode_step"]}
     out["targets"] = {
         "step_160_rows_within_2x_roofline": by_rows.get(160, math.nan) <= 2.0,
         "max_prompts_32_vs_1": by_mp.get(32, math.nan) / by_mp.get(1, math.nan),
         "max_prompts_32_vs_reference": by_mp.get(32, math.nan) / ref_ppm,
+        "token_level_vs_lockstep_at_64": by_mp.get(64, math.nan) / old.get(64, math.nan),
     }
     out["total_s"] = time.perf_counter() - t0
     _say(f"peak GPU memory {out['peak_gpu_gb']:.1f} GB; targets: {json.dumps(out['targets'])}; total {out['total_s']:.0f} s")

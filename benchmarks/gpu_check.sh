@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU check of the real workload's shape: an 8B policy and an 8B reward model (random weights,
 # built on the GPU), decode-step cost vs the weight-read floor, prompts per minute at
-# max_prompts 1/8/32/64, the paper's loop, peak memory. Needs torch, transformers and a CUDA
+# max_prompts 1/8/32/64 for the token-level engine and the lockstep ablation, eager vs compiled decode
+# steps, the paper's loop, peak memory. Needs torch, transformers and a CUDA
 # GPU; nothing is downloaded; mahalo is imported from this working tree. Writes
 # ${OUT:-gpu_check_out}/gpu_check.json. About 3-5 minutes on one H200 (not yet measured).
 set -euo pipefail

@@ -171,21 +171,27 @@ def test_step_cost_main(tmp_path, capsys):
     assert "policy decode step cost" in capsys.readouterr().out
     with (out / "step_cost.csv").open() as f:
         rows = list(csv.DictReader(f))
-    assert [(r["path"], r["rows"]) for r in rows] == [(p, n) for n in ("1", "3") for p in step_cost.PATHS]
+    assert [(r["path"], r["rows"]) for r in rows] == [(p, n) for n in ("1", "3") for p in step_cost.PATHS[:2]]  # no --compile
     assert all(float(r["ms_per_step"]) > 0 for r in rows)
     assert [float(r["vs_smallest_batch"]) for r in rows[:2]] == [1.0, 1.0]
 
 
 def test_throughput_main(questions_csv, tmp_path, capsys):
     out = tmp_path / "out"
-    argv = _common_argv(questions_csv, out) + ["--num-prompts", "2", "--max-prompts", "1,2", "--max-new-tokens", "12",
-                                               "--reference-prompts", "1", "--no-plot", "--warmup", "0"]
+    argv = _common_argv(questions_csv, out) + ["--num-prompts", "3", "--max-prompts", "1,2", "--max-new-tokens", "12",
+                                               "--strategies", "step_best_of_n", "--token16-at", "2", "--no-plot",
+                                               "--in-process"]
     assert throughput.main(argv) == 0
     assert "throughput" in capsys.readouterr().out
     rows = json.loads((out / "throughput.json").read_text())["rows"]
-    assert [(r["engine"], r["max_prompts"]) for r in rows] == [("mahalo", 1), ("mahalo", 2), ("reference", 1)]
-    assert all(r["questions_per_min"] > 0 for r in rows)
-    assert [r["same_as_first"] for r in rows] == [True, True, None]  # batch composition never changes an answer
+    assert [(r["engine"], r["max_prompts"]) for r in rows] == [("token", 1), ("token", 2), ("token16", 2),
+                                                               ("lockstep", 1), ("lockstep", 2)]
+    assert all(r["questions_per_min"] > 0 and r["forwards"] > 0 and r["modelled_prompts_per_min"] > 0 for r in rows)
+    assert all(r["same_answers"] for r in rows)  # scheduling and sharing never change an answer
+    traces = [json.loads(line) for line in (out / "throughput_trace.jsonl").read_text().splitlines()]
+    assert len(traces) == 5 and all(t["forwards"] and {"rows_fed", "rows_held", "kv_tokens_read"} <= set(
+        t["forwards"][0]) for t in traces)
+    assert sum(f["rows_fed"] for f in traces[0]["forwards"]) == sum(f["rows_fed"] for f in traces[3]["forwards"])
 
 
 @pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="needs the ray extra")
@@ -224,9 +230,13 @@ def test_gpu_check_runs_on_a_tiny_shape(tmp_path, capsys):
                            "--max-new-tokens", "16", "--reference-tokens", "8"]) == 0
     out = json.loads((tmp_path / "gpu_check.json").read_text())
     assert [r["rows"] for r in out["decode_step"]] == [2, 5] and all(r["ms"] > 0 for r in out["decode_step"])
-    assert [r["max_prompts"] for r in out["throughput"]] == [1, 4]
+    assert all(r["compiled_ms"] > 0 for r in out["decode_step"])  # engine.compile, eager vs compiled
+    assert [(r["engine"], r["max_prompts"]) for r in out["throughput"]] == [
+        ("token-level", 1), ("lockstep ablation", 1), ("token-level", 4), ("lockstep ablation", 4)]
+    assert all(r["same_answers"] for r in out["throughput"])
     assert out["reference"]["s_per_token"] > 0 and set(out["targets"]) == {
-        "step_160_rows_within_2x_roofline", "max_prompts_32_vs_1", "max_prompts_32_vs_reference"}
+        "step_160_rows_within_2x_roofline", "max_prompts_32_vs_1", "max_prompts_32_vs_reference",
+        "token_level_vs_lockstep_at_64"}
     assert "weight-read floor" in capsys.readouterr().out
 
 
