@@ -44,8 +44,10 @@ ROOT, PROMPT, BEAM, ROW = 0, 1, 2, 3
 LEVELS = ("root", "prompt", "beam", "row")
 ATTENTION = "mahalo_cascade"
 SMALL_GROUP = 32  # a slot read by at most this many query tokens joins the batched matmul; more: its own
-GROW = 0.25  # spare columns or slots a level gets when it grows (at least MIN_SPARE columns)
-MIN_SPARE = 16
+GROW_SLOTS = 1.0  # a level that runs out of slots doubles them
+GROW_COLUMNS = 0.5  # ... or of columns grows them by half (at least MIN_SPARE)
+MIN_SPARE = 32
+SPARSE = 0.5  # a level whose slots read are under this fraction of its slot range reads them gathered
 
 
 class Level:
@@ -82,7 +84,7 @@ class Level:
         slot = next((s for s, on in enumerate(self.live) if not on), None)
         if slot is None:
             slot = self.slots
-            self._grow(slot + 1 + int(slot * GROW), self.columns)
+            self._grow(slot + 1 + int(slot * GROW_SLOTS), self.columns)
         self.live[slot] = True
         self.reserve(columns)
         return slot
@@ -90,10 +92,15 @@ class Level:
     def release(self, slot: int) -> None:
         self.live[slot] = False
 
+    def reserve_slots(self, slots: int) -> None:
+        """At least ``slots`` slots, allocated at once (growing a large level copies all of it)."""
+        if slots > self.slots:
+            self._grow(slots, self.columns)
+
     def reserve(self, columns: int) -> None:
         """Room for ``columns`` columns in every slot."""
         if columns > self.columns:
-            self._grow(self.slots, columns + max(MIN_SPARE, int(columns * GROW)))
+            self._grow(self.slots, columns + max(MIN_SPARE, int(columns * GROW_COLUMNS)))
 
     @torch.inference_mode()
     def _grow(self, slots: int, columns: int) -> None:
@@ -171,12 +178,13 @@ class _Groups:
     """The query tokens that attend one level, grouped by slot (device tensors)."""
 
     token: torch.Tensor  # (n,) index into the packed tokens
-    slot: torch.Tensor  # (n,)
+    slot: torch.Tensor  # (n,) the slot (or, with ``index``, its position in ``index``)
     rank: torch.Tensor  # (n,) position among its slot's tokens
     limit: torch.Tensor  # (n,) columns of the slot it attends
-    groups: int  # slots range 0..groups
+    groups: int  # slots range 0..groups (or len(index))
     width: int  # most tokens of one slot (M)
     columns: int  # most columns attended
+    index: torch.Tensor | None = None  # the slots read, when they are few: read gathered
 
 
 @dataclass
@@ -260,15 +268,20 @@ def pack(kv: SharedKV, items: list[Item], device: torch.device, extra: list[int]
             members += [(t, slot, r, n) for r, (t, n) in enumerate(toks)]
         if members:
             tok, slot, rank, limit = (list(x) for x in zip(*members))
+            used = sorted(set(slot))
+            index = None
+            if len(used) < SPARSE * (used[-1] + 1):  # few of the range: gather them, renumbered
+                at = {s: i for i, s in enumerate(used)}
+                slot, index = [at[s] for s in slot], up.add(used)
             small_spans.append((level, up.add(tok), up.add(slot), up.add(rank), up.add(limit),
-                                max(slot) + 1, max(rank) + 1, max(limit)))
+                                max(slot) + 1, max(rank) + 1, max(limit), index))
     buf = up.send(device)  # the one host-to-device copy of this forward
     stats = {"tokens": len(ids), "kv_tokens_read": read_tokens, "attended": attended}
     packed = Packed(
         kv,
         [(level, buf[a], buf[b], buf[c]) for level, a, b, c in write_spans],
-        [(level, _Groups(buf[a], buf[b], buf[c], buf[d], groups, width, columns))
-         for level, a, b, c, d, groups, width, columns in small_spans],
+        [(level, _Groups(buf[a], buf[b], buf[c], buf[d], groups, width, columns, None if e is None else buf[e]))
+         for level, a, b, c, d, groups, width, columns, e in small_spans],
         [(level, slot, buf[a], buf[b]) for level, slot, a, b in large_spans],
         buf[spans["outputs"]], stats, buf[spans["extra"]],
     )
@@ -310,32 +323,47 @@ def cascade_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value
     return out.reshape(n, heads, dim).to(query.dtype)[None], None
 
 
-def _softmax_parts(scores: torch.Tensor, valid: torch.Tensor, values: torch.Tensor):
-    """Masked softmax of ``scores`` (..., Q, L) over ``values`` (..., L, D): (normalised output
-    (..., Q, D) float32, log-sum-exp (..., Q) float32; -inf where nothing is valid)."""
-    scores = scores.float().masked_fill(~valid, float("-inf"))
+def _fused() -> Any:
+    """PyTorch's fused CPU attention that also returns the log-sum-exp, if this build has it."""
+    return getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+_FUSED_CPU = _fused()
+
+
+def _partial(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor, scale: float):
+    """Attention of queries ``q`` (S, H_kv, Q, D) over ``keys``/``values`` (S, H_kv, L, D) where
+    ``valid`` (S, Q, L); returns (output (S, H_kv, Q, D) float32, log-sum-exp (S, H_kv, Q)
+    float32). Rows with nothing valid are padding: their values are never read."""
+    if q.device.type == "cpu" and _FUSED_CPU is not None:  # one fused kernel: no scores in memory
+        bias = torch.zeros(valid.shape, dtype=q.dtype, device=q.device).masked_fill_(~valid, float("-inf"))
+        out, lse = _FUSED_CPU(q, keys, values, 0.0, False, attn_mask=bias[:, None], scale=scale)
+        return out.float(), lse.float()
+    scores = (torch.matmul(q, keys.transpose(-1, -2)) * scale).float()  # (S, H_kv, Q, L)
+    scores = scores.masked_fill(~valid[:, None], float("-inf"))
     top = scores.amax(-1, keepdim=True)
     top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
     p = torch.exp(scores - top)
     mass = p.sum(-1, keepdim=True)
-    o = torch.matmul(p.to(values.dtype), values).float() / mass.clamp_min(1e-30)
-    return o, (top + torch.log(mass))[..., 0]
+    out = torch.matmul(p.to(values.dtype), values).float() / mass.clamp_min(1e-30)
+    return out, (top + torch.log(mass))[..., 0]
 
 
 def _attend_groups(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, g: _Groups, scale: float):
     """Queries of many slots, ``g.width`` at most per slot, against their slots' first
-    ``g.columns`` columns in one matmul: (output (n, H_kv, G, D), lse (n, H_kv, G))."""
+    ``g.columns`` columns, all slots in one call: (output (n, H_kv, G, D), lse (n, H_kv, G))."""
     _, kv_heads, group, dim = q.shape
-    keys, values = keys[:g.groups, :, :g.columns], values[:g.groups, :, :g.columns]  # views
+    if g.index is not None:  # the few slots read, gathered
+        keys, values = keys.index_select(0, g.index), values.index_select(0, g.index)
+    keys, values = keys[:g.groups, :, :g.columns], values[:g.groups, :, :g.columns]
     grouped = q.new_zeros(g.groups, g.width, kv_heads, group, dim)
     grouped[g.slot, g.rank] = q[g.token]
     grouped = grouped.permute(0, 2, 1, 3, 4).reshape(g.groups, kv_heads, g.width * group, dim)  # (S, H_kv, M*G, D)
-    scores = torch.matmul(grouped, keys.transpose(-1, -2)) * scale  # (S, H_kv, M*G, L)
     limit = torch.zeros(g.groups, g.width, dtype=torch.long, device=q.device)
     limit[g.slot, g.rank] = g.limit
     valid = torch.arange(g.columns, device=q.device) < limit[..., None]  # (S, M, L)
-    valid = valid[:, None, :, None, :].expand(-1, kv_heads, -1, group, -1).reshape(scores.shape)
-    o, lse = _softmax_parts(scores, valid, values)
+    valid = valid[:, :, None].expand(-1, -1, group, -1).reshape(g.groups, g.width * group, g.columns)
+    o, lse = _partial(grouped, keys, values, valid, scale)
     o = o.view(g.groups, kv_heads, g.width, group, dim)[g.slot, :, g.rank]  # (n, H_kv, G, D)
     lse = lse.view(g.groups, kv_heads, g.width, group)[g.slot, :, g.rank]
     return o, lse
@@ -345,12 +373,11 @@ def _attend_one(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, limit
     """Many queries (n, H_kv, G, D) of one slot against its keys (H_kv, L, D)."""
     n, kv_heads, group, dim = q.shape
     columns = int(limit.max())
-    keys, values = keys[:, :columns], values[:, :columns]
-    grouped = q.permute(1, 0, 2, 3).reshape(kv_heads, n * group, dim)  # (H_kv, n*G, D)
-    scores = torch.matmul(grouped, keys.transpose(-1, -2)) * scale  # (H_kv, n*G, L)
+    keys, values = keys[None, :, :columns], values[None, :, :columns]  # (1, H_kv, L, D)
+    grouped = q.permute(1, 0, 2, 3).reshape(1, kv_heads, n * group, dim)  # (1, H_kv, n*G, D)
     valid = torch.arange(columns, device=q.device) < limit[:, None]  # (n, L)
-    valid = valid[None, :, None, :].expand(kv_heads, -1, group, -1).reshape(scores.shape)
-    o, lse = _softmax_parts(scores, valid, values)
+    valid = valid[:, None].expand(-1, group, -1).reshape(1, n * group, columns)
+    o, lse = _partial(grouped, keys, values, valid, scale)
     return o.view(kv_heads, n, group, dim).permute(1, 0, 2, 3), lse.view(kv_heads, n, group).permute(1, 0, 2)
 
 

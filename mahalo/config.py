@@ -204,7 +204,7 @@ class BatchConfig:
     max_rows: int = 0
     """The budget of decoding rows, >= 0: rows fed at the next token (a new prompt's first step
     counts B*N). Rows that ended their step and wait for their siblings do not count, so more
-    prompts join to keep the batch full. 0 picks for the device (48 on a CPU, 256 on a GPU); with
+    prompts join to keep the batch full. 0 picks for the device (256 on a CPU and a GPU); with
     ``engine.step_barrier`` it bounds all rows held, and 0 means no bound. When it is 0, one
     prompt's B*N is at most ``MAX_PROMPT_ROWS`` (1024)."""
 

@@ -53,6 +53,8 @@ from mahalo.sampling import child_stream, root_stream
 log = logging.getLogger(__name__)
 
 MIN_SHARED = 16  # a prefix common to several prompts is stored once when at least this long
+RESERVE_SLOTS = 256  # row slots a step barrier makes at once, at most
+HEAD_ROOM = 16  # columns a row slot keeps for a reward head's scoring suffix (more are made if needed)
 
 
 @dataclass
@@ -162,6 +164,12 @@ class Controller:
     def between_steps(self) -> bool:
         """No row of the current global step has drawn a token yet (step_barrier admits only then)."""
         return all(not row.tokens and not row.end for row in self.decoding) and not self.waiting
+
+    def expect(self, max_prompts: int, max_rows: int) -> None:
+        """The scheduler's limits. With a step barrier the rows held are bounded by them
+        (``max_prompts`` x B*N), so the row slots are made at once rather than grown."""
+        if self.barrier:  # at most RESERVE_SLOTS: beyond, the level doubles as it fills
+            self.kv.row.reserve_slots(min(max_prompts * self.default.rows + HEAD_ROOM, RESERVE_SLOTS))
 
     # -- plans and admission ---------------------------------------------------------------
 
@@ -329,7 +337,7 @@ class Controller:
         """One packed forward of the kept tokens ``fed``, ``f``'s prefill chunks and the scoring
         suffixes of the prompts whose step ``ended``; updates logits and reads the reward heads."""
         for row, token in fed:
-            f.rows.append((row, Item([token], row.length, (ROW, row.slot, row.fed), self._reads(row))))
+            f.rows.append((row, Item([token], row.length, (ROW, row.slot, row.base + row.fed), self._reads(row))))
             row.fed += 1
         for s in ended or []:
             self._head_items(s, f)
@@ -375,7 +383,7 @@ class Controller:
         if self.share:
             return ((s.root_slot, s.shared), (row.prompt_slot, len(s.ids) - s.shared),
                     (row.beam_slot, len(row.beam.token_ids)), (-1, 0))
-        return ((-1, 0), (row.prompt_slot, len(s.ids)), (row.beam_slot, len(row.beam.token_ids)), (-1, 0))
+        return ((-1, 0),) * 4  # a private row holds its prompt and beam itself
 
     def _prefill_items(self, limit: int | None) -> _Forward:
         """Chunks of the prompts still prefilling, oldest first, at most ``limit`` tokens (None: all)."""
@@ -419,17 +427,19 @@ class Controller:
             scratch, items = [], []
             for row, (ids, reuse) in zip(s.rows, source.model.targets(s.rewards[k], cands)):
                 if reuse == row.length:  # the row holds a prefix of its scoring ids: write after it
-                    items.append(Item(ids[reuse:], reuse, (ROW, row.slot, row.fed), self._reads(row)))
+                    items.append(Item(ids[reuse:], reuse, (ROW, row.slot, row.base + row.fed), self._reads(row)))
                     continue
                 slot = self.kv.row.alloc()  # it differs: a scratch row cut back to the common prefix
                 scratch.append(slot)
-                keep = max(0, reuse - len(s.ids) - len(row.beam.token_ids))
+                keep = reuse if not self.share else max(0, reuse - len(s.ids) - len(row.beam.token_ids))
                 self.kv.row.copy(slot, 0, self.kv.row, row.slot, 0, keep)
                 items.append(Item(ids[reuse:], reuse, (ROW, slot, keep), self._cut_reads(row, reuse)))
             f.heads.append((s, k, scratch, items))
 
     def _cut_reads(self, row: Row, reuse: int) -> tuple[tuple[int, int], ...]:
-        """A row's reads cut back to its first ``reuse`` tokens."""
+        """A row's reads cut back to its first ``reuse`` tokens (a private row reads nothing)."""
+        if not self.share:
+            return ((-1, 0),) * 4
         reads, start = [], 0
         for slot, n in self._reads(row)[:3]:
             reads.append((slot, max(0, min(n, reuse - start))))
@@ -520,16 +530,26 @@ class Controller:
 
     def _keep(self, s: Search, active: list[int]) -> None:
         """The survivors' steps become their beams' tokens (copy-on-write: a beam kept by several
-        candidates is copied for all but the last), then the next candidates fan out."""
+        candidates is copied for all but the last), then the next candidates fan out. A private
+        row (prefixes not shared) is its beam already: it is kept as it is."""
         survivors = [s.rows[r] for r in active]
         beam_logits = self.logits[[row.slot for row in survivors]].clone()  # (B', V)
+        if not self.share:
+            kept = {row.slot for row in survivors}
+            for row in s.rows:
+                if row.slot not in kept:
+                    self.kv.row.release(row.slot)
+            for beam, row in zip(s.beams, survivors):
+                beam.slot = row.slot  # a row slot holding the prompt and the whole response
+            self._fan_out(s, beam_logits)
+            return
         last_user = {row.beam_slot: i for i, row in enumerate(survivors) if row.beam_slot >= 0}
         slots = []
         for i, row in enumerate(survivors):  # 1. copies of beams that other survivors also keep
             if last_user.get(row.beam_slot) == i:
                 slots.append(row.beam_slot)
                 continue
-            slot = self.kv.beam.alloc(len(row.beam.token_ids) + row.fed)
+            slot = self.kv.beam.alloc(s.plan.cfg.search.max_new_tokens + HEAD_ROOM)  # room for the whole response
             if row.beam_slot >= 0:
                 self.kv.beam.copy(slot, 0, self.kv.beam, row.beam_slot, 0, len(row.beam.token_ids))
             slots.append(slot)
@@ -537,41 +557,49 @@ class Controller:
             self.kv.beam.copy(slot, len(row.beam.token_ids), self.kv.row, row.slot, 0, row.fed)
         taken = set(slots)
         for row in s.rows:  # 3. free what no survivor kept
-            self._release_row(row, taken)
+            self.kv.row.release(row.slot)
+            if row.beam_slot >= 0 and row.beam_slot not in taken and self.kv.beam.live[row.beam_slot]:
+                self.kv.beam.release(row.beam_slot)
         for beam, slot in zip(s.beams, slots):
             beam.slot = slot
         self._fan_out(s, beam_logits)
 
     def _fan_out(self, s: Search, beam_logits: torch.Tensor) -> None:
         """The candidates of ``s``'s next step: N per beam (B*N from the root at the first step),
-        each an empty row slot reading its beam's (nothing is copied unless prefixes are not
-        shared), starting from its beam's logits."""
+        each an empty row slot reading its beam's and its prompt's, starting from its beam's
+        logits. Nothing is copied, unless prefixes are not shared: then each row starts as a
+        private copy of its prompt and beam (as a per-row cache's fan-out copies them)."""
         shape = s.plan.strategy
         fan = shape.candidates * (1 if s.steps else shape.beams)
         rows, parents = [], []
+        room = s.plan.step_cap + HEAD_ROOM if self.share else len(s.ids) + s.plan.cfg.search.max_new_tokens + HEAD_ROOM
         for b, beam in enumerate(s.beams):
+            held = len(s.ids) + len(beam.token_ids)
             for c in range(fan):
-                prompt_slot, beam_slot = s.prompt_slot, beam.slot
-                if not self.share:  # a private copy of the prompt and the beam, as per-row caches hold them
-                    prompt_slot = self.kv.prompt.alloc(len(s.ids))
-                    self.kv.prompt.copy(prompt_slot, 0, self.kv.prompt, s.prompt_slot, 0, len(s.ids))
-                    if beam.slot >= 0:
-                        beam_slot = self.kv.beam.alloc(len(beam.token_ids))
-                        self.kv.beam.copy(beam_slot, 0, self.kv.beam, beam.slot, 0, len(beam.token_ids))
-                rows.append(Row(s, b, beam, child_stream(beam.stream, c), self._alloc_row_slot(), prompt_slot,
-                                beam_slot, len(beam.token_ids)))
+                slot = self._alloc_row_slot(room)
+                if self.share:
+                    rows.append(Row(s, b, beam, child_stream(beam.stream, c), slot, s.prompt_slot, beam.slot,
+                                    len(beam.token_ids)))
+                else:
+                    source, level = (beam.slot, self.kv.row) if beam.slot >= 0 else (s.prompt_slot, self.kv.prompt)
+                    self.kv.row.copy(slot, 0, level, source, 0, held)
+                    rows.append(Row(s, b, beam, child_stream(beam.stream, c), slot, -1, -1, len(beam.token_ids),
+                                    base=held))
                 parents.append(b)
-        if not self.share:
-            for beam in s.beams:  # the rows hold their own copies
+        if not self.share:  # the rows hold their copies: the beams' and the prompt's slots go
+            for beam in s.beams:
                 if beam.slot >= 0:
-                    self.kv.beam.release(beam.slot)
+                    self.kv.row.release(beam.slot)
                     beam.slot = -1
+            if s.prompt_slot >= 0:
+                self.kv.prompt.release(s.prompt_slot)
+                s.prompt_slot = -1
         self._set_logits([row.slot for row in rows], beam_logits[parents])
         s.rows, s.decoding = rows, len(rows)
         self.decoding += rows
 
-    def _alloc_row_slot(self) -> int:
-        slot = self.kv.row.alloc()
+    def _alloc_row_slot(self, columns: int = 0) -> int:
+        slot = self.kv.row.alloc(columns)
         if slot >= self.logits.shape[0]:
             grown = torch.zeros(self.kv.row.slots, self.vocab, device=self.device)
             grown[: self.logits.shape[0]] = self.logits
@@ -581,22 +609,18 @@ class Controller:
     def _set_logits(self, slots: list[int], logits: torch.Tensor) -> None:
         self.logits[torch.tensor(slots, device=self.device)] = logits.to(self.logits)
 
-    def _release_row(self, row: Row, kept_beams: set[int] = frozenset()) -> None:
-        """Free a candidate row's slots (and its private copies), but not a beam slot kept."""
-        self.kv.row.release(row.slot)
-        if not self.share:
-            self.kv.prompt.release(row.prompt_slot)
-        if row.beam_slot >= 0 and row.beam_slot not in kept_beams and self.kv.beam.live[row.beam_slot]:
-            self.kv.beam.release(row.beam_slot)
-
     def _leave(self, s: Search) -> None:
         """``s`` leaves the batch: every slot it holds is freed."""
+        beams = self.kv.beam if self.share else self.kv.row  # where a kept beam's tokens are
         for row in s.rows:
-            self._release_row(row)
+            self.kv.row.release(row.slot)
+            if row.beam_slot >= 0 and self.kv.beam.live[row.beam_slot]:
+                self.kv.beam.release(row.beam_slot)
         for beam in s.beams:
-            if beam.slot >= 0 and self.kv.beam.live[beam.slot]:
-                self.kv.beam.release(beam.slot)
-        self.kv.prompt.release(s.prompt_slot)
+            if beam.slot >= 0 and beams.live[beam.slot]:
+                beams.release(beam.slot)
+        if s.prompt_slot >= 0:
+            self.kv.prompt.release(s.prompt_slot)
         if s.shared:
             key = tuple(s.ids[:s.shared])
             root = self.roots[key]
@@ -609,7 +633,6 @@ class Controller:
         self.searches = [x for x in self.searches if x is not s]
         self.waiting = [x for x in self.waiting if x is not s]
 
-    @torch.inference_mode()
     def _drop_cancelled(self) -> None:
         if not self.cancelled:
             return
@@ -624,12 +647,11 @@ class Controller:
         """KV columns held by every prompt in flight (each shared slot once)."""
         total = sum(len(r.ids) for r in self.roots.values())
         for s in self.searches:
-            total += len(s.ids) - s.shared
-            total += sum(len(b.token_ids) for b in s.beams if b.slot >= 0)
-            for row in s.rows:
-                total += row.fed
-                if not self.share:
-                    total += len(s.ids) + (len(row.beam.token_ids) if row.beam_slot >= 0 else 0)
+            if s.prompt_slot >= 0:
+                total += len(s.ids) - s.shared
+            if self.share:
+                total += sum(len(b.token_ids) for b in s.beams if b.slot >= 0)
+            total += sum(row.base + row.fed for row in s.rows)
         return total
 
 

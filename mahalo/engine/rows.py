@@ -87,8 +87,9 @@ class Row:
     """One candidate of a step: its tokens so far and where its keys and values are.
 
     ``slot`` is its row slot (its step's tokens and its next-token logits); ``prompt_slot`` /
-    ``beam_slot`` are the slots it reads: its prompt's and its beam's, or its own private copies
-    when prefixes are not shared (``engine.share_prefix=false``).
+    ``beam_slot`` are the slots it reads: its prompt's and its beam's. When prefixes are not
+    shared (``engine.share_prefix=false``) its row slot holds a private copy of its prompt and its
+    beam first (``base`` columns), as a per-row cache holds them, and it reads nothing else.
     """
 
     search: Search
@@ -99,6 +100,7 @@ class Row:
     prompt_slot: int
     beam_slot: int
     position: int  # its next draw's index in the response (the sampling key)
+    base: int = 0  # columns of its row slot before its own tokens (a private prompt and beam)
     tokens: list[int] = field(default_factory=list)  # new tokens, end-of-turn excluded
     logprobs: list[float] = field(default_factory=list)
     end: str = ""  # "step" | "eos" | "length"

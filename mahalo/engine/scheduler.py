@@ -39,7 +39,7 @@ from mahalo.result import GuidedResult
 # device. CPU: benchmarks/throughput.py on the 2-core sandbox (benchmarks/README.md §4). GPU: not
 # measured (no GPU was lent to this project yet): 256 rows keep an 8B decode step near its
 # weight-read floor (benchmarks/gpu_check.py's roofline).
-DEVICE_LIMITS = {"cpu": (64, 48), "cuda": (256, 256)}
+DEVICE_LIMITS = {"cpu": (64, 256), "cuda": (256, 256)}
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +86,7 @@ def schedule(
         that failed (a malformed or too long prompt, a reward model's fault).
     """
     max_prompts, max_rows = limits(controller, max_prompts, max_rows)
+    controller.expect(min(max_prompts, len(prompts)) if hasattr(prompts, "__len__") else max_prompts, max_rows)
     waiting = enumerate(prompts)
     head: tuple[int, object] | None = None  # the next prompt, read but not yet admitted
     exhausted = False
@@ -150,6 +151,7 @@ class Engine:
                  on_stop: Callable[[BaseException], None] | None = None) -> None:
         self.controller = controller
         self.max_prompts, self.max_rows = limits(controller, max_prompts, max_rows)
+        controller.expect(self.max_prompts, self.max_rows)
         self.on_stop = on_stop
         self._cond = threading.Condition()
         self._waiting: deque[tuple[int, object, Plan | None]] = deque()  # guarded by _cond
