@@ -43,75 +43,81 @@ from transformers import AttentionInterface
 ROOT, PROMPT, BEAM, ROW = 0, 1, 2, 3
 LEVELS = ("root", "prompt", "beam", "row")
 ATTENTION = "mahalo_cascade"
-SMALL_GROUP = 32  # a slot read by at most this many query tokens joins the batched matmul; more: its own
-GROW_SLOTS = 1.0  # a level that runs out of slots doubles them
-GROW_COLUMNS = 0.5  # ... or of columns grows them by half (at least MIN_SPARE)
+SMALL_GROUP = 32  # a slot read by at most this many query tokens joins the batched call; more: its own
+CHUNK = 64  # slots per block of a level: a level grows by blocks, and a block's columns on their own
+GROW_COLUMNS = 0.5  # a block that runs out of columns grows them by half (at least MIN_SPARE)
 MIN_SPARE = 32
-SPARSE = 0.5  # a level whose slots read are under this fraction of its slot range reads them gathered
+SPARSE = 0.5  # a block whose slots read are under this fraction of its slot range reads them gathered
+
+
+class _Block:
+    """``CHUNK`` slots of keys and values for every layer: ``k[layer]`` (CHUNK, H_kv, L, D)."""
+
+    def __init__(self, level: Level, columns: int) -> None:
+        self.k = [level.empty(i, columns) for i in range(level.layers)]
+        self.v = [level.empty(i, columns) for i in range(level.layers)]
+
+    @property
+    def columns(self) -> int:
+        return self.k[0].shape[2] if self.k else 0
 
 
 class Level:
-    """Slots of keys and values for every layer: ``k[layer]`` (S, H_kv, L, D). What a slot holds
-    is its owner's business (the engine knows each slot's length); slots are handed out lowest
-    first so those in use stay packed at the front (the batched attention runs over slots
-    ``0..highest read``)."""
+    """Slots of keys and values, in blocks of ``CHUNK`` slots; each block as wide (columns) as its
+    longest slot needs. A new block copies nothing; a block that needs more columns copies itself
+    only. What a slot holds is its owner's business (the engine knows each slot's length); slots
+    are handed out lowest first, so the blocks in use stay few and full."""
 
     def __init__(self, devices: list[torch.device], heads: int, dim: int, dtype: torch.dtype) -> None:
         self.devices, self.heads, self.dim, self.dtype = devices, heads, dim, dtype
         self.layers = len(devices)
-        self.k: list[torch.Tensor] = [self._empty(i, 0, 0) for i in range(self.layers)]
-        self.v: list[torch.Tensor] = [self._empty(i, 0, 0) for i in range(self.layers)]
+        self.blocks: list[_Block] = []
         self.live: list[bool] = []  # per slot: handed out
 
-    def _empty(self, layer: int, slots: int, columns: int) -> torch.Tensor:
-        return torch.zeros(slots, self.heads, columns, self.dim, dtype=self.dtype, device=self.devices[layer])
+    def empty(self, layer: int, columns: int) -> torch.Tensor:
+        # zeros: a masked column's keys and values are multiplied by 0, and 0 * NaN would not be 0
+        return torch.zeros(CHUNK, self.heads, columns, self.dim, dtype=self.dtype, device=self.devices[layer])
 
     @property
     def slots(self) -> int:
         return len(self.live)
 
     @property
-    def columns(self) -> int:
-        return self.k[0].shape[2] if self.layers else 0
-
-    @property
     def in_use(self) -> int:
         return sum(self.live)
 
+    def block(self, slot: int) -> tuple[_Block, int]:
+        """The block holding ``slot`` and its index in it."""
+        return self.blocks[slot // CHUNK], slot % CHUNK
+
+    @torch.inference_mode()
     def alloc(self, columns: int = 0) -> int:
         """A free slot with room for ``columns`` columns (its old contents are not cleared:
         nothing reads past what its owner writes)."""
         slot = next((s for s, on in enumerate(self.live) if not on), None)
         if slot is None:
             slot = self.slots
-            self._grow(slot + 1 + int(slot * GROW_SLOTS), self.columns)
+            self.blocks.append(_Block(self, columns))
+            self.live += [False] * CHUNK
         self.live[slot] = True
-        self.reserve(columns)
+        self.reserve(slot, columns)
         return slot
 
     def release(self, slot: int) -> None:
         self.live[slot] = False
 
-    def reserve_slots(self, slots: int) -> None:
-        """At least ``slots`` slots, allocated at once (growing a large level copies all of it)."""
-        if slots > self.slots:
-            self._grow(slots, self.columns)
-
-    def reserve(self, columns: int) -> None:
-        """Room for ``columns`` columns in every slot."""
-        if columns > self.columns:
-            self._grow(self.slots, columns + max(MIN_SPARE, int(columns * GROW_COLUMNS)))
-
     @torch.inference_mode()
-    def _grow(self, slots: int, columns: int) -> None:
-        """Reallocate every layer as (slots, H, columns, D), keeping the contents."""
-        old_slots, old_columns = self.slots, self.columns
-        for i in range(self.layers):
-            for store in (self.k, self.v):
-                new = self._empty(i, slots, columns)
-                new[:old_slots, :, :old_columns] = store[i]
+    def reserve(self, slot: int, columns: int) -> None:
+        """Room for ``columns`` columns in ``slot`` (its block grows, keeping its contents)."""
+        block = self.blocks[slot // CHUNK]
+        if columns <= block.columns:
+            return
+        width = columns + max(MIN_SPARE, int(columns * GROW_COLUMNS))
+        for store in (block.k, block.v):
+            for i in range(self.layers):
+                new = self.empty(i, width)
+                new[:, :, :store[i].shape[2]] = store[i]
                 store[i] = new
-        self.live += [False] * (slots - old_slots)
 
     @torch.inference_mode()
     def copy(self, dst: int, at: int, src: Level, slot: int, start: int, end: int) -> None:
@@ -119,10 +125,11 @@ class Level:
         n = end - start
         if n <= 0:
             return
-        self.reserve(at + n)
-        for i in range(self.layers):
-            self.k[i][dst, :, at:at + n] = src.k[i][slot, :, start:end]
-            self.v[i][dst, :, at:at + n] = src.v[i][slot, :, start:end]
+        self.reserve(dst, at + n)
+        (to, i), (frm, j) = self.block(dst), src.block(slot)
+        for layer in range(self.layers):
+            to.k[layer][i, :, at:at + n] = frm.k[layer][j, :, start:end]
+            to.v[layer][i, :, at:at + n] = frm.v[layer][j, :, start:end]
 
 
 class SharedKV:
@@ -150,9 +157,9 @@ class SharedKV:
         return self.levels[ROW]
 
     def allocated_bytes(self) -> int:
-        """Bytes of every level's buffers (what the cache has claimed, used or not)."""
-        return sum(t.numel() * t.element_size() for level in self.levels for store in (level.k, level.v)
-                   for t in store)
+        """Bytes of every level's blocks (what the cache has claimed, used or not)."""
+        return sum(t.numel() * t.element_size() for level in self.levels for block in level.blocks
+                   for store in (block.k, block.v) for t in store)
 
 
 @dataclass
@@ -193,9 +200,9 @@ class Packed:
     forward, moved to the device in one transfer)."""
 
     kv: SharedKV
-    writes: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]  # (level, token idx, slot, column)
-    small: list[tuple[int, _Groups]]  # (level, groups) read by the batched matmul
-    large: list[tuple[int, int, torch.Tensor, torch.Tensor]]  # (level, slot, token idx, limit): one matmul each
+    writes: list[tuple[int, int, torch.Tensor, torch.Tensor, torch.Tensor]]  # (level, block, token, slot in block, column)
+    small: list[tuple[int, int, _Groups]]  # (level, block, groups) read by one batched call
+    large: list[tuple[int, int, int, torch.Tensor, torch.Tensor]]  # (level, block, slot in block, token, limit)
     outputs: torch.Tensor  # (n_out,) token indices whose hidden states are returned
     stats: dict[str, int] = field(default_factory=dict)
     extra: torch.Tensor | None = None  # the caller's integers, sent in the same transfer
@@ -249,40 +256,46 @@ def pack(kv: SharedKV, items: list[Item], device: torch.device, extra: list[int]
             outputs.append(len(ids) - 1)
         elif item.out == "all":
             outputs += list(range(first, len(ids)))
-        kv.levels[level].reserve(column + len(item.tokens))
+        kv.levels[level].reserve(slot, column + len(item.tokens))
     up = _Upload()
     spans = {"ids": up.add(ids), "pos": up.add(pos), "outputs": up.add(outputs), "extra": up.add(extra or [])}
     write_spans = []
     for level, rows in sorted(writes.items()):
-        tok, slot, col = (list(x) for x in zip(*rows))
-        write_spans.append((level, up.add(tok), up.add(slot), up.add(col)))
+        by_block: dict[int, list[tuple[int, int, int]]] = {}
+        for tok, slot, col in rows:
+            by_block.setdefault(slot // CHUNK, []).append((tok, slot % CHUNK, col))
+        for block, members in sorted(by_block.items()):
+            tok, slot, col = (list(x) for x in zip(*members))
+            write_spans.append((level, block, up.add(tok), up.add(slot), up.add(col)))
     small_spans, large_spans = [], []
     read_tokens = 0
     for level, by_slot in reads.items():
-        members: list[tuple[int, int, int, int]] = []  # (token, slot, rank, limit)
+        by_block: dict[int, list[tuple[int, int, int, int]]] = {}  # block -> (token, slot in block, rank, limit)
         for slot, toks in by_slot.items():
             read_tokens += max(limit for _, limit in toks)
             if len(toks) > SMALL_GROUP:
-                large_spans.append((level, slot, up.add([t for t, _ in toks]), up.add([n for _, n in toks])))
+                large_spans.append((level, slot // CHUNK, slot % CHUNK, up.add([t for t, _ in toks]),
+                                    up.add([n for _, n in toks])))
                 continue
-            members += [(t, slot, r, n) for r, (t, n) in enumerate(toks)]
-        if members:
+            by_block.setdefault(slot // CHUNK, []).extend((t, slot % CHUNK, r, n) for r, (t, n) in enumerate(toks))
+        for block, members in sorted(by_block.items()):
             tok, slot, rank, limit = (list(x) for x in zip(*members))
             used = sorted(set(slot))
             index = None
-            if len(used) < SPARSE * (used[-1] + 1):  # few of the range: gather them, renumbered
+            if len(used) < SPARSE * (used[-1] + 1):  # few of the block: gather them, renumbered
                 at = {s: i for i, s in enumerate(used)}
                 slot, index = [at[s] for s in slot], up.add(used)
-            small_spans.append((level, up.add(tok), up.add(slot), up.add(rank), up.add(limit),
+            small_spans.append((level, block, up.add(tok), up.add(slot), up.add(rank), up.add(limit),
                                 max(slot) + 1, max(rank) + 1, max(limit), index))
     buf = up.send(device)  # the one host-to-device copy of this forward
     stats = {"tokens": len(ids), "kv_tokens_read": read_tokens, "attended": attended}
     packed = Packed(
         kv,
-        [(level, buf[a], buf[b], buf[c]) for level, a, b, c in write_spans],
-        [(level, _Groups(buf[a], buf[b], buf[c], buf[d], groups, width, columns, None if e is None else buf[e]))
-         for level, a, b, c, d, groups, width, columns, e in small_spans],
-        [(level, slot, buf[a], buf[b]) for level, slot, a, b in large_spans],
+        [(level, block, buf[a], buf[b], buf[c]) for level, block, a, b, c in write_spans],
+        [(level, block, _Groups(buf[a], buf[b], buf[c], buf[d], groups, width, columns,
+                                None if e is None else buf[e]))
+         for level, block, a, b, c, d, groups, width, columns, e in small_spans],
+        [(level, block, slot, buf[a], buf[b]) for level, block, slot, a, b in large_spans],
         buf[spans["outputs"]], stats, buf[spans["extra"]],
     )
     return buf[spans["ids"]][None], buf[spans["pos"]][None], packed
@@ -304,18 +317,20 @@ def cascade_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value
     group = heads // kv_heads
     scale = scaling if scaling is not None else dim ** -0.5
     k_new, v_new = key[0].transpose(0, 1), value[0].transpose(0, 1)  # (N, H_kv, D)
-    for level, tok, slot, col in packed.writes:  # 1. the new tokens' keys and values, in their slots
-        levels[level].k[layer][slot, :, col] = k_new[tok]
-        levels[level].v[layer][slot, :, col] = v_new[tok]
+    for level, block, tok, slot, col in packed.writes:  # 1. the new tokens' keys and values, in their slots
+        b = levels[level].blocks[block]
+        b.k[layer][slot, :, col] = k_new[tok]
+        b.v[layer][slot, :, col] = v_new[tok]
     q = query[0].transpose(0, 1).reshape(n, kv_heads, group, dim)  # (N, H_kv, G, D)
     out = torch.zeros(n, kv_heads, group, dim, dtype=torch.float32, device=query.device)
     total = torch.full((n, kv_heads, group), float("-inf"), dtype=torch.float32, device=query.device)
     partials = []  # 2. each level's normalised output and log-sum-exp, per query token
-    for level, g in packed.small:
-        partials.append((g.token, *_attend_groups(q, levels[level].k[layer], levels[level].v[layer], g, scale)))
-    for level, slot, tok, limit in packed.large:
-        partials.append((tok, *_attend_one(q[tok], levels[level].k[layer][slot], levels[level].v[layer][slot],
-                                           limit, scale)))
+    for level, block, g in packed.small:
+        b = levels[level].blocks[block]
+        partials.append((g.token, *_attend_groups(q, b.k[layer], b.v[layer], g, scale)))
+    for level, block, slot, tok, limit in packed.large:
+        b = levels[level].blocks[block]
+        partials.append((tok, *_attend_one(q[tok], b.k[layer][slot], b.v[layer][slot], limit, scale)))
     for tok, _, lse in partials:  # 3. merge: weights exp(lse_l - lse_total)
         total.index_put_((tok,), torch.logaddexp(total[tok], lse))
     for tok, o, lse in partials:

@@ -53,7 +53,6 @@ from mahalo.sampling import child_stream, root_stream
 log = logging.getLogger(__name__)
 
 MIN_SHARED = 16  # a prefix common to several prompts is stored once when at least this long
-RESERVE_SLOTS = 256  # row slots a step barrier makes at once, at most
 HEAD_ROOM = 16  # columns a row slot keeps for a reward head's scoring suffix (more are made if needed)
 
 
@@ -164,12 +163,6 @@ class Controller:
     def between_steps(self) -> bool:
         """No row of the current global step has drawn a token yet (step_barrier admits only then)."""
         return all(not row.tokens and not row.end for row in self.decoding) and not self.waiting
-
-    def expect(self, max_prompts: int, max_rows: int) -> None:
-        """The scheduler's limits. With a step barrier the rows held are bounded by them
-        (``max_prompts`` x B*N), so the row slots are made at once rather than grown."""
-        if self.barrier:  # at most RESERVE_SLOTS: beyond, the level doubles as it fills
-            self.kv.row.reserve_slots(min(max_prompts * self.default.rows + HEAD_ROOM, RESERVE_SLOTS))
 
     # -- plans and admission ---------------------------------------------------------------
 
@@ -549,7 +542,7 @@ class Controller:
             if last_user.get(row.beam_slot) == i:
                 slots.append(row.beam_slot)
                 continue
-            slot = self.kv.beam.alloc(s.plan.cfg.search.max_new_tokens + HEAD_ROOM)  # room for the whole response
+            slot = self.kv.beam.alloc(len(row.beam.token_ids) + row.fed)
             if row.beam_slot >= 0:
                 self.kv.beam.copy(slot, 0, self.kv.beam, row.beam_slot, 0, len(row.beam.token_ids))
             slots.append(slot)
@@ -572,7 +565,7 @@ class Controller:
         shape = s.plan.strategy
         fan = shape.candidates * (1 if s.steps else shape.beams)
         rows, parents = [], []
-        room = s.plan.step_cap + HEAD_ROOM if self.share else len(s.ids) + s.plan.cfg.search.max_new_tokens + HEAD_ROOM
+        room = 0 if self.share else len(s.ids) + max(len(b.token_ids) for b in s.beams)  # a private copy's
         for b, beam in enumerate(s.beams):
             held = len(s.ids) + len(beam.token_ids)
             for c in range(fan):

@@ -86,7 +86,6 @@ def schedule(
         that failed (a malformed or too long prompt, a reward model's fault).
     """
     max_prompts, max_rows = limits(controller, max_prompts, max_rows)
-    controller.expect(min(max_prompts, len(prompts)) if hasattr(prompts, "__len__") else max_prompts, max_rows)
     waiting = enumerate(prompts)
     head: tuple[int, object] | None = None  # the next prompt, read but not yet admitted
     exhausted = False
@@ -151,7 +150,6 @@ class Engine:
                  on_stop: Callable[[BaseException], None] | None = None) -> None:
         self.controller = controller
         self.max_prompts, self.max_rows = limits(controller, max_prompts, max_rows)
-        controller.expect(self.max_prompts, self.max_rows)
         self.on_stop = on_stop
         self._cond = threading.Condition()
         self._waiting: deque[tuple[int, object, Plan | None]] = deque()  # guarded by _cond
