@@ -6,8 +6,8 @@ MAHALO's ``step_best_of_n`` N=5), each engine in ``--engines`` and each ``max_pr
 ``--max-prompts`` (default 1,4,16,64) it answers the first ``--num-prompts`` TruthfulQA dev
 questions (default 32) in a fresh process (so peak RSS is the run's own) and records:
 
-* questions per minute (wall clock around the whole run) and peak RSS (the run's process's
-  ``ru_maxrss``: model load and transients included);
+* questions per minute (wall clock around the whole run) and peak RSS (sampled every 10 ms while
+  it decodes, in a process that has done nothing else but load the models);
 * policy forwards per question, rows fed per forward (overall, and in steady state: the forwards
   before the last prompt joined, while prompts still waited), and the decoding-row budget's fill;
 * KV bytes held (peak) and read per forward (each slot read once per forward);
@@ -163,9 +163,7 @@ def run_one(spec: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
         "kv_held_peak_mb": max((t["kv_tokens_held"] for t in trace), default=0) * bytes_per_token / 2**20,
         "kv_read_per_forward_mb": sum(t["kv_tokens_read"] for t in decode) / max(len(decode), 1) * bytes_per_token
         / 2**20,
-        # a run in its own process: its lifetime peak (ru_maxrss), transients included; in process: sampled
-        "peak_rss_mb": common._ru_maxrss_bytes() / 2**20 if not args.in_process else mem.peak_mb,
-        "memory_method": "ru_maxrss (own process)" if not args.in_process else mem.method,
+        "peak_rss_mb": mem.peak_mb, "memory_method": mem.method,  # sampled while decoding, in the run's own process
         "response_tokens": sum(s.response_tokens for s in stats),
         "budget_fill": (sum(t["rows_fed"] for t in steady) / max(len(steady), 1)) / max_rows if max_rows else None,
     }
