@@ -44,18 +44,20 @@ ROOT, PROMPT, BEAM, ROW = 0, 1, 2, 3
 LEVELS = ("root", "prompt", "beam", "row")
 ATTENTION = "mahalo_cascade"
 SMALL_GROUP = 32  # a slot read by at most this many query tokens joins the batched call; more: its own
-CHUNK = 64  # slots per block of a level: a level grows by blocks, and a block's columns on their own
+FIRST_BLOCK = 4  # slots of a level's first block; each next block doubles, up to CHUNK slots
+CHUNK = 128  # a level grows by blocks (a new block copies nothing), and a block's columns on their own
 GROW_COLUMNS = 0.5  # a block that runs out of columns grows them by half (at least MIN_SPARE)
 MIN_SPARE = 32
 SPARSE = 0.5  # a block whose slots read are under this fraction of its slot range reads them gathered
 
 
 class _Block:
-    """``CHUNK`` slots of keys and values for every layer: ``k[layer]`` (CHUNK, H_kv, L, D)."""
+    """``size`` slots of keys and values for every layer: ``k[layer]`` (size, H_kv, L, D)."""
 
-    def __init__(self, level: Level, columns: int) -> None:
-        self.k = [level.empty(i, columns) for i in range(level.layers)]
-        self.v = [level.empty(i, columns) for i in range(level.layers)]
+    def __init__(self, level: Level, size: int, columns: int) -> None:
+        self.size = size
+        self.k = [level.empty(i, size, columns) for i in range(level.layers)]
+        self.v = [level.empty(i, size, columns) for i in range(level.layers)]
 
     @property
     def columns(self) -> int:
@@ -63,20 +65,22 @@ class _Block:
 
 
 class Level:
-    """Slots of keys and values, in blocks of ``CHUNK`` slots; each block as wide (columns) as its
-    longest slot needs. A new block copies nothing; a block that needs more columns copies itself
-    only. What a slot holds is its owner's business (the engine knows each slot's length); slots
-    are handed out lowest first, so the blocks in use stay few and full."""
+    """Slots of keys and values, in blocks of 4, 8, 16 ... up to ``CHUNK`` slots (a level of a few
+    slots, such as the root, stays small); each block as wide (columns) as its longest slot needs.
+    A new block copies nothing; a block that needs more columns copies itself only. What a slot
+    holds is its owner's business (the engine knows each slot's length); slots are handed out
+    lowest first, so the blocks in use stay few and full."""
 
     def __init__(self, devices: list[torch.device], heads: int, dim: int, dtype: torch.dtype) -> None:
         self.devices, self.heads, self.dim, self.dtype = devices, heads, dim, dtype
         self.layers = len(devices)
         self.blocks: list[_Block] = []
         self.live: list[bool] = []  # per slot: handed out
+        self.where: list[tuple[int, int]] = []  # per slot: (block, index in it)
 
-    def empty(self, layer: int, columns: int) -> torch.Tensor:
+    def empty(self, layer: int, slots: int, columns: int) -> torch.Tensor:
         # zeros: a masked column's keys and values are multiplied by 0, and 0 * NaN would not be 0
-        return torch.zeros(CHUNK, self.heads, columns, self.dim, dtype=self.dtype, device=self.devices[layer])
+        return torch.zeros(slots, self.heads, columns, self.dim, dtype=self.dtype, device=self.devices[layer])
 
     @property
     def slots(self) -> int:
@@ -88,7 +92,8 @@ class Level:
 
     def block(self, slot: int) -> tuple[_Block, int]:
         """The block holding ``slot`` and its index in it."""
-        return self.blocks[slot // CHUNK], slot % CHUNK
+        b, i = self.where[slot]
+        return self.blocks[b], i
 
     @torch.inference_mode()
     def alloc(self, columns: int = 0) -> int:
@@ -97,8 +102,10 @@ class Level:
         slot = next((s for s, on in enumerate(self.live) if not on), None)
         if slot is None:
             slot = self.slots
-            self.blocks.append(_Block(self, columns))
-            self.live += [False] * CHUNK
+            size = min(CHUNK, FIRST_BLOCK << len(self.blocks))
+            self.where += [(len(self.blocks), i) for i in range(size)]
+            self.blocks.append(_Block(self, size, columns))
+            self.live += [False] * size
         self.live[slot] = True
         self.reserve(slot, columns)
         return slot
@@ -109,13 +116,13 @@ class Level:
     @torch.inference_mode()
     def reserve(self, slot: int, columns: int) -> None:
         """Room for ``columns`` columns in ``slot`` (its block grows, keeping its contents)."""
-        block = self.blocks[slot // CHUNK]
+        block = self.blocks[self.where[slot][0]]
         if columns <= block.columns:
             return
         width = columns + max(MIN_SPARE, int(columns * GROW_COLUMNS))
         for store in (block.k, block.v):
             for i in range(self.layers):
-                new = self.empty(i, width)
+                new = self.empty(i, block.size, width)
                 new[:, :, :store[i].shape[2]] = store[i]
                 store[i] = new
 
@@ -262,8 +269,10 @@ def pack(kv: SharedKV, items: list[Item], device: torch.device, extra: list[int]
     write_spans = []
     for level, rows in sorted(writes.items()):
         by_block: dict[int, list[tuple[int, int, int]]] = {}
+        where = kv.levels[level].where
         for tok, slot, col in rows:
-            by_block.setdefault(slot // CHUNK, []).append((tok, slot % CHUNK, col))
+            block, index = where[slot]
+            by_block.setdefault(block, []).append((tok, index, col))
         for block, members in sorted(by_block.items()):
             tok, slot, col = (list(x) for x in zip(*members))
             write_spans.append((level, block, up.add(tok), up.add(slot), up.add(col)))
@@ -271,13 +280,14 @@ def pack(kv: SharedKV, items: list[Item], device: torch.device, extra: list[int]
     read_tokens = 0
     for level, by_slot in reads.items():
         by_block: dict[int, list[tuple[int, int, int, int]]] = {}  # block -> (token, slot in block, rank, limit)
+        where = kv.levels[level].where
         for slot, toks in by_slot.items():
             read_tokens += max(limit for _, limit in toks)
+            block, index = where[slot]
             if len(toks) > SMALL_GROUP:
-                large_spans.append((level, slot // CHUNK, slot % CHUNK, up.add([t for t, _ in toks]),
-                                    up.add([n for _, n in toks])))
+                large_spans.append((level, block, index, up.add([t for t, _ in toks]), up.add([n for _, n in toks])))
                 continue
-            by_block.setdefault(slot // CHUNK, []).extend((t, slot % CHUNK, r, n) for r, (t, n) in enumerate(toks))
+            by_block.setdefault(block, []).extend((t, index, r, n) for r, (t, n) in enumerate(toks))
         for block, members in sorted(by_block.items()):
             tok, slot, rank, limit = (list(x) for x in zip(*members))
             used = sorted(set(slot))
