@@ -98,6 +98,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="comma-separated max_prompts values (default: 1,4,16,64)")
     s.add_argument("--token16-at", type=common.int_list, default=[16],
                    help="max_prompts at which the token16 engine runs (default: 16)")
+    s.add_argument("--lockstep-at", type=common.int_list, default=None,
+                   help="max_prompts at which the lockstep ablation runs (default: every --max-prompts value)")
     s.add_argument("--max-rows", type=int, default=0, help="the token engine's decoding-row budget (0: default)")
     s.add_argument("--max-new-tokens", type=int, default=128)
     s.add_argument("--num-candidates", type=int, default=5, help="step_best_of_n's N")
@@ -266,6 +268,8 @@ def main(argv: list[str] | None = None) -> int:
             for engine in args.engines:
                 for max_prompts in args.max_prompts:
                     if engine == "token16" and max_prompts not in args.token16_at:
+                        continue
+                    if engine == "lockstep" and args.lockstep_at is not None and max_prompts not in args.lockstep_at:
                         continue
                     spec = {"strategy": strategy, "engine": engine, "max_prompts": max_prompts}
                     result = run_one(spec, args) if args.in_process else _child(spec, child_argv, args.out_dir)
