@@ -48,6 +48,11 @@ def boom(prompt: str, response: str) -> float:
     return -len(response) / 100
 
 
+def nan(prompt: str, response: str) -> float:
+    """A reward that returns NaN (a fault, unlike -inf, a veto) for some prompts only."""
+    return float("nan") if "BOOM" in prompt else -len(response) / 100
+
+
 def gate(prompt: str, response: str) -> float:
     """Holds prompts that ask to wait until the test opens the gate."""
     if "wait" in prompt:
@@ -223,13 +228,14 @@ PROMPTS = [f"Question {i}: {t}?" for i, t in enumerate(["Is the earth flat", "Wh
                                                          "Name a cat", "Where is Paris", "How do dogs sleep"])]
 
 
-@pytest.mark.parametrize("objective", ["boom", "model"])
+@pytest.mark.parametrize("objective", ["boom", "nan", "model"])
 def test_a_reward_model_that_raises_fails_its_prompt_only(objective):
-    """A programmatic reward that raises (KeyError) and a model-backed one that raises inside a
-    merged batch (RuntimeError): the prompt that triggers it gets a ValueError naming the
-    objective; every other prompt gets its answer alone, in batches of 1, 3 and 6."""
+    """A programmatic reward that raises (KeyError), one that returns NaN, and a model-backed one
+    that raises inside a merged batch (RuntimeError): the prompt that triggers it gets a ValueError
+    naming the objective; every other prompt gets its answer alone, in batches of 1, 3 and 6."""
     policy, truth = tiny_policy(), tiny_reward(seed=1)
-    prms = {"boom": boom} if objective == "boom" else {"model": RaisingModel(SequenceClassifierReward(*truth))}
+    prms = {"boom": {"boom": boom}, "nan": {"nan": nan}}.get(objective) or {
+        "model": RaisingModel(SequenceClassifierReward(*truth))}
     prompts = [*PROMPTS[:3], "BOOM " + PROMPTS[3], *PROMPTS[4:]]
     opts = {**BASE, "weights": {objective: 1.0}}
     clean = {**prms}
