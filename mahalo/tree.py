@@ -38,7 +38,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mahalo.tree: error: {err}", file=sys.stderr)
         return 2
     cands = sum(len(s.candidates) for s in search.steps)
-    print(f"wrote {args.out}: {kind}, prompt {search.index}, {len(search.steps)} steps, {cands} candidates")
+    steps = len(search.steps)
+    print(f"wrote {args.out}: {kind}, prompt {search.index}, {steps} step{'s' * (steps != 1)}, "
+          f"{cands} candidate{'s' * (cands != 1)}")
     return 0
 
 

@@ -140,10 +140,13 @@ def search_of(rec: dict[str, Any], path: str = "the file") -> Search:
     config = rec.get("config") if isinstance(rec.get("config"), dict) else {}
     strategy = config.get("search", {}).get("strategy", "") if isinstance(config.get("search"), dict) else ""
     search = Search(int(index), str(rec.get("prompt", "")), text, scores, steps, [], str(strategy))
-    if "answer_path" in rec:
-        search.answer_path = _checked_path(steps, rec["answer_path"], where)
-    else:
-        search.answer_path, search.note = _inferred_path(search)
+    try:
+        if "answer_path" in rec:
+            search.answer_path = _checked_path(steps, rec["answer_path"], where)
+        else:
+            search.answer_path, search.note = _inferred_path(search)
+    except IndexError:  # a parent or a chosen candidate that its step does not have
+        raise ValueError(f"{where} has malformed steps (a parent or kept candidate out of range): {STEPS_HELP}") from None
     return search
 
 
@@ -379,7 +382,9 @@ def to_png(search: Search, out: str, dpi: int = 150) -> None:
                         on = path.get(k) == i and path.get(k - 1) == c.parent
                         color, lw = ("#e07b00", 2.4) if on else ("#2e9b4f", 1.0) if i in kept else ("#c0c0c0", 0.6)
                         ax.plot([k - 0.18, k], [-c.parent, -i], color=color, lw=lw, zorder=1.5 if on else 1)
-            title = f"prompt {search.index}: {_plain(search.prompt, 90)}\nanswer: {_plain(search.text, 150)}"
+            width = max(30, int(fig_w * 15))  # characters of 8 pt text across the figure
+            title = "\n".join([*_wrapped(f"prompt {search.index}: {_plain(search.prompt, 3 * width)}", width),
+                               *_wrapped(f"answer: {_plain(search.text, 4 * width)}", width)])
             ax.set_title(title, fontsize=8, loc="left", parse_math=False)
             ax.set_xlim(-0.1, steps - 0.08)
             ax.set_ylim(-rows + 0.45, 0.8)
@@ -401,6 +406,10 @@ def _png_card(ax: Any, box: Any, k: int, i: int, c: Candidate, objs: list[str], 
     label = f"#{i}\n{_plain(c.text, 26)}\n{scores}\ncombined={c.combined:.3f}"
     ax.text(k + 0.03, -i + 0.34, label, fontsize=5.5, va="top", ha="left", family="monospace", parse_math=False,
             zorder=3, clip_on=True)
+
+
+def _wrapped(text: str, width: int) -> list[str]:
+    return textwrap.wrap(text, width, break_long_words=True, replace_whitespace=False) or [text]
 
 
 def _plain(text: str, width: int) -> str:
