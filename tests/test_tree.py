@@ -183,3 +183,12 @@ def test_a_character_split_across_steps_still_spells_the_answer(tmp_path, second
     assert [c["text"] for c in cards] == ["ab\ufffd", "xy", second]
     assert [c["marked"] for c in cards] == ["ab", "", "\u00e9cd"]
     assert ["path" in c["classes"] for c in cards] == [True, False, True]
+
+
+def test_png_without_matplotlib_says_what_to_install(run, tmp_path, capsys, monkeypatch):
+    _, out, _, _ = run
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
+    assert tree.main([str(out), "--index", "0", "--out", str(tmp_path / "t.png")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "mahalo.tree: error: a PNG needs matplotlib: pip install 'mahalo[plot]' (or write --out tree.html)"
+    assert not (tmp_path / "t.png").exists()
