@@ -192,3 +192,10 @@ def test_png_without_matplotlib_says_what_to_install(run, tmp_path, capsys, monk
     err = capsys.readouterr().err.strip()
     assert err == "mahalo.tree: error: a PNG needs matplotlib: pip install 'mahalo[plot]' (or write --out tree.html)"
     assert not (tmp_path / "t.png").exists()
+
+
+def test_verbose_without_output_says_how_to_keep_the_search(capsys):
+    assert decode.main(["models=tiny", "prompt=hi", "search.max_new_tokens=4", "verbose=true"]) == 0
+    out = capsys.readouterr().out
+    assert ("to draw the search, add output=FILE.jsonl, then: python -m mahalo.tree FILE.jsonl --index 0 "
+            "--out tree.html (or tree.png)") in out
