@@ -41,26 +41,6 @@ def path_to(steps: list[Step], step: int, candidate: int) -> list[int]:
     return path[::-1]
 
 
-def split_steps(steps: list[str], full: str) -> list[str]:
-    """``full`` split as ``steps`` then the rest, concatenating to ``full``.
-
-    Where ``steps`` do not spell a prefix of ``full`` (a character split across two steps decodes
-    differently once whole), they are cut at the common prefix and the rest is the last piece.
-    """
-    out, at = [], 0
-    for step in steps:
-        if not full.startswith(step, at):
-            break
-        out.append(step)
-        at += len(step)
-    if len(out) < len(steps):  # the cut step keeps what still matches
-        step = steps[len(out)]
-        keep = next((i for i, (a, b) in enumerate(zip(step, full[at:])) if a != b), min(len(step), len(full) - at))
-        out.append(step[:keep])
-        at += keep
-    return [*out, full[at:]]
-
-
 @dataclass
 class Stats:
     """Cost of one decode. Token counts are real tokens; ``*_padded`` include padding slots."""
@@ -93,9 +73,9 @@ class GuidedResult:
     steps: list[Step]
     stats: Stats
     scores: dict[str, float] = field(default_factory=dict)  # raw scores of the final response
-    # the answer's candidate in each step, from the first step to the one that ended it: the
-    # answer is these candidates' chunks (a beam search keeps several per step, so ``chosen``
-    # alone does not say which one led to the answer)
+    # the answer's candidate in each step, from the first step to the one that ended it; their
+    # chunks spell the answer (a beam search keeps several per step, so ``chosen`` alone does not
+    # say which one led to it)
     answer_path: list[int] = field(default_factory=list)
 
     def to_dict(self) -> dict:

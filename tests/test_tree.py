@@ -199,3 +199,17 @@ def test_verbose_without_output_says_how_to_keep_the_search(capsys):
     out = capsys.readouterr().out
     assert ("to draw the search, add output=FILE.jsonl, then: python -m mahalo.tree FILE.jsonl --index 0 "
             "--out tree.html (or tree.png)") in out
+
+
+def test_a_chunk_recorded_as_the_whole_response_so_far_gets_only_its_own_piece(tmp_path):
+    """After a split character the engine records a candidate's text as the whole response so far;
+    its mark holds only what it adds, and the marks still spell the answer."""
+    rec = {"index": 0, "prompt": "p", "text": "ab\u00e9cdef", "scores": {"truth": 0.5},
+           "steps": [{"candidates": [_cand("ab\ufffd", -1)], "chosen": 0},
+                     {"candidates": [_cand("ab\u00e9cd", 0)], "chosen": 0},
+                     {"candidates": [_cand("ef", 0, "eos", 0.5)], "chosen": 0}]}  # no answer_path: inferred
+    (tmp_path / "r.jsonl").write_text(json.dumps(rec) + "\n")
+    assert tree.main([str(tmp_path / "r.jsonl"), "--out", str(tmp_path / "t.html")]) == 0
+    cards = _page(tmp_path / "t.html").cards
+    assert [c["marked"] for c in cards] == ["ab", "\u00e9cd", "ef"]
+    assert all("path" in c["classes"] for c in cards)

@@ -51,16 +51,19 @@ class Search:
 
     def pieces(self) -> list[str]:
         """The answer cut along its path, one piece per step, concatenating to the answer. A piece
-        is its candidate's text, less a trailing partial character that decodes differently
-        once the next step completes it."""
+        is its candidate's text, less a trailing partial character that decodes differently once
+        the next step completes it. (Where that happened the engine records the next candidate's
+        text as the whole response so far; its piece is then what it adds to the pieces before.)"""
         texts = [self.steps[k].candidates[c].text for k, c in enumerate(self.answer_path)]
         if not texts:
             return []
         out, at = [], 0
         for t in texts[:-1]:
-            n = _common(t, self.text[at:])
-            out.append(self.text[at:at + n])
-            at += n
+            end = at + _common(t, self.text[at:])
+            if end < at + len(t) and at:  # not this step's chunk: maybe the whole response so far
+                end = max(end, _common(t, self.text))
+            out.append(self.text[at:end])
+            at = end
         return [*out, self.text[at:]]
 
 

@@ -45,7 +45,7 @@ from mahalo.engine.expand import Expander
 from mahalo.engine.rows import Beam, Finished, Plan, Prompt, Row, Search
 from mahalo.engine.strategies import Selection, Strategy, final_pick, first_copies, select, strategy_for
 from mahalo.policy import Policy
-from mahalo.result import Candidate, GuidedResult, PromptError, Stats, Step, path_to, split_steps
+from mahalo.result import Candidate, GuidedResult, PromptError, Stats, Step, path_to
 from mahalo.rewards import Candidates, RewardModel, RowCost
 from mahalo.rewards.combine import check_scores, combine
 from mahalo.sampling import child_stream, root_stream
@@ -515,7 +515,7 @@ class Controller:
     def _candidates(self, s: Search) -> Candidates:
         ids = [row.beam.token_ids + row.tokens for row in s.rows]
         texts = [self.policy.decode(i) for i in ids]
-        steps = [split_steps(row.beam.steps, t) for row, t in zip(s.rows, texts)]
+        steps = [_split_steps(row.beam.steps, t) for row, t in zip(s.rows, texts)]
         held = [len(row.beam.token_ids) + row.fed for row in s.rows]  # a "length" row's last token was not fed
         return Candidates(torch.tensor([row.parent for row in s.rows]), ids, texts, steps, held)
 
@@ -676,7 +676,7 @@ def _select(s: Search, texts: list[str], raw: dict[str, torch.Tensor]) -> list[i
 
 def _beam(row: Row, text: str) -> Beam:
     return Beam(row.beam.token_ids + row.tokens, text, row.beam.logprobs + row.logprobs, row.stream,
-                split_steps(row.beam.steps, text))
+                _split_steps(row.beam.steps, text))
 
 
 def _combine(plan: Plan, raw: dict[str, torch.Tensor], groups: torch.Tensor) -> torch.Tensor:
@@ -726,7 +726,26 @@ def _result(s: Search) -> GuidedResult:
     )
 
 
+def _split_steps(steps: list[str], full: str) -> list[str]:
+    """``full`` split as ``steps`` (the beam's steps) then the new step, concatenating to ``full``.
+
+    Where the beam's text is not a prefix of ``full`` (a character split across steps decodes
+    differently once whole), the steps are cut at the common prefix and the rest is the new step.
+    """
+    out, at = [], 0
+    for step in steps:
+        if not full.startswith(step, at):
+            break
+        out.append(step)
+        at += len(step)
+    if len(out) < len(steps):  # the cut step keeps what still matches
+        step = steps[len(out)]
+        keep = next((i for i, (a, b) in enumerate(zip(step, full[at:])) if a != b), min(len(step), len(full) - at))
+        out.append(step[:keep])
+        at += keep
+    return [*out, full[at:]]
+
+
 def _step_text(parent: str, full: str) -> str:
-    """The text a candidate added to its beam's text: after the text they share (where a
-    character split across steps decodes differently once whole, after the common prefix)."""
-    return split_steps([parent], full)[-1]
+    """The text a candidate added to its beam's text."""
+    return full[len(parent):] if full.startswith(parent) else full
