@@ -69,6 +69,7 @@ def _record(item: PromptItem, res: GuidedResult, config: dict[str, Any]) -> dict
         "scores": res.scores,
         "stats": {**asdict(res.stats), "tokens_per_s": res.stats.tokens_per_s},
         "steps": [asdict(s) for s in res.steps],
+        "answer_path": res.answer_path,  # the answer's candidate in each step (python -m mahalo.tree draws it)
         "config": config,
     }
 
@@ -206,6 +207,17 @@ def _steps_table(res: GuidedResult) -> Table:
     return table
 
 
+def show_tree_hint(cfg: RunConfig, console: Console) -> None:
+    """Where to see a prompt's search drawn (``verbose=true``)."""
+    index = "0" if cfg.prompt is not None else "I"
+    if cfg.output:
+        line = f"draw a prompt's search: python -m mahalo.tree {cfg.output} --index {index} --out tree.html (or tree.png)"
+    else:
+        line = (f"to draw the search, add output=FILE.jsonl, then: python -m mahalo.tree FILE.jsonl --index {index} "
+                "--out tree.html (or tree.png)")
+    console.print(line, style="dim", markup=False, highlight=False, soft_wrap=True)
+
+
 def show_summary(results: list[GuidedResult], console: Console, errors: int = 0, elapsed: float = 0.0) -> None:
     """A table over all prompts: count, errors, mean reward per objective, throughput, time."""
     table = Table(title="summary")
@@ -254,6 +266,8 @@ def main(argv: list[str] | None = None) -> int:
         show_single(outcome.results[0], console, cfg.verbose)
     elif outcome.results or outcome.errors:
         show_summary(outcome.results, console, len(outcome.errors), outcome.elapsed_s)
+    if cfg.verbose:
+        show_tree_hint(cfg, console)
     if outcome.unanswered:
         print(f"mahalo: error: {outcome.unanswered}", file=sys.stderr)
     if outcome.errors:

@@ -33,6 +33,14 @@ class Step:
     chosen: int | list[int]  # the kept candidate (B = 1) or kept candidates (beam search)
 
 
+def path_to(steps: list[Step], step: int, candidate: int) -> list[int]:
+    """The candidate of each step ``0..step`` that ``candidate`` of ``step`` extends (its parents)."""
+    path = [candidate]
+    for k in range(step, 0, -1):
+        path.append(steps[k].candidates[path[-1]].parent)
+    return path[::-1]
+
+
 @dataclass
 class Stats:
     """Cost of one decode. Token counts are real tokens; ``*_padded`` include padding slots."""
@@ -65,6 +73,10 @@ class GuidedResult:
     steps: list[Step]
     stats: Stats
     scores: dict[str, float] = field(default_factory=dict)  # raw scores of the final response
+    # the answer's candidate in each step, from the first step to the one that ended it; their
+    # chunks spell the answer (a beam search keeps several per step, so ``chosen`` alone does not
+    # say which one led to it)
+    answer_path: list[int] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         """A JSON-ready dict."""

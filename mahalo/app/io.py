@@ -24,8 +24,8 @@ log = logging.getLogger(__name__)
 
 
 # Keys of mahalo's own output records; an input field of the same name is kept as ``input_<name>``.
-RECORD_KEYS = ("index", "prompt", "text", "stop_reason", "scores", "stats", "steps", "config", "error", "replica",
-               "attempt")
+RECORD_KEYS = ("index", "prompt", "text", "stop_reason", "scores", "stats", "steps", "answer_path", "config", "error",
+               "replica", "attempt")
 
 
 @dataclass(frozen=True)

@@ -45,7 +45,7 @@ from mahalo.engine.expand import Expander
 from mahalo.engine.rows import Beam, Finished, Plan, Prompt, Row, Search
 from mahalo.engine.strategies import Selection, Strategy, final_pick, first_copies, select, strategy_for
 from mahalo.policy import Policy
-from mahalo.result import Candidate, GuidedResult, PromptError, Stats, Step
+from mahalo.result import Candidate, GuidedResult, PromptError, Stats, Step, path_to
 from mahalo.rewards import Candidates, RewardModel, RowCost
 from mahalo.rewards.combine import check_scores, combine
 from mahalo.sampling import child_stream, root_stream
@@ -722,7 +722,7 @@ def _result(s: Search) -> GuidedResult:
     s.stats.wall_s = time.perf_counter() - s.t0
     return GuidedResult(
         text=best.beam.text, token_ids=best.beam.token_ids, stop_reason=best.reason, steps=s.steps,
-        stats=s.stats, scores=best.scores,
+        stats=s.stats, scores=best.scores, answer_path=path_to(s.steps, best.step, best.row),
     )
 
 
