@@ -60,3 +60,8 @@ def test_lm_eval_runs_a_generation_task_against_a_guided_preset(base_url, tmp_pa
     (samples,) = glob.glob(str(out / "mahalo-best-of-n" / "samples_truthful_mini_*.jsonl"))
     responses = [json.loads(line)["resps"][0][0] for line in Path(samples).read_text().splitlines()]
     assert len(responses) == 3 and all("\n\n" not in r and "Q:" not in r for r in responses)
+    table = subprocess.run([sys.executable, "eval/compare.py", str(out)], cwd=ROOT, capture_output=True, text=True)
+    assert table.returncode == 0, table.stderr
+    head, rule, row = table.stdout.splitlines()
+    assert head == "| model | truthful_mini contains | truthful_mini exact_match |"
+    assert row.startswith("| mahalo-best-of-n | ") and row.count("±") == 2
