@@ -28,7 +28,13 @@ def find_stop(before: str, chunk: str, scanned: int, stops: Sequence[str]) -> in
     else:
         lead = before[max(0, len(before) + start):]
         text, offset = lead + chunk, -len(lead)
-    hits = [at for at in (text.find(s) for s in stops) if at >= 0]
+    hits = []
+    for stop in stops:
+        at = text.find(stop)
+        while at >= 0 and offset + at + len(stop) <= scanned:  # ends in text checked already
+            at = text.find(stop, at + 1)
+        if at >= 0:
+            hits.append(at)
     return offset + min(hits) if hits else None
 
 

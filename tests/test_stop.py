@@ -109,6 +109,7 @@ def test_the_checks_only_look_at_new_text_and_hold_back_what_may_become_a_stop()
     assert find_stop("abc", "de", 0, ["cd"]) == -1  # starts in the beam's text
     assert find_stop("abc", "dexy", 2, ["cd"]) is None  # already checked up to "de"
     assert find_stop("", "xxaby", 3, ["ab", "by"]) == 2  # the earliest start wins
+    assert find_stop("zxab", "c", 0, ["ab", "xabc"]) == -3  # "ab" ended in text checked before
     assert safe_length("The end.\n", ["\n\n"]) == len("The end.")
     assert safe_length("The end.\n\nQ", ["\n\nQ:"]) == len("The end.")
     assert safe_length("The end.", ["\n\n"]) == len("The end.") and safe_length("abc", []) == 3

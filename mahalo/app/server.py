@@ -155,9 +155,8 @@ class Server:
         for name in ("temperature", "top_p", "seed"):
             if body.get(name) is not None:
                 options[name] = body[name]
-        stop = _stop(body.get("stop"))
-        if stop:
-            options["stop"] = stop
+        if body.get("stop") is not None:
+            options["stop"] = _stop(body["stop"])
         extra = body.get("mahalo") or {}
         if not isinstance(extra, dict):
             raise BadRequest("mahalo must be an object of search options", "mahalo")
@@ -311,8 +310,8 @@ def _messages(value: Any) -> Messages:
 
 
 def _stop(value: Any) -> list[str]:
-    """OpenAI's ``stop``: a string or a list of at most 4 non-empty strings (null: none)."""
-    stops = [] if value is None else [value] if isinstance(value, str) else value
+    """OpenAI's ``stop``: a string or a list of at most 4 non-empty strings."""
+    stops = [value] if isinstance(value, str) else value
     if not isinstance(stops, list) or len(stops) > MAX_STOP or not all(isinstance(s, str) and s for s in stops):
         raise BadRequest(f"stop must be a non-empty string or a list of at most {MAX_STOP} non-empty strings, "
                          f"got {value!r}", "stop")
