@@ -47,7 +47,8 @@ def test_lm_eval_runs_a_generation_task_against_a_guided_preset(base_url, tmp_pa
            "HF_HOME": str(tmp_path / "hf"), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     out = tmp_path / "results"
     cmd = [sys.executable, "-m", "lm_eval", "--model", "local-chat-completions",
-           "--model_args", f"base_url={base_url}/chat/completions,model=mahalo-best-of-n,num_concurrent=1,max_retries=1",
+           "--model_args",
+           f"base_url={base_url}/chat/completions,model=mahalo-best-of-n,num_concurrent=1,max_retries=1",
            "--apply_chat_template", "--tasks", "truthful_mini", "--include_path", "eval/tasks",
            "--output_path", str(out), "--limit", "3", "--log_samples", "--gen_kwargs", '{"max_gen_toks": 8}']
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)

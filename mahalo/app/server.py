@@ -46,10 +46,10 @@ from mahalo.app.config import ServerConfig
 from mahalo.chat import ROLES as CHAT_ROLES
 from mahalo.chat import Messages, as_messages, with_system
 from mahalo.config import GuideConfig, _is_int, config_from_options
-from mahalo.stops import MAX_STOP, safe_length
 from mahalo.engine.rows import Plan, Prompt
 from mahalo.engine.scheduler import Busy, Engine, EngineStopped
 from mahalo.result import GuidedResult, PromptError
+from mahalo.stops import MAX_STOP, safe_length
 
 log = logging.getLogger(__name__)
 
