@@ -96,7 +96,7 @@ def guided_generate(
         config: a base :class:`GuideConfig` (defaults: MAHALO's step best-of-5); ``options``
             override its fields.
         **options: ``strategy``, ``num_candidates``, ``beam_width``, ``weights``, ``normalize``,
-            ``temperature``, ``top_k``, ``top_p``, ``stop_token_ids``, ``step``,
+            ``temperature``, ``top_k``, ``top_p``, ``stop_token_ids``, ``stop``, ``step``,
             ``min_step_tokens``, ``max_step_tokens``, ``max_new_tokens``, ``seed``, ``dedupe``,
             ``length_penalty`` (see :mod:`mahalo.config`).
 

@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass, field
 
 from mahalo.steps import BOUNDARIES
+from mahalo.stops import MAX_STOP
 
 STRATEGIES = ("sample", "step_best_of_n", "step_beam", "dvts", "best_of_n")
 NORMALIZERS = ("none", "zscore")
@@ -53,6 +54,12 @@ class SamplingConfig:
     """Extra token ids that end a response, on top of the model's own: its
     ``generation_config.eos_token_id`` (one or several), the tokenizer's EOS and the token its chat
     template writes after an assistant turn."""
+    stop: list[str] = field(default_factory=list)
+    """Stop strings (OpenAI's ``stop``): at most 4 non-empty strings (a single string is taken as
+    a list of one). A candidate whose text reaches one ends there, in every strategy, as if it had
+    ended its turn (end reason ``stop``): its text is cut where the stop string starts and its
+    tokens after it are dropped (a token that straddles the cut is kept; its text is cut). The
+    check runs per token on the new characters only (:mod:`mahalo.stops`)."""
 
     def __post_init__(self) -> None:
         _check(
@@ -68,6 +75,14 @@ class SamplingConfig:
             f"stop_token_ids must be a list of token ids (integers >= 0), got {self.stop_token_ids!r}",
         )
         self.stop_token_ids = list(self.stop_token_ids)
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        _check(
+            isinstance(self.stop, (list, tuple)) and len(self.stop) <= MAX_STOP
+            and all(isinstance(s, str) and s for s in self.stop),
+            f"stop must be a string or a list of at most {MAX_STOP} non-empty strings, got {self.stop!r}",
+        )
+        self.stop = list(self.stop)
         _check(_is_int(self.top_k) and self.top_k >= 0, f"top_k must be an integer >= 0 (0 disables it), got {self.top_k!r}")
         _check(_is_number(self.top_p) and 0 < self.top_p <= 1, f"top_p must be in (0, 1] (1 disables it), got {self.top_p}")
 
@@ -299,6 +314,7 @@ OPTIONS: dict[str, tuple[str, str]] = {
     "dedupe": ("search", "dedupe"),
     "length_penalty": ("search", "length_penalty"),
     "stop_token_ids": ("sampling", "stop_token_ids"),
+    "stop": ("sampling", "stop"),
     "temperature": ("sampling", "temperature"),
     "top_k": ("sampling", "top_k"),
     "top_p": ("sampling", "top_p"),

@@ -21,7 +21,7 @@ class Candidate:
     scores: dict[str, float]  # objective -> raw score of the whole response with this chunk
     combined: float  # weighted, normalised reward used for selection
     parent: int  # index of the previous step's candidate it extends (-1 in the first step)
-    end: str  # "step" (boundary or step cap), "eos" (end of turn) or "length" (token budget)
+    end: str  # "step" (boundary or step cap), "eos" (end of turn), "stop" (a stop string) or "length" (token budget)
     logprobs: list[float] = field(default_factory=list)  # policy log p(token), temperature 1
 
 
@@ -69,7 +69,7 @@ class GuidedResult:
 
     text: str
     token_ids: list[int]
-    stop_reason: str  # "eos" or "length"
+    stop_reason: str  # "eos", "stop" (a stop string, cut from the text) or "length"
     steps: list[Step]
     stats: Stats
     scores: dict[str, float] = field(default_factory=dict)  # raw scores of the final response

@@ -51,6 +51,8 @@ def test_cli_runs_from_the_installed_wheel(wheel, tmp_path):
 import sys, mahalo, mahalo.decode as d
 assert mahalo.__file__.startswith(sys.argv[1]), mahalo.__file__
 assert str(d.CONF_DIR).startswith(sys.argv[1]), d.CONF_DIR
+from mahalo.app.compose import search_presets  # the server's models: one per shipped search preset
+assert list(search_presets()) == ["mahalo-" + n.replace("_", "-") for n in d.group_options("search")]
 runs = [["search=" + s] for s in d.group_options("search")] + [["+objective=" + o] for o in d.group_options("objective")]
 for extra in runs:
     args = ["models=tiny", "prompt=hi", "search.max_new_tokens=4", "search.num_candidates=2", *extra]

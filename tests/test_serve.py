@@ -19,6 +19,7 @@ openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
 uvicorn = pytest.importorskip("uvicorn")
 
+from mahalo.app.compose import search_presets  # noqa: E402
 from mahalo.app.config import ServerConfig  # noqa: E402
 from mahalo.app.server import Server, create_app  # noqa: E402
 from mahalo.app.tiny import tiny_policy, tiny_reward  # noqa: E402
@@ -153,7 +154,7 @@ def test_a_configured_system_prompt_goes_first_when_a_request_has_none():
 
 def test_models_and_health(running):
     models = running.client().models.list()
-    assert [m.id for m in models.data] == ["tiny"]
+    assert [m.id for m in models.data] == ["mahalo", *search_presets()]  # "tiny", the served name: mahalo's alias
     health = _http(running.url + "/health")[1]
     assert health["status"] == "ok" and set(health["objectives"]) == {"truth", "helpful", "flaky", "slow"}
 

@@ -37,6 +37,18 @@ def group_options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
 
 
+def preset_model(name: str) -> str:
+    """The served model name of search preset ``name``: ``step_beam`` -> ``mahalo-step-beam``."""
+    return "mahalo-" + name.replace("_", "-")
+
+
+def search_presets() -> dict[str, dict[str, Any]]:
+    """Served model name -> the search settings of its preset, one per ``conf/search/*.yaml``
+    (the files ``search=NAME`` composes), in name order."""
+    return {preset_model(p.stem): OmegaConf.to_container(OmegaConf.load(p), resolve=True)
+            for p in sorted((CONF_DIR / "search").glob("*.yaml"))}
+
+
 def _check_group_overrides(overrides: list[str]) -> None:
     for item in overrides:
         key, sep, value = item.partition("=")

@@ -6,6 +6,14 @@ each with its own search (the ``mahalo`` field of the body, the OpenAI client's 
     {"mahalo": {"strategy": "step_beam", "num_candidates": 5, "beam_width": 2,
                 "weights": {"truth": 1.0}, "normalize": "zscore", "return_steps": true}}
 
+The request's ``model`` picks the guidance: ``mahalo`` (or the served model name, its alias) is
+the server's configured search, ``mahalo-<preset>`` the search shape of ``conf/search/<preset>.yaml``
+(``mahalo-step-beam``, ``mahalo-sample``, ...: ``GET /v1/models`` lists them), which tools that
+cannot send ``extra_body`` can select; the ``mahalo`` field still overrides it. ``stop`` (up to 4
+strings) ends a candidate where its text reaches one, the stop string cut (:mod:`mahalo.stops`).
+``temperature: 0`` (greedy, lm-eval's default) with a search of several candidates samples at the
+server's ``sampling.temperature`` instead (1.0 if that is 0) and says so in ``mahalo.notes``.
+
 ``stream=true`` sends each accepted step as an OpenAI chunk as soon as it is selected
 (``step_best_of_n``); other searches send their answer when it is final. Bad requests get 400
 with an OpenAI-style error naming the field; a reward-model fault fails its request only (500).
@@ -28,7 +36,7 @@ import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -41,6 +49,7 @@ from mahalo.config import GuideConfig, _is_int, config_from_options
 from mahalo.engine.rows import Plan, Prompt
 from mahalo.engine.scheduler import Busy, Engine, EngineStopped
 from mahalo.result import GuidedResult, PromptError
+from mahalo.stops import MAX_STOP, safe_length
 
 log = logging.getLogger(__name__)
 
@@ -55,13 +64,13 @@ class BadRequest(ValueError):
     """A request the server refuses: HTTP ``status`` with an OpenAI-style error naming ``param``."""
 
     def __init__(self, message: str, param: str | None = None, status: int = 400,
-                 kind: str = "invalid_request_error") -> None:
+                 kind: str = "invalid_request_error", code: str | None = None) -> None:
         super().__init__(message)
-        self.param, self.status, self.kind = param, status, kind
+        self.param, self.status, self.kind, self.code = param, status, kind, code
 
 
 def error_response(err: BadRequest) -> JSONResponse:
-    body = {"error": {"message": str(err), "type": err.kind, "param": err.param, "code": None}}
+    body = {"error": {"message": str(err), "type": err.kind, "param": err.param, "code": err.code}}
     return JSONResponse(body, status_code=err.status)
 
 
@@ -72,6 +81,8 @@ class ChatRequest:
     prompt: Prompt
     stream: bool
     return_steps: bool
+    model: str = "mahalo"  # the model name it asked for, which its answer carries
+    notes: list[str] = field(default_factory=list)  # what the server changed in it (greedy -> sampling)
 
     @property
     def plan(self) -> Plan:
@@ -86,8 +97,16 @@ class Server:
     """What the routes need: the engine, the default options and the limits."""
 
     def __init__(self, engine: Engine, defaults: GuideConfig, objectives: list[str], cfg: ServerConfig,
-                 model_id: str, api_key: str | None = None, system_prompt: str | None = None) -> None:
+                 model_id: str, api_key: str | None = None, system_prompt: str | None = None,
+                 presets: dict[str, dict[str, Any]] | None = None) -> None:
         self.engine, self.defaults, self.cfg, self.model_id = engine, defaults, cfg, model_id
+        if presets is None:
+            from mahalo.app.compose import search_presets
+
+            presets = search_presets()
+        # model name -> the guidance options of its search preset (the budget and seed stay the request's)
+        self.presets = {name: {k: v for k, v in p.items() if k in GUIDE_FIELDS} for name, p in presets.items()}
+        self.models = ["mahalo", *self.presets]  # what /v1/models lists; model_id is an alias of "mahalo"
         self.system_prompt = system_prompt  # put first in a request that has no system turn
         self.objectives = list(objectives)  # what the server loaded
         self.default_objectives = [n for n in defaults.objective.weights]
@@ -114,17 +133,15 @@ class Server:
         """
         if not isinstance(body, dict):
             raise BadRequest("the request body must be a JSON object", None)
+        model, preset = self._model(body.get("model"))
         messages = with_system(_messages(body.get("messages")), self.system_prompt)
         n = body.get("n")
         if n is not None and n != 1:
             raise BadRequest(f"n must be 1 (one answer per request; send more requests), got {n!r}", "n")
-        if body.get("stop") not in (None, [], ""):
-            raise BadRequest("stop is not supported: a response ends at the model's end of turn or max_tokens",
-                             "stop")
         stream = body.get("stream", False)
         if not isinstance(stream, bool):
             raise BadRequest(f"stream must be true or false, got {stream!r}", "stream")
-        options: dict[str, Any] = {}
+        options: dict[str, Any] = dict(preset)
         key = "max_completion_tokens" if body.get("max_tokens") is None else "max_tokens"
         budget = body.get(key)
         if budget is not None:
@@ -133,11 +150,13 @@ class Server:
             if budget > self.cfg.max_tokens_cap:
                 raise BadRequest(f"{key}={budget} is above this server's cap ({self.cfg.max_tokens_cap})", key)
             options["max_new_tokens"] = budget
-        elif self.defaults.search.max_new_tokens > self.cfg.max_tokens_cap:
+        elif options.get("max_new_tokens", self.defaults.search.max_new_tokens) > self.cfg.max_tokens_cap:
             options["max_new_tokens"] = self.cfg.max_tokens_cap
         for name in ("temperature", "top_p", "seed"):
             if body.get(name) is not None:
                 options[name] = body[name]
+        if body.get("stop") is not None:
+            options["stop"] = _stop(body["stop"])
         extra = body.get("mahalo") or {}
         if not isinstance(extra, dict):
             raise BadRequest("mahalo must be an object of search options", "mahalo")
@@ -149,7 +168,8 @@ class Server:
         return_steps = extra.get("return_steps", False)
         if not isinstance(return_steps, bool):
             raise BadRequest(f"mahalo.return_steps must be true or false, got {return_steps!r}", "mahalo.return_steps")
-        objectives = self._objectives(options)
+        objectives = self._objectives(options, bool(preset))
+        notes = self._greedy(options)
         cfg = self._config(options)
         try:
             plan = self.engine.plan(cfg, objectives)
@@ -159,13 +179,43 @@ class Server:
             prompt = self.engine.prepare(messages, plan)
         except PromptError as err:
             raise BadRequest(str(err).replace("max_new_tokens", "max_tokens"), "messages") from None
-        return ChatRequest(prompt, stream, return_steps)
+        return ChatRequest(prompt, stream, return_steps, model, notes)
 
-    def _objectives(self, options: dict[str, Any]) -> list[str]:
-        """The objectives a request is guided by; unguided requests decode with ``sample``."""
+    def _model(self, value: Any) -> tuple[str, dict[str, Any]]:
+        """The model a request names (``mahalo`` when it names none) and its preset's options.
+
+        Raises:
+            BadRequest: 404, a model this server does not serve, naming those it does.
+        """
+        if value is None or value in ("mahalo", self.model_id):
+            return value or "mahalo", {}
+        if isinstance(value, str) and value in self.presets:
+            return value, self.presets[value]
+        raise BadRequest(f"unknown model {value!r}: this server serves {self.models} (and {self.model_id!r}, "
+                         "an alias of 'mahalo')", "model", 404, code="model_not_found")
+
+    def _greedy(self, options: dict[str, Any]) -> list[str]:
+        """Greedy decoding (``temperature`` 0, lm-eval's default) of a search with several
+        candidates would make them all the same: it samples at the server's temperature instead
+        (1.0 if that is 0). Returns the note that says so (none when nothing changed)."""
+        if options.get("temperature", self.defaults.sampling.temperature) != 0:
+            return []
+        fallback = self.defaults.sampling.temperature or 1.0
+        b, n = self._config({**options, "temperature": fallback}).search.shape
+        if b * n == 1:
+            return []
+        options["temperature"] = fallback
+        note = (f"temperature 0 (greedy) would make the {b * n} candidates of this search identical: "
+                f"sampled at temperature {fallback} (the server's sampling.temperature) instead")
+        log.info(note)
+        return [note]
+
+    def _objectives(self, options: dict[str, Any], preset: bool = False) -> list[str]:
+        """The objectives a request is guided by; unguided requests decode with ``sample``. A
+        preset model on a server with no default objective is guided by every objective it loaded."""
         weights = options.get("weights")
         if weights is None:
-            names = self.default_objectives
+            names = self.default_objectives or (self.objectives if preset else [])
         elif not isinstance(weights, dict):
             raise BadRequest("mahalo.weights must be an object {objective: weight}", "mahalo.weights")
         else:
@@ -204,7 +254,7 @@ class Server:
     def completion(self, req: ChatRequest, result: GuidedResult) -> dict[str, Any]:
         return {
             "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
-            "model": self.model_id,
+            "model": req.model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
                          "finish_reason": _finish(result), "logprobs": None}],
             "usage": _usage(req, result),
@@ -217,12 +267,16 @@ class Server:
             "scores": result.scores, "strategy": req.plan.cfg.search.strategy, "steps_taken": s.steps,
             "policy_tokens": s.policy_tokens, "reward_tokens": s.prm_tokens, "wall_s": round(s.wall_s, 4),
         }
+        if req.notes:
+            out["notes"] = req.notes
         if req.return_steps:
             out["steps"] = [asdict(step) for step in result.steps]
         return _json_safe(out)
 
-    def chunk(self, rid: str, delta: dict[str, Any], finish: str | None = None, **extra: Any) -> str:
-        body = {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": self.model_id,
+    def chunk(self, rid: str, delta: dict[str, Any], finish: str | None = None, *, model: str | None = None,
+              **extra: Any) -> str:
+        body = {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()),
+                "model": model or self.model_id,
                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}], **extra}
         return f"data: {json.dumps(body)}\n\n"
 
@@ -253,6 +307,15 @@ def _messages(value: Any) -> Messages:
         return as_messages(out)  # the same rules as the library: passed through unchanged
     except ValueError as err:
         raise BadRequest(str(err), "messages") from None
+
+
+def _stop(value: Any) -> list[str]:
+    """OpenAI's ``stop``: a string or a list of at most 4 non-empty strings."""
+    stops = [value] if isinstance(value, str) else value
+    if not isinstance(stops, list) or len(stops) > MAX_STOP or not all(isinstance(s, str) and s for s in stops):
+        raise BadRequest(f"stop must be a non-empty string or a list of at most {MAX_STOP} non-empty strings, "
+                         f"got {value!r}", "stop")
+    return stops
 
 
 def _finish(result: GuidedResult) -> str:
@@ -337,11 +400,18 @@ def create_app(server: Server) -> FastAPI:
             body["reason"] = f"{type(stopped).__name__}: {stopped}"
         return JSONResponse(body, status_code=200 if stopped is None else 503)
 
+    def card(name: str) -> dict[str, Any]:
+        return {"id": name, "object": "model", "created": server.created, "owned_by": "mahalo"}
+
     @app.get("/v1/models")
     async def models(request: Request) -> dict[str, Any]:
         server.authorize(request)
-        return {"object": "list", "data": [{"id": server.model_id, "object": "model", "created": server.created,
-                                            "owned_by": "mahalo"}]}
+        return {"object": "list", "data": [card(name) for name in server.models]}
+
+    @app.get("/v1/models/{name}")
+    async def model(name: str, request: Request) -> dict[str, Any]:
+        server.authorize(request)
+        return card(server._model(name)[0])
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Any:
@@ -386,13 +456,14 @@ def create_app(server: Server) -> FastAPI:
 
 async def _stream(server: Server, req: ChatRequest, future: Any, events: asyncio.Queue) -> AsyncIterator[str]:
     """Server-sent events: the role, each accepted step's new text, the rest at the end, [DONE]."""
-    rid, sent = f"chatcmpl-{uuid.uuid4().hex}", ""
+    rid, sent, stops = f"chatcmpl-{uuid.uuid4().hex}", "", req.plan.cfg.sampling.stop
     try:
-        yield server.chunk(rid, {"role": "assistant", "content": ""})
+        yield server.chunk(rid, {"role": "assistant", "content": ""}, model=req.model)
         while (text := await events.get()) is not None:
             text = _stable(text)
+            text = text[:safe_length(text, stops)]  # never send what a stop string may still cut
             if text.startswith(sent) and len(text) > len(sent):
-                yield server.chunk(rid, {"content": text[len(sent):]})
+                yield server.chunk(rid, {"content": text[len(sent):]}, model=req.model)
                 sent = text
         try:
             result = future.result()
@@ -405,8 +476,8 @@ async def _stream(server: Server, req: ChatRequest, future: Any, events: asyncio
         else:
             rest = result.text[len(sent):] if result.text.startswith(sent) else ""
             if rest:
-                yield server.chunk(rid, {"content": rest})
-            yield server.chunk(rid, {}, _finish(result), usage=_usage(req, result),
+                yield server.chunk(rid, {"content": rest}, model=req.model)
+            yield server.chunk(rid, {}, _finish(result), model=req.model, usage=_usage(req, result),
                                mahalo=server.extras(req, result))
         yield "data: [DONE]\n\n"
     finally:

@@ -513,8 +513,8 @@ class Controller:
         return done
 
     def _candidates(self, s: Search) -> Candidates:
-        ids = [row.beam.token_ids + row.tokens for row in s.rows]
-        texts = [self.policy.decode(i) for i in ids]
+        ids = [row.response_ids for row in s.rows]
+        texts = [self.policy.decode(i) if row.cut_text is None else row.cut_text for row, i in zip(s.rows, ids)]
         steps = [_split_steps(row.beam.steps, t) for row, t in zip(s.rows, texts)]
         held = [len(row.beam.token_ids) + row.fed for row in s.rows]  # a "length" row's last token was not fed
         return Candidates(torch.tensor([row.parent for row in s.rows]), ids, texts, steps, held)
@@ -675,8 +675,7 @@ def _select(s: Search, texts: list[str], raw: dict[str, torch.Tensor]) -> list[i
 
 
 def _beam(row: Row, text: str) -> Beam:
-    return Beam(row.beam.token_ids + row.tokens, text, row.beam.logprobs + row.logprobs, row.stream,
-                _split_steps(row.beam.steps, text))
+    return Beam(row.response_ids, text, row.response_logprobs, row.stream, _split_steps(row.beam.steps, text))
 
 
 def _combine(plan: Plan, raw: dict[str, torch.Tensor], groups: torch.Tensor) -> torch.Tensor:
@@ -690,7 +689,7 @@ def _eligible(plan: Plan, rows: list[Row], groups: torch.Tensor) -> torch.Tensor
     """(R,) False for a candidate identical to an earlier one it competes with (``dedupe``)."""
     if not plan.cfg.search.dedupe:
         return torch.ones(len(rows), dtype=torch.bool)
-    keys = [(tuple(row.beam.token_ids + row.tokens), row.end) for row in rows]
+    keys = [(tuple(row.response_ids), row.end) for row in rows]
     return first_copies(keys, groups if plan.strategy.per_beam else torch.zeros_like(groups))
 
 
@@ -747,5 +746,7 @@ def _split_steps(steps: list[str], full: str) -> list[str]:
 
 
 def _step_text(parent: str, full: str) -> str:
-    """The text a candidate added to its beam's text."""
-    return full[len(parent):] if full.startswith(parent) else full
+    """The text a candidate added to its beam's text ('' when a stop string cut it inside it)."""
+    if full.startswith(parent):
+        return full[len(parent):]
+    return "" if parent.startswith(full) else full

@@ -22,6 +22,7 @@ from mahalo.config import GuideConfig
 from mahalo.engine.rows import Row
 from mahalo.sampling import sample_tokens
 from mahalo.steps import ChunkText, NoBoundary, StepBoundary, TokenTable, make_boundary, token_table
+from mahalo.stops import find_stop, tokens_for
 
 CONTEXT_CHARS = 256  # accepted text shown to boundary detectors
 # Bits of the per-token flag table (see flag_table).
@@ -76,7 +77,8 @@ class Expander:
 
     def advance(self, row: Row, token: int, logprob: float, flags: int) -> str:
         """Row sampled ``token``: keep it or end the step. Returns why the row's step ends: ``cut``
-        (a boundary before ``token``, which is dropped), ``step``, ``eos``, ``length``, or ''."""
+        (a boundary before ``token``, which is dropped), ``step``, ``eos``, ``stop`` (its text
+        reached a stop string: the row is cut back, :meth:`_stopped`), ``length``, or ''."""
         if flags & EOS:
             return "eos"
         plan = row.plan
@@ -87,6 +89,8 @@ class Expander:
         row.logprobs.append(logprob)
         if row.text is not None:
             row.text.append(token)
+        if plan.cfg.sampling.stop and self._stopped(row, plan.cfg.sampling.stop):
+            return "stop"
         n = len(row.tokens)
         if len(row.beam.token_ids) + n >= plan.cfg.search.max_new_tokens:
             return "length"
@@ -99,6 +103,25 @@ class Expander:
         ):
             return "step"
         return ""
+
+    def _stopped(self, row: Row, stops: list[str]) -> bool:
+        """Has the row's text reached a stop string? Checks only the characters its last token
+        added (and the few before that a stop string could start in); on a match the row keeps the
+        text before the stop string and the tokens that spell it (``row.cut``, ``row.cut_text``;
+        the match may start in its beam's text)."""
+        chunk = self._text(row)
+        at = find_stop(row.beam.text, chunk, row.scanned, stops)
+        row.scanned = len(chunk)
+        if at is None:
+            return False
+        beam = row.beam
+        text = beam.text + chunk[:at] if at >= 0 else beam.text[:len(beam.text) + at]
+        row.cut = tokens_for(self.policy.decode, beam.token_ids + row.tokens, len(text))
+        row.cut_text = text
+        own = max(0, row.cut - len(beam.token_ids))
+        del row.tokens[own:], row.logprobs[own:]
+        row.fed = min(row.fed, own)
+        return True
 
     def _boundary_before(self, row: Row, token: int, flags: int) -> bool:
         """Does the step end before ``token``? May set or clear the row's deferral instead."""

@@ -103,14 +103,26 @@ class Row:
     base: int = 0  # columns of its row slot before its own tokens (a private prompt and beam)
     tokens: list[int] = field(default_factory=list)  # new tokens, end-of-turn excluded
     logprobs: list[float] = field(default_factory=list)
-    end: str = ""  # "step" | "eos" | "length"
+    end: str = ""  # "step" | "eos" | "stop" | "length"
     deferred: bool = False  # kept a spaces-only lookahead: the next token decides the boundary
     text: ChunkText | None = None  # created on the first boundary check
     fed: int = 0  # tokens forwarded (held in its row slot)
+    scanned: int = 0  # characters of its text checked for stop strings
+    cut: int | None = None  # a stop string ended it: the response tokens it keeps (its beam's included)
+    cut_text: str | None = None  # ... and the response's text, up to where the stop string starts
 
     @property
     def plan(self) -> Plan:
         return self.search.plan
+
+    @property
+    def response_ids(self) -> list[int]:
+        """The response's token ids with this candidate (cut back after a stop string)."""
+        return (self.beam.token_ids + self.tokens)[:self.cut]
+
+    @property
+    def response_logprobs(self) -> list[float]:
+        return (self.beam.logprobs + self.logprobs)[:self.cut]
 
     @property
     def length(self) -> int:
