@@ -187,6 +187,22 @@ def test_resume_with_another_config_names_the_keys(tmp_path, capsys):
     assert [r["index"] for r in recs] == [0, 1, 2, 3] and recs[3]["config"]["search"]["num_candidates"] == 3
 
 
+def test_resume_of_a_file_written_before_an_option_existed(tmp_path, capsys):
+    """An output written by a mahalo without ``sampling.stop`` (its records' config lack the key)
+    resumes: a new option left empty decodes what the old version decoded. Set, it is a change."""
+    prompts, out = tmp_path / "p.jsonl", tmp_path / "out.jsonl"
+    _write_prompts(prompts, 3)
+    assert decode.main(_run_args(prompts, out)) == 0
+    recs = _lines(out)
+    for rec in recs:
+        del rec["config"]["sampling"]["stop"]
+    out.write_text("".join(json.dumps(r) + "\n" for r in recs[:2]))
+    assert decode.main(_run_args(prompts, out) + ["sampling.stop=[Paris]"]) == 2
+    assert "sampling.stop: '(absent)' -> ['Paris']" in capsys.readouterr().err
+    assert decode.main(_run_args(prompts, out)) == 0
+    assert [r["index"] for r in _lines(out)] == [0, 1, 2] and _lines(out)[2]["text"] == recs[2]["text"]
+
+
 def test_input_fields_are_copied_into_records(tmp_path):
     prompts, out = tmp_path / "p.jsonl", tmp_path / "out.jsonl"
     rows = [{"id": "q-7", "question": "Why?", "meta": {"split": "dev"}, "text": "gold"},

@@ -196,15 +196,23 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def config_changes(old: dict[str, Any], new: dict[str, Any], ignore: tuple[str, ...] = ()) -> list[str]:
-    """``key: old -> new`` for every config key that differs (top-level keys in ``ignore`` skipped)."""
+    """``key: old -> new`` for every config key that differs (top-level keys in ``ignore`` skipped).
+
+    A key the old file does not have is no change when its new value is empty (``None``, ``[]``,
+    ``{}``, ``""``): an option added to mahalo after the file was written (``sampling.stop``, say),
+    left at a default that does nothing, decodes what the old version decoded."""
     a = {k: v for k, v in _flatten(old).items() if k.split(".")[0] not in ignore}
     b = {k: v for k, v in _flatten(new).items() if k.split(".")[0] not in ignore}
     missing = object()
     return [
         f"{k}: {a.get(k, '(absent)')!r} -> {b.get(k, '(absent)')!r}"
         for k in sorted(set(a) | set(b))
-        if a.get(k, missing) != b.get(k, missing)
+        if a.get(k, missing) != b.get(k, missing) and not (k not in a and _empty(b[k]))
     ]
+
+
+def _empty(value: Any) -> bool:
+    return value is None or (isinstance(value, (list, dict, str)) and not value)
 
 
 def _drop_torn_tail(file: Path) -> None:
