@@ -142,6 +142,7 @@ class Controller:
         self.cancelled: set[int] = set()
         self.counters = Counters()
         self.admitted = 0  # prompts admitted so far
+        self.cleans_spaces = cleans_spaces(policy)  # streamed text holds back its last word
 
     # -- what the scheduler reads ----------------------------------------------------------
 
@@ -243,11 +244,6 @@ class Controller:
             ids = list(first[0][:n]) + list(first[1][:max(0, n - len(first[0]))])
             self.watched[s.index] = n
             self.accepted.append((s.index, stable_text(self.policy.decode(ids), self.cleans_spaces)))
-
-    @property
-    def cleans_spaces(self) -> bool:
-        """The policy's decode removes spaces before punctuation (" n't" -> "n't"): a word can change."""
-        return bool(getattr(getattr(self.policy, "tokenizer", None), "clean_up_tokenization_spaces", False))
 
     def cancel(self, index: int) -> None:
         """Drop prompt ``index`` at the next tick (its slots are freed; it is not reported)."""
@@ -767,6 +763,21 @@ def _result(s: Search) -> GuidedResult:
         text=best.beam.text, token_ids=best.beam.token_ids, stop_reason=best.reason, steps=s.steps,
         stats=s.stats, scores=best.scores, logprobs=list(best.beam.logprobs), pool=pool,
     )
+
+
+SPACES_PROBE = "a . b , c n't d 's"
+
+
+def cleans_spaces(policy: Policy) -> bool:
+    """Does the policy's decode remove spaces before punctuation (``" n't"`` -> ``"n't"``, as
+    WordPiece tokenizers' cleanup does)? Then a word already decoded can still change. Found by
+    decoding a probe, not by a tokenizer flag (transformers ignores the flag for BPE tokenizers);
+    a tokenizer that cannot encode the probe counts as one that does."""
+    try:
+        ids = policy.tokenizer(SPACES_PROBE, add_special_tokens=False)["input_ids"]
+        return policy.decode(ids) != SPACES_PROBE
+    except (TypeError, KeyError, AttributeError, ValueError):
+        return True
 
 
 def common_prefix(held: list[tuple[list[int], Any]], known: int) -> int:
