@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -780,23 +781,25 @@ def cleans_spaces(policy: Policy) -> bool:
         return True
 
 
-def common_prefix(held: list[tuple[list[int], Any]], known: int) -> int:
+def common_prefix(held: list[tuple[Sequence[int], Sequence[int]]], known: int) -> int:
     """Length of the token prefix every response in ``held`` shares, each response a pair of
     token lists read one after the other (a beam's tokens, then a row's). ``known``: a length
     they are already known to share (the prefix only grows as a search goes on)."""
-    if not held:
-        return known
-    def at(pair: tuple[list[int], Any], i: int) -> int | None:
-        head, tail = pair
-        if i < len(head):
-            return head[i]
-        return tail[i - len(head)] if i - len(head) < len(tail) else None
     n = known
-    while True:
-        token = at(held[0], n)
-        if token is None or any(at(p, n) != token for p in held[1:]):
+    while held:
+        token = _token_at(held[0], n)
+        if token is None or any(_token_at(pair, n) != token for pair in held[1:]):
             return n
         n += 1
+    return n
+
+
+def _token_at(pair: tuple[Sequence[int], Sequence[int]], i: int) -> int | None:
+    """Token ``i`` of ``head + tail`` (None past its end), without joining them."""
+    head, tail = pair
+    if i < len(head):
+        return head[i]
+    return tail[i - len(head)] if i - len(head) < len(tail) else None
 
 
 def stable_text(text: str, cleans_spaces: bool = False) -> str:
