@@ -2,7 +2,8 @@
 
 from mahalo.api import guided_generate, guided_generate_many
 from mahalo.config import GuideConfig
-from mahalo.result import Candidate, GuidedResult, Stats, Step
+from mahalo.result import Answer, Candidate, GuidedResult, Stats, Step
 
-__all__ = ["guided_generate", "guided_generate_many", "GuideConfig", "GuidedResult", "Step", "Candidate", "Stats"]
+__all__ = ["guided_generate", "guided_generate_many", "GuideConfig", "GuidedResult", "Step", "Candidate", "Stats",
+           "Answer"]
 __version__ = "0.1.0"

@@ -64,6 +64,18 @@ class Stats:
 
 
 @dataclass
+class Answer:
+    """One finished response of the search's pool (``GuidedResult.pool``)."""
+
+    text: str
+    token_ids: list[int]  # end-of-turn excluded
+    stop_reason: str  # "eos" or "length"
+    scores: dict[str, float]  # objective -> raw score
+    score: float  # the final rule's score over the pool (normalised over it, length penalty applied)
+    logprobs: list[float] = field(default_factory=list)  # policy log p(token) of each token, temperature 1
+
+
+@dataclass
 class GuidedResult:
     """The answer and how it was found."""
 
@@ -77,6 +89,10 @@ class GuidedResult:
     # chunks spell the answer (a beam search keeps several per step, so ``chosen`` alone does not
     # say which one led to it)
     answer_path: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)  # policy log p(token) of ``token_ids``, temperature 1
+    # The distinct finished responses (by text), best first by the search's final rule; the first
+    # is the answer. What ``n > 1`` returns: best_of_n holds up to N, step_beam and dvts one per beam.
+    pool: list[Answer] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         """A JSON-ready dict."""

@@ -176,7 +176,7 @@ def test_step_beam_streams_its_final_answer(running):
     plain = _ask(client, **opts).choices[0].message.content
     deltas = [c.choices[0].delta.content for c in _ask(client, stream=True, **opts)
               if c.choices and c.choices[0].delta.content]
-    assert "".join(deltas) == plain and len(deltas) == 1
+    assert "".join(deltas) == plain and len(deltas) >= 1  # the prefix its beams share, then the rest
 
 
 def test_per_request_weights_change_the_chosen_answer(running):

@@ -14,9 +14,14 @@ strings) ends a candidate where its text reaches one, the stop string cut (:mod:
 ``temperature: 0`` (greedy, lm-eval's default) with a search of several candidates samples at the
 server's ``sampling.temperature`` instead (1.0 if that is 0) and says so in ``mahalo.notes``.
 
-``stream=true`` sends each accepted step as an OpenAI chunk as soon as it is selected
-(``step_best_of_n``); other searches send their answer when it is final. Bad requests get 400
-with an OpenAI-style error naming the field; a reward-model fault fails its request only (500).
+``stream=true`` sends the answer's text as soon as it is final: ``sample`` token by token, a
+step search (``step_best_of_n``, ``step_beam``, ``dvts``) the prefix that every response it can
+still answer with shares, after each selection; the rest (``best_of_n``: all of it) when the search
+ends. The deltas always concatenate to the non-streamed text. ``n > 1`` returns the best ``n``
+distinct finished responses of the search's pool, ranked by its final rule (streamed: each choice
+whole, at the end); ``logprobs=true`` the policy's log-probabilities of the returned tokens
+(temperature 1; streamed: on each choice's last chunk). Bad requests get 400 with an OpenAI-style
+error naming the field; a reward-model fault fails its request only (500).
 
 Faults stay with their request: a body over ``max_body_bytes`` is 413 before it is read whole;
 parsing and tokenising run off the event loop (``/health`` stays responsive); a prompt too long
@@ -48,7 +53,7 @@ from mahalo.chat import Messages, as_messages, with_system
 from mahalo.config import GuideConfig, _is_int, config_from_options
 from mahalo.engine.rows import Plan, Prompt
 from mahalo.engine.scheduler import Busy, Engine, EngineStopped
-from mahalo.result import GuidedResult, PromptError
+from mahalo.result import Answer, GuidedResult, PromptError
 from mahalo.stops import MAX_STOP, safe_length
 
 log = logging.getLogger(__name__)
@@ -83,6 +88,8 @@ class ChatRequest:
     return_steps: bool
     model: str = "mahalo"  # the model name it asked for, which its answer carries
     notes: list[str] = field(default_factory=list)  # what the server changed in it (greedy -> sampling)
+    n: int = 1  # choices: the best n distinct finished responses of the pool
+    logprobs: bool = False
 
     @property
     def plan(self) -> Plan:
@@ -135,9 +142,15 @@ class Server:
             raise BadRequest("the request body must be a JSON object", None)
         model, preset = self._model(body.get("model"))
         messages = with_system(_messages(body.get("messages")), self.system_prompt)
-        n = body.get("n")
-        if n is not None and n != 1:
-            raise BadRequest(f"n must be 1 (one answer per request; send more requests), got {n!r}", "n")
+        n = 1 if body.get("n") is None else body["n"]
+        if not _is_int(n) or n < 1:
+            raise BadRequest(f"n must be an integer >= 1, got {n!r}", "n")
+        logprobs = bool(body.get("logprobs") or False)
+        if body.get("logprobs") not in (None, True, False):
+            raise BadRequest(f"logprobs must be true or false, got {body['logprobs']!r}", "logprobs")
+        if body.get("top_logprobs") not in (None, 0):
+            raise BadRequest("top_logprobs is not supported (only the chosen tokens' logprobs): send 0 or omit it",
+                             "top_logprobs")
         stream = body.get("stream", False)
         if not isinstance(stream, bool):
             raise BadRequest(f"stream must be true or false, got {stream!r}", "stream")
@@ -179,7 +192,11 @@ class Server:
             prompt = self.engine.prepare(messages, plan)
         except PromptError as err:
             raise BadRequest(str(err).replace("max_new_tokens", "max_tokens"), "messages") from None
-        return ChatRequest(prompt, stream, return_steps, model, notes)
+        holds = plan.strategy.holds
+        if n > holds:
+            raise BadRequest(f"n={n} but {plan.cfg.search.strategy} keeps at most {holds} finished response(s) "
+                             f"({_holds_why(plan.cfg.search.strategy)}): lower n or widen the search", "n")
+        return ChatRequest(prompt, stream, return_steps, model, notes, n, logprobs)
 
     def _model(self, value: Any) -> tuple[str, dict[str, Any]]:
         """The model a request names (``mahalo`` when it names none) and its preset's options.
@@ -252,14 +269,28 @@ class Server:
     # -- answers ----------------------------------------------------------------------------
 
     def completion(self, req: ChatRequest, result: GuidedResult) -> dict[str, Any]:
+        answers = choices_of(req, result)
         return {
             "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
             "model": req.model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
-                         "finish_reason": _finish(result), "logprobs": None}],
+            "choices": [{"index": i, "message": {"role": "assistant", "content": a.text},
+                         "finish_reason": _finish(a), "logprobs": self.logprobs(req, a)}
+                        for i, a in enumerate(answers)],
             "usage": _usage(req, result),
             "mahalo": self.extras(req, result),
         }
+
+    def logprobs(self, req: ChatRequest, answer: Answer) -> dict[str, Any] | None:
+        """OpenAI's ``choices[i].logprobs`` of ``answer`` (None unless the request asked)."""
+        if not req.logprobs:
+            return None
+        tokenizer = self.engine.tokenizer
+        content = []
+        for token, logprob in zip(answer.token_ids, answer.logprobs):
+            text = tokenizer.decode([token])  # type: ignore[attr-defined]
+            content.append({"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8")),
+                            "top_logprobs": []})
+        return {"content": _json_safe(content), "refusal": None}
 
     def extras(self, req: ChatRequest, result: GuidedResult) -> dict[str, Any]:
         s = result.stats
@@ -269,16 +300,38 @@ class Server:
         }
         if req.notes:
             out["notes"] = req.notes
+        if req.n > 1:  # each choice's raw scores and its final score over the pool
+            out["choices"] = [{"scores": a.scores, "score": a.score} for a in result.pool[:req.n]]
         if req.return_steps:
             out["steps"] = [asdict(step) for step in result.steps]
         return _json_safe(out)
 
-    def chunk(self, rid: str, delta: dict[str, Any], finish: str | None = None, *, model: str | None = None,
-              **extra: Any) -> str:
+    def chunk(self, rid: str, delta: dict[str, Any], finish: str | None = None, index: int = 0,
+              logprobs: dict[str, Any] | None = None, *, model: str | None = None, **extra: Any) -> str:
         body = {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()),
                 "model": model or self.model_id,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}], **extra}
+                "choices": [{"index": index, "delta": delta, "finish_reason": finish, "logprobs": logprobs}],
+                **extra}
         return f"data: {json.dumps(body)}\n\n"
+
+
+def choices_of(req: ChatRequest, result: GuidedResult) -> list[Answer]:
+    """The request's ``n`` answers, best first (the pool's order: the search's final rule).
+
+    Raises:
+        BadRequest: the search ended with fewer distinct finished responses than ``n``.
+    """
+    pool = result.pool or [Answer(result.text, result.token_ids, result.stop_reason, result.scores, 0.0,
+                                  result.logprobs)]
+    if len(pool) < req.n:
+        raise BadRequest(f"n={req.n} but the search ended with {len(pool)} distinct finished response(s): "
+                         "lower n, or widen the search (more candidates or beams)", "n")
+    return pool[:req.n]
+
+
+def _holds_why(strategy: str) -> str:
+    return {"best_of_n": "one per candidate: mahalo.num_candidates", "step_beam": "one per beam: mahalo.beam_width",
+            "dvts": "one per subtree: mahalo.beam_width"}.get(strategy, "it returns one answer")
 
 
 def _param(option: str) -> str:
@@ -318,12 +371,12 @@ def _stop(value: Any) -> list[str]:
     return stops
 
 
-def _finish(result: GuidedResult) -> str:
+def _finish(result: GuidedResult | Answer) -> str:
     return "length" if result.stop_reason == "length" else "stop"
 
 
 def _usage(req: ChatRequest, result: GuidedResult) -> dict[str, int]:
-    completion = result.stats.response_tokens
+    completion = result.stats.response_tokens if req.n == 1 else sum(len(a.token_ids) for a in result.pool[:req.n])
     return {"prompt_tokens": req.prompt_tokens, "completion_tokens": completion,
             "total_tokens": req.prompt_tokens + completion}
 
@@ -427,35 +480,66 @@ def create_app(server: Server) -> FastAPI:
             loop.call_soon_threadsafe(events.put_nowait, text)
 
         try:  # counted against max_queue now, streams too
-            future = server.engine.submit(req.prompt, None, on_step if req.stream and req.plan.streams_steps else None,
+            future = server.engine.submit(req.prompt, None, on_step if req.stream and req.n == 1 else None,
                                           limit=server.cfg.max_queue)
         except Busy:
             raise BadRequest(f"the server is busy ({server.cfg.max_queue} requests in progress): retry later",
                              None, 429, "rate_limit_error") from None
         except EngineStopped:
             raise _stopped(server.engine) from None
+        if req.stream and req.n > 1:  # the choices are known at the end: a bad count is still a 400
+            result = await _answer(future, request, server)
+            if isinstance(result, JSONResponse):
+                return result
+            choices_of(req, result)
+            return StreamingResponse(_stream_choices(server, req, result), media_type="text/event-stream")
         if req.stream:
             future.add_done_callback(lambda _: loop.call_soon_threadsafe(events.put_nowait, None))
             return StreamingResponse(_stream(server, req, future, events), media_type="text/event-stream")
-        try:
-            result = await _wait(future, request, server.engine)
-        except asyncio.CancelledError:
-            return JSONResponse({}, status_code=499)
-        except Exception as err:  # noqa: BLE001 - the engine stopped while this request waited
-            log.warning("request failed: the engine stopped (%s)", err)
-            raise _stopped(server.engine) from None
-        if isinstance(result, PromptError):
-            raise BadRequest(str(result), "messages")
-        if isinstance(result, ValueError):
-            log.warning("request failed: %s", result)
-            raise BadRequest(f"the request failed: {result}", None, 500, "server_error")
-        return server.completion(req, result)
+        result = await _answer(future, request, server)
+        return result if isinstance(result, JSONResponse) else server.completion(req, result)
 
     return app
 
 
+async def _answer(future: Any, request: Request, server: Server) -> GuidedResult | JSONResponse:
+    """The request's result (a 499 response when the client left).
+
+    Raises:
+        BadRequest: the prompt was refused (400), failed (500) or the engine stopped (503).
+    """
+    try:
+        result = await _wait(future, request, server.engine)
+    except asyncio.CancelledError:
+        return JSONResponse({}, status_code=499)
+    except Exception as err:  # noqa: BLE001 - the engine stopped while this request waited
+        log.warning("request failed: the engine stopped (%s)", err)
+        raise _stopped(server.engine) from None
+    if isinstance(result, PromptError):
+        raise BadRequest(str(result), "messages")
+    if isinstance(result, ValueError):
+        log.warning("request failed: %s", result)
+        raise BadRequest(f"the request failed: {result}", None, 500, "server_error")
+    return result
+
+
+async def _stream_choices(server: Server, req: ChatRequest, result: GuidedResult) -> AsyncIterator[str]:
+    """Server-sent events of a finished ``n > 1`` request: each choice whole, then [DONE]."""
+    rid = f"chatcmpl-{uuid.uuid4().hex}"
+    answers = choices_of(req, result)
+    for i, a in enumerate(answers):
+        yield server.chunk(rid, {"role": "assistant", "content": a.text}, index=i, model=req.model)
+    for i, a in enumerate(answers):
+        last = i == len(answers) - 1
+        extra = {"usage": _usage(req, result), "mahalo": server.extras(req, result)} if last else {}
+        yield server.chunk(rid, {}, _finish(a), index=i, logprobs=server.logprobs(req, a), model=req.model,
+                           **extra)
+    yield "data: [DONE]\n\n"
+
+
 async def _stream(server: Server, req: ChatRequest, future: Any, events: asyncio.Queue) -> AsyncIterator[str]:
-    """Server-sent events: the role, each accepted step's new text, the rest at the end, [DONE]."""
+    """Server-sent events: the role, the answer's text as it becomes final (``Controller.watch``),
+    the rest at the end (with the logprobs, when asked), [DONE]."""
     rid, sent, stops = f"chatcmpl-{uuid.uuid4().hex}", "", req.plan.cfg.sampling.stop
     try:
         yield server.chunk(rid, {"role": "assistant", "content": ""}, model=req.model)
@@ -474,11 +558,13 @@ async def _stream(server: Server, req: ChatRequest, future: Any, events: asyncio
             error = {"message": f"the request failed: {result}", "type": "server_error", "param": None, "code": None}
             yield f"data: {json.dumps({'error': error})}\n\n"
         else:
+            if not result.text.startswith(sent):  # the engine streams only text that cannot change
+                log.error("streamed text %r is not a prefix of the answer %r", sent, result.text)
             rest = result.text[len(sent):] if result.text.startswith(sent) else ""
             if rest:
                 yield server.chunk(rid, {"content": rest}, model=req.model)
-            yield server.chunk(rid, {}, _finish(result), model=req.model, usage=_usage(req, result),
-                               mahalo=server.extras(req, result))
+            yield server.chunk(rid, {}, _finish(result), logprobs=server.logprobs(req, choices_of(req, result)[0]),
+                               model=req.model, usage=_usage(req, result), mahalo=server.extras(req, result))
         yield "data: [DONE]\n\n"
     finally:
         if not future.done():  # the client went away: its rows leave the batch at the next step

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,9 +44,9 @@ from mahalo.config import GuideConfig
 from mahalo.engine import scoring
 from mahalo.engine.expand import Expander
 from mahalo.engine.rows import Beam, Finished, Plan, Prompt, Row, Search
-from mahalo.engine.strategies import Selection, Strategy, final_pick, first_copies, select, strategy_for
+from mahalo.engine.strategies import Selection, Strategy, final_order, first_copies, select, strategy_for
 from mahalo.policy import Policy
-from mahalo.result import Candidate, GuidedResult, PromptError, Stats, Step, path_to
+from mahalo.result import Answer, Candidate, GuidedResult, PromptError, Stats, Step, path_to
 from mahalo.rewards import Candidates, RewardModel, RowCost
 from mahalo.rewards.combine import check_scores, combine
 from mahalo.sampling import child_stream, root_stream
@@ -111,8 +112,8 @@ class Controller:
 
     :meth:`admit` adds prompts; :meth:`tick` advances everything in flight by one token and returns
     the prompts that ended; :mod:`mahalo.engine.scheduler` decides when to admit. ``accepted``
-    lists, after each tick, the steps that became final (one-beam step searches) for streaming;
-    :meth:`cancel` drops a prompt at the next tick.
+    lists, after each tick, the text that became final for the prompts being :meth:`watch`-ed (for
+    streaming); :meth:`cancel` drops a prompt at the next tick.
     """
 
     def __init__(self, policy: Policy, rewards: dict[str, RewardModel], cfg: GuideConfig) -> None:
@@ -137,10 +138,12 @@ class Controller:
         self.decoding: list[Row] = []
         self.waiting: list[Search] = []  # step_barrier: prompts whose step ended, waiting for the others
         self.roots: dict[tuple[int, ...], _Root] = {}
-        self.accepted: list[tuple[int, str]] = []  # after a tick: (input index, text so far) of final steps
+        self.accepted: list[tuple[int, str]] = []  # after a tick: (input index, final text so far) of watched prompts
+        self.watched: dict[int, int] = {}  # input index -> response tokens already final and reported
         self.cancelled: set[int] = set()
         self.counters = Counters()
         self.admitted = 0  # prompts admitted so far
+        self.cleans_spaces = cleans_spaces(policy)  # streamed text holds back its last word
 
     # -- what the scheduler reads ----------------------------------------------------------
 
@@ -216,6 +219,32 @@ class Controller:
                     "or lower max_new_tokens"
                 )
         return Prompt(messages, ids, plan)
+
+    def watch(self, index: int) -> None:
+        """Report prompt ``index``'s response as it becomes final, in ``accepted`` after each tick:
+        the text of the tokens that every response it can still answer with shares (its surviving
+        beams, its current candidates, its finished pool), without a trailing incomplete character
+        (:func:`stable_text`). A one-row search (``sample``) grows token by token; a step search
+        when a selection leaves its beams and pool with a longer common prefix. The tokens are on
+        the host already (the tick's one transfer): watching costs no device sync, only a decode
+        of the prefix when it grows."""
+        self.watched[index] = 0
+
+    def _report(self, s: Search, rows: bool) -> None:
+        """Append ``s``'s newly final text to ``accepted`` (``rows``: its current candidates'
+        tokens count too, else only its beams' and finished pool's)."""
+        seen = self.watched.get(s.index)
+        if seen is None:
+            return
+        held = [(b.token_ids, ()) for b in s.beams] + [(f.beam.token_ids, ()) for f in s.finished]
+        if rows:
+            held = [(row.beam.token_ids, row.tokens) for row in s.rows] + [(f.beam.token_ids, ()) for f in s.finished]
+        n = common_prefix(held, seen)
+        if n > seen:
+            first = held[0]
+            ids = list(first[0][:n]) + list(first[1][:max(0, n - len(first[0]))])
+            self.watched[s.index] = n
+            self.accepted.append((s.index, stable_text(self.policy.decode(ids), self.cleans_spaces)))
 
     def cancel(self, index: int) -> None:
         """Drop prompt ``index`` at the next tick (its slots are freed; it is not reported)."""
@@ -324,6 +353,9 @@ class Controller:
                 ended, self.waiting = self.waiting, []
         if ended:
             done += self._complete(ended)
+        for s in self.searches:  # a one-row search (sample) streams token by token
+            if s.index in self.watched and len(s.rows) == 1 and not s.finished:
+                self._report(s, rows=True)
         return done
 
     def _forward(self, f: _Forward, fed: list[tuple[Row, int]], ended: list[Search] | None = None) -> None:
@@ -493,8 +525,7 @@ class Controller:
                 done.append((s.index, _result(s)))
             else:
                 kept[i] = active
-                if s.plan.streams_steps:
-                    self.accepted.append((s.index, s.beams[0].text))
+                self._report(s, rows=False)
         for k, (users, result) in scored.items():  # the reward models keep the survivors
             states = [searches[i].rewards[k] for i in users]
             scoring.keep(result, states, {j: kept[i] for j, i in enumerate(users) if i in kept})
@@ -621,6 +652,7 @@ class Controller:
             if not root.users:
                 self.kv.root.release(root.slot)
                 del self.roots[key]
+        self.watched.pop(s.index, None)
         gone = {id(row) for row in s.rows}
         self.decoding = [row for row in self.decoding if id(row) not in gone]
         self.searches = [x for x in self.searches if x is not s]
@@ -714,15 +746,72 @@ def _record(shape: Strategy, rows: list[Row], texts: list[str], raw: dict[str, t
 def _result(s: Search) -> GuidedResult:
     plan = s.plan
     raw = {k: torch.tensor([f.scores[k] for f in s.finished], dtype=torch.float64) for k in plan.weights}
-    best = s.finished[final_pick(raw, [len(f.beam.token_ids) for f in s.finished], plan.cfg, plan.weights)]
+    order, final = final_order(raw, [len(f.beam.token_ids) for f in s.finished], plan.cfg, plan.weights)
+    best = s.finished[order[0]]
     if plan.strategy.beams == 1:  # the step that ended the search records the answer it gave
         s.steps[best.step].chosen = best.row
     s.stats.response_tokens = len(best.beam.token_ids)
     s.stats.wall_s = time.perf_counter() - s.t0
+    pool, texts = [], set()
+    for i in order:  # distinct texts, best first
+        f = s.finished[i]
+        if f.beam.text not in texts:
+            texts.add(f.beam.text)
+            pool.append(Answer(f.beam.text, list(f.beam.token_ids), f.reason, f.scores, float(final[i]),
+                               list(f.beam.logprobs)))
     return GuidedResult(
         text=best.beam.text, token_ids=best.beam.token_ids, stop_reason=best.reason, steps=s.steps,
         stats=s.stats, scores=best.scores, answer_path=path_to(s.steps, best.step, best.row),
+        logprobs=list(best.beam.logprobs), pool=pool,
     )
+
+
+SPACES_PROBE = "a . b , c n't d 's"
+
+
+def cleans_spaces(policy: Policy) -> bool:
+    """Does the policy's decode remove spaces before punctuation (``" n't"`` -> ``"n't"``, as
+    WordPiece tokenizers' cleanup does)? Then a word already decoded can still change. Found by
+    decoding a probe, not by a tokenizer flag (transformers ignores the flag for BPE tokenizers);
+    a tokenizer that cannot encode the probe counts as one that does."""
+    try:
+        ids = policy.tokenizer(SPACES_PROBE, add_special_tokens=False)["input_ids"]
+        return policy.decode(ids) != SPACES_PROBE
+    except (TypeError, KeyError, AttributeError, ValueError):
+        return True
+
+
+def common_prefix(held: list[tuple[Sequence[int], Sequence[int]]], known: int) -> int:
+    """Length of the token prefix every response in ``held`` shares, each response a pair of
+    token lists read one after the other (a beam's tokens, then a row's). ``known``: a length
+    they are already known to share (the prefix only grows as a search goes on)."""
+    n = known
+    while held:
+        token = _token_at(held[0], n)
+        if token is None or any(_token_at(pair, n) != token for pair in held[1:]):
+            return n
+        n += 1
+    return n
+
+
+def _token_at(pair: tuple[Sequence[int], Sequence[int]], i: int) -> int | None:
+    """Token ``i`` of ``head + tail`` (None past its end), without joining them."""
+    head, tail = pair
+    if i < len(head):
+        return head[i]
+    return tail[i - len(head)] if i - len(head) < len(tail) else None
+
+
+def stable_text(text: str, cleans_spaces: bool = False) -> str:
+    """The part of a response prefix's text that more tokens cannot change: without trailing
+    incomplete characters (U+FFFD: a character split across tokens), and, when the tokenizer cleans
+    up spaces (``"do n" + "'t"`` decodes to ``"don't"``), without its last space and what follows."""
+    text = text.rstrip("\ufffd")
+    if cleans_spaces:
+        cut = next((i for i in range(len(text) - 1, -1, -1) if text[i].isspace()), -1)
+        if cut >= 0:
+            text = text[:cut]
+    return text
 
 
 def _split_steps(steps: list[str], full: str) -> list[str]:

@@ -42,11 +42,6 @@ class Plan:
         budget = self.cfg.search.max_new_tokens
         return -(-budget // max(1, self.cfg.step.min_step_tokens)) if self.strategy.stepwise else 1
 
-    @property
-    def streams_steps(self) -> bool:
-        """Each accepted step is final as soon as it is selected (one beam, step by step)."""
-        return self.strategy.stepwise and self.strategy.beams == 1 and not self.strategy.per_beam
-
 
 @dataclass(frozen=True)
 class Prompt:

@@ -135,7 +135,8 @@ class Engine:
 
     A prompt may bring its own :class:`~mahalo.engine.rows.Plan` (:meth:`plan`: another
     strategy, N, weights, seed ...) and an ``on_step`` callback, called from the engine thread
-    with the response text so far each time a step becomes final (one-beam step searches).
+    with the response text that is final so far each time it grows (every strategy: what all the
+    responses it can still answer with share; see :meth:`Controller.watch`).
     :meth:`prepare` checks a prompt against every model's context from the caller's thread, so a
     server refuses it before it queues. :meth:`cancel` drops a prompt: at once while it waits,
     at the next token in flight; a cancel never stops the engine.
@@ -251,7 +252,9 @@ class Engine:
                 if batch is None:
                     return
                 if batch:
-                    failed += self.controller.admit(batch)
+                    refused = self.controller.admit(batch)
+                    self._watch([item[0] for item in batch], {ticket for ticket, _ in refused})
+                    failed += refused
                 for ticket, out in failed:
                     self._deliver(ticket, out)
                 with self._cond:
@@ -302,6 +305,13 @@ class Engine:
                         continue
                 plans.append(plan)
         return batch, failed
+
+    def _watch(self, tickets: list[int], refused: set[int]) -> None:
+        """The controller reports the final text of the prompts that joined with an ``on_step``."""
+        with self._cond:
+            watched = [t for t in tickets if t in self._on_step and t not in refused]
+        for ticket in watched:
+            self.controller.watch(ticket)
 
     def _deliver(self, ticket: int, out: GuidedResult | ValueError) -> None:
         with self._cond:

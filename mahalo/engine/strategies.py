@@ -2,8 +2,8 @@
 
 Every strategy runs in the one controller loop (:mod:`mahalo.engine.controller`); they differ
 only by the numbers in :class:`Strategy` and by how :func:`select` ranks. One ranking rule holds
-from the first step to the final pick (:func:`final_pick`): the weighted sum of normalised
-per-objective rewards, vetoed candidates (``-inf``) last, duplicates never kept twice.
+from the first step to the final pick (:func:`final_order`, :func:`final_pick`): the weighted sum
+of normalised per-objective rewards, vetoed candidates (``-inf``) last, duplicates never kept twice.
 """
 
 from __future__ import annotations
@@ -25,6 +25,13 @@ class Strategy:
     stepwise: bool  # True: steps end at boundaries; False: one step = the whole response
     per_beam: bool = False  # dvts: each beam's candidates compete only with each other; it keeps its best
     keep_ended: bool = False  # best_of_n: every ended candidate joins the finished pool
+
+    @property
+    def holds(self) -> int:
+        """The most finished responses its pool can hold when it ends (the most choices a request
+        can get): every candidate for best_of_n, one per beam (subtree) for step_beam and dvts,
+        one for sample and step_best_of_n."""
+        return self.candidates if self.keep_ended else self.beams
 
 
 @dataclass(frozen=True)
@@ -94,22 +101,34 @@ def select(
     return Selection(active=[r for r in keep if not ended[r]], finished=[r for r in keep if ended[r]])
 
 
-def final_pick(
+def final_order(
     raw: dict[str, torch.Tensor], lengths: list[int], cfg: GuideConfig, weights: dict[str, float]
-) -> int:
-    """Index of the answer in the finished pool, by the same rule the steps rank by.
+) -> tuple[list[int], torch.Tensor]:
+    """The finished pool ranked by the same rule the steps rank by: the one place that decides
+    which response is the answer and, for ``n > 1``, which come next.
 
     Args:
         raw: objective name -> raw scores (P,) of the P finished responses, in the order they ended.
         lengths: response tokens of each.
         cfg: ``objective.normalize`` (applied over the pool) and ``search.length_penalty``.
         weights: objective name -> weight.
+
+    Returns:
+        (every index of the pool, best first: vetoed responses last; the (P,) final scores).
     """
     pool = len(lengths)
-    if not raw:
-        return 0
+    if not raw:  # unguided: the order they ended in
+        return list(range(pool)), torch.zeros(pool, dtype=torch.float64)
     combined = combine(raw, weights, cfg.objective.normalize)  # (P,)
     if cfg.search.length_penalty:
         scale = torch.tensor(lengths, dtype=torch.float64).clamp_min(1) ** cfg.search.length_penalty
         combined = combined / scale
-    return rank(combined, torch.ones(pool, dtype=torch.bool))[0]
+    allowed = rank(combined, torch.ones(pool, dtype=torch.bool))
+    return allowed + [r for r in torch.sort(-combined, stable=True).indices.tolist() if r not in allowed], combined
+
+
+def final_pick(
+    raw: dict[str, torch.Tensor], lengths: list[int], cfg: GuideConfig, weights: dict[str, float]
+) -> int:
+    """Index of the answer in the finished pool: the first of :func:`final_order`."""
+    return final_order(raw, lengths, cfg, weights)[0][0] if lengths else 0
