@@ -123,6 +123,9 @@ def test_a_plain_completion(running):
     steps = _ask(running.client(), max_tokens=20, seed=1, extra_body={"mahalo": {"return_steps": True}})
     assert steps.choices[0].message.content == text
     assert len(steps.model_extra["mahalo"]["steps"]) == extra["steps_taken"] >= 2
+    got = steps.model_extra["mahalo"]
+    path = got["answer_path"]  # the answer's candidate per step: their chunks spell the answer
+    assert len(path) == len(got["steps"]) and "".join(st["candidates"][c]["text"] for st, c in zip(got["steps"], path)) == text
 
 
 def test_a_configured_system_prompt_goes_first_when_a_request_has_none():

@@ -208,3 +208,20 @@ def test_greedy_on_a_search_of_several_candidates_samples_and_says_so(served):
     assert r.choices[0].message.content == ANSWER and len(notes) == 1 and "sampled at temperature 1.0" in notes[0]
     plain = _ask(served, temperature=0, extra_body={"mahalo": {"strategy": "sample"}})  # one candidate: greedy as asked
     assert "notes" not in plain.model_extra["mahalo"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("strategy", ["sample", "best_of_n", "step_beam"])
+def test_logprobs_cover_exactly_the_tokens_left_after_the_stop_cut(served, tok, strategy, stream):
+    """A stop cut trims the returned tokens, and the logprobs with them (one per kept token)."""
+    opts = dict(stop=["\n\n", "Q:"], logprobs=True, extra_body={"mahalo": {"strategy": strategy, "max_step_tokens": 11}})
+    if stream:
+        chunks = list(_ask(served, stream=True, **opts))
+        content = [c for c in chunks if c.choices and c.choices[0].logprobs is not None][-1].choices[0].logprobs.content
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    else:
+        r = _ask(served, **opts)
+        content, text = r.choices[0].logprobs.content, r.choices[0].message.content
+    assert text == ANSWER
+    assert [e.token for e in content] == [tok.decode([i]) for i in _ids(tok, ANSWER)]
+    assert all(e.logprob <= 0 for e in content)

@@ -304,6 +304,7 @@ class Server:
             out["choices"] = [{"scores": a.scores, "score": a.score} for a in result.pool[:req.n]]
         if req.return_steps:
             out["steps"] = [asdict(step) for step in result.steps]
+            out["answer_path"] = result.answer_path  # the answer's candidate in each step
         return _json_safe(out)
 
     def chunk(self, rid: str, delta: dict[str, Any], finish: str | None = None, index: int = 0,
