@@ -1,5 +1,10 @@
 """launcher=ray: replicas on a local Ray (started here with num_cpus=2) write what the local
-launcher writes; a replica killed while it holds prompts loses none; bad options exit 2."""
+launcher writes; a replica killed while it holds prompts loses none, its prompts retried on the
+live replica (no reload); a driver killed with kill -9 leaves no Ray process; bad options exit 2.
+
+Ray's log monitor relays worker lines (``(Replica pid=N) ...``) to the driver's stderr late, into
+whichever test captures it then: stderr checks drop them (:func:`_own_lines`), and the test
+without Ray runs first."""
 
 import json
 import os
