@@ -278,16 +278,17 @@ class ModelsConfig:
 class LauncherConfig:
     """Where the prompts are decoded: this process, or replicas on a Ray cluster.
 
-    ``ray``: each replica is a Ray actor that loads the models once and runs the many-prompt
-    engine; prompts reach replicas through Ray Data (an actor pool, small batches, so a free
-    replica takes the next batch); results stream back to this process, which alone writes
-    ``output``. Answers are the same as with ``local``.
+    ``ray``: each replica is a long-lived Ray actor that loads the models once and runs the
+    many-prompt engine; this process hands each prompt to the least loaded replica and retries
+    the prompts of a replica that dies on the live ones (their models already loaded); results
+    stream back to this process, which alone writes ``output``. Answers are the same as with
+    ``local``.
     """
 
     kind: str = "local"
     """``local`` (this process) or ``ray``."""
     replicas: int = 1
-    """``ray``: how many replicas (each loads every model once)."""
+    """``ray``: how many replicas (each loads every model once); a replica that dies is replaced."""
     gpus_per_replica: float = 0.0
     """``ray``: GPUs each replica reserves (Ray sets its ``CUDA_VISIBLE_DEVICES``); more than 1
     needs ``models.*.device_map`` to spread a model over them. 0: CPU replicas."""
@@ -297,11 +298,13 @@ class LauncherConfig:
     """``ray``: the cluster to join: ``auto`` (the one ``ray start`` made on this node), or
     ``ray://HOST:10001``. None: start a Ray instance on this machine for the run."""
     batch_size: int = 2
-    """``ray``: prompts per Ray Data batch: the unit a free replica takes, and retried whole when
-    its replica dies. A replica holds up to ``batch.max_prompts`` prompts in flight."""
-    max_passes: int = 3
-    """``ray``: passes over the prompts still unanswered because their replica died for good (a
-    replica that crashes is restarted by Ray and its batches retried within the pass)."""
+    """``ray``: prompts a replica holds queued beyond the ``batch.max_prompts`` it decodes at
+    once, so it starts the next without waiting for this process; the fewer, the finer the
+    balancing (a prompt handed to a replica stays there unless the replica dies)."""
+    max_attempts: int = 3
+    """``ray``: tries per prompt. A prompt whose replica dies (or whose engine stops) under it
+    is tried again at once on a live replica, up to this many tries in all; a prompt's own
+    fault (an error record) is never retried."""
 
     def __post_init__(self) -> None:
         _check(self.kind in LAUNCHERS, f"unknown launcher {self.kind!r}: choose one of {list(LAUNCHERS)}")
@@ -309,7 +312,7 @@ class LauncherConfig:
         _check(self.gpus_per_replica >= 0, f"launcher.gpus_per_replica must be >= 0, got {self.gpus_per_replica}")
         _check(self.cpus_per_replica > 0, f"launcher.cpus_per_replica must be > 0, got {self.cpus_per_replica}")
         _check(self.batch_size >= 1, f"launcher.batch_size must be at least 1, got {self.batch_size}")
-        _check(self.max_passes >= 1, f"launcher.max_passes must be at least 1, got {self.max_passes}")
+        _check(self.max_attempts >= 1, f"launcher.max_attempts must be at least 1, got {self.max_attempts}")
         if self.kind == "local":
             defaults = LauncherConfig(kind="ray")
             for f in fields(self):

@@ -1,35 +1,42 @@
-"""Replicas on a Ray cluster: Ray Data feeds prompts to an actor pool; this process writes.
+"""Replicas on a Ray cluster: long-lived actors that load the models once; this process
+schedules prompts onto them and writes.
 
-    driver (this process)                        replicas (Ray actors: a GPU, or a CPU slice, each)
-      check options, join or start the cluster     load every model once          (Replica.__init__)
-      ray.data.from_items(pending prompts)   -->   map_batches: each small batch joins the
-                                                   replica's engine (continuous batching)
-      iter_rows(): answers as they finish    <--   (index, pickled result, replica id)
+    driver (this process)                          replicas (Ray actors: a GPU, or a CPU slice, each)
+      check options, join or start the cluster       load every model once           (Replica.__init__)
+      wait until every replica is ready        <--   ready()
+      hand each replica prompts, one call each -->   answer(): the prompt joins the replica's engine
+      (the least loaded first, up to its room)       (continuous batching over all it holds)
+      answers as they finish                   <--   (result, replica id, when it was ready)
       the caller writes them (the only writer)
-      pass 2..max_passes: the prompts whose replica died for good
 
-Balancing is Ray Data's: batches are small (``launcher.batch_size``) and an actor takes the next
-one when it has room, so a replica that drew long answers takes fewer. A replica keeps up to
-``batch.max_prompts`` prompts in flight by running several batches at once on one engine.
+Balancing: a replica holds up to ``batch.max_prompts`` prompts decoding plus
+``launcher.batch_size`` waiting in its engine's queue; the driver hands the next prompt to the
+replica with the fewest in hand, so one that drew long answers takes fewer.
 
-Faults are Ray's: a replica that crashes is restarted (``max_restarts=-1``) and its batches are
-retried (``max_task_retries=-1``). A replica gone for good (``ray.kill``, restarts spent) fails
-its batches; Ray Data carries on with the other replicas (``max_errored_blocks=-1``) and the
-driver runs another pass over the prompts it did not get back. An index answered twice (a batch
-retried after its first answer arrived) is handed on once.
+Faults: a replica that dies (its process or node lost, ``ray.kill``) or whose engine stops fails
+the prompts it holds; each goes back to the front of the queue and is tried again at once on a
+live replica (its models already loaded), up to ``launcher.max_attempts`` tries in all. Only the
+dead replica is replaced (a new actor loads the models while the others go on). A prompt's own
+fault (a reward model's NaN, a prompt too long) is its answer, a ``ValueError`` written as its
+error record, and is never retried. Every prompt is handed back once.
+
+Leftovers: a Ray instance this run starts is shut down when it ends; a driver killed outright
+(``kill -9``) leaves Ray's helper processes behind, so a small reaper process
+(:mod:`mahalo.launch.reaper`) watches the driver and kills them when it dies.
 """
 
 from __future__ import annotations
 
-import json
+import asyncio
 import logging
-import math
 import os
-import pickle
 import re
+import subprocess
+import sys
 import time
+from collections import deque
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from mahalo.app.config import LauncherConfig, RunConfig
@@ -43,14 +50,13 @@ STARTUP_TIMEOUT_S = 3600  # replicas must have loaded their models by then (an 8
 
 
 def require_ray() -> Any:
-    """The ``ray`` module, with Ray Data.
+    """The ``ray`` module.
 
     Raises:
         ValueError: Ray is not installed.
     """
     try:
         import ray
-        import ray.data  # noqa: F401
     except ImportError:
         raise ValueError("launcher=ray needs Ray: pip install 'mahalo[ray]' (or use launcher=local)") from None
     return ray
@@ -84,16 +90,34 @@ def check_models(cfg: RunConfig, objectives: list[str]) -> None:
 
 @dataclass
 class Cluster:
-    """The Ray instance a run uses; ``owned`` when the run started it (and shuts it down)."""
+    """The Ray instance a run uses; ``owned`` when the run started it (and shuts it down), with
+    the reaper that cleans it up should this process be killed before it can."""
 
     ray: Any
     owned: bool
     cpus: float
     gpus: float
+    reaper: subprocess.Popen | None = None
 
     def close(self) -> None:
         if self.owned:
             self.ray.shutdown()
+        if self.reaper is not None:  # Ray is down: nothing left to reap
+            self.reaper.terminate()
+            self.reaper.wait(timeout=10)
+            self.reaper = None
+
+
+def start_reaper() -> subprocess.Popen:
+    """A process, in a session of its own (a signal to this process's group spares it), that
+    kills the Ray processes this process started once it dies without shutting them down.
+
+    ``kill -9`` of a driver takes its GCS and raylet down with it, but Ray's DashboardAgent and
+    RuntimeEnvAgent (about 170 MB, deaf to SIGTERM) would live on until ``ray stop``.
+    """
+    reaper = os.path.join(os.path.dirname(os.path.abspath(__file__)), "reaper.py")  # run as a file: no torch
+    return subprocess.Popen([sys.executable, "-P", reaper, str(os.getpid())],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, start_new_session=True)
 
 
 def connect(launcher: LauncherConfig) -> Cluster:
@@ -105,11 +129,12 @@ def connect(launcher: LauncherConfig) -> Cluster:
             replicas ask for.
     """
     ray = require_ray()
-    owned = False
+    owned, reaper = False, None
     if not ray.is_initialized():
         try:
             if launcher.address is None:
                 ray.init(include_dashboard=False, logging_level=logging.WARNING)
+                reaper = start_reaper()
             else:
                 ray.init(address=launcher.address, logging_level=logging.WARNING)
         except ConnectionError as err:
@@ -119,7 +144,7 @@ def connect(launcher: LauncherConfig) -> Cluster:
             ) from None
         owned = True
     resources = ray.cluster_resources()
-    cluster = Cluster(ray, owned, float(resources.get("CPU", 0)), float(resources.get("GPU", 0)))
+    cluster = Cluster(ray, owned, float(resources.get("CPU", 0)), float(resources.get("GPU", 0)), reaper)
     try:
         _check_fits(launcher, cluster)
     except ValueError:
@@ -147,11 +172,9 @@ def replica_prompts(cfg: RunConfig) -> int:
 
 
 class Replica:
-    """One replica: the models, loaded once, and an engine that batches every prompt it holds.
-
-    Ray Data calls it with batches ``{"k": (n,), "prompt": (n,)}``, several at once (threads);
-    each batch waits for its own answers while the engine decodes all of them together.
-    """
+    """One replica (a Ray actor): the models, loaded once, and an engine that batches every
+    prompt it holds. Its methods are coroutines, so it takes many ``answer`` calls at once, each
+    waiting for its own prompt while the engine decodes all of them together."""
 
     def __init__(self, cfg: RunConfig, objectives: list[str]) -> None:
         import ray
@@ -163,22 +186,18 @@ class Replica:
         torch.set_num_threads(max(1, int(cfg.launcher.cpus_per_replica)))
         self.engine = load_engine(cfg, objectives)
         self.name = ray.get_runtime_context().get_actor_id()
-        self.started, self.ready = t0, time.time()
-        log.info("replica %s ready in %.1f s (pid %d)", self.name, self.ready - t0, os.getpid())
+        self.started, self.loaded = t0, time.time()
+        log.info("replica %s ready in %.1f s (pid %d)", self.name, self.loaded - t0, os.getpid())
 
-    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        import numpy as np
+    async def ready(self) -> tuple[str, float]:
+        """(its actor id, when it had loaded the models): the driver hands it prompts from then."""
+        return self.name, self.loaded
 
-        # A prompt's own fault is its answer (a ValueError, written as its error record); only an
-        # engine that stopped (a bug, out of memory) fails the batch, which the next pass retries.
-        futures = [self.engine.submit(json.loads(str(p))) for p in batch["prompt"]]
-        answers = [pickle.dumps(f.result()) for f in futures]
-        return {
-            "k": batch["k"],
-            "answer": np.array(answers, dtype=object),
-            "replica": np.array([self.name] * len(answers), dtype=object),
-            "ready": np.array([self.ready] * len(answers)),
-        }
+    async def answer(self, conversation: list[dict[str, str]]) -> GuidedResult | ValueError:
+        """One prompt's answer. A prompt's own fault is its answer (a ValueError, written as its
+        error record); only an engine that stopped (a bug, out of memory) raises, and the driver
+        then retires this replica and tries the prompt on another."""
+        return await asyncio.wrap_future(self.engine.submit(conversation))
 
 
 @dataclass
@@ -188,73 +207,192 @@ class Answer:
     k: int  # position in the prompts handed to :func:`answer_many`
     result: GuidedResult | ValueError
     replica: str  # the Ray actor id of the replica that answered
-    attempt: int  # the pass that answered it (2 or more: its first replica died)
+    attempt: int  # the try that answered it (2 or more: a replica died, or its engine stopped, under it)
     ready: float  # when that replica had loaded its models (time.time())
+
+
+@dataclass(eq=False)
+class Live:
+    """A replica that has loaded its models, and the calls it holds (object ref -> prompt)."""
+
+    actor: Any
+    name: str
+    ready: float
+    held: dict[Any, int] = field(default_factory=dict)
+
+
+class Scheduler:
+    """The driver's side: starts the replicas, hands each prompt to the least loaded live one,
+    retries the prompts of a replica that died on the others, and replaces only that replica.
+
+    One thread (the caller's) does everything; :meth:`run` yields answers as they arrive.
+    """
+
+    def __init__(self, ray: Any, cfg: RunConfig, objectives: list[str], prompts: list[Any]) -> None:
+        launcher = cfg.launcher
+        self.ray, self.cfg, self.objectives, self.prompts = ray, cfg, objectives, prompts
+        self.room = replica_prompts(cfg) + launcher.batch_size  # decoding + queued in its engine
+        self.actor_class = ray.remote(Replica).options(
+            num_cpus=launcher.cpus_per_replica, num_gpus=launcher.gpus_per_replica,
+            max_restarts=0,  # a dead replica is replaced by the driver, its prompts retried elsewhere at once
+            max_concurrency=self.room + 8,
+        )
+        self.todo: deque[int] = deque(range(len(prompts)))
+        self.tries = [0] * len(prompts)
+        self.given_up: list[int] = []
+        self.starting: dict[Any, Any] = {}  # ready() ref -> actor
+        self.live: list[Live] = []
+        self.calls: dict[Any, Live] = {}  # answer() ref -> the replica holding it
+        self.spares = launcher.replicas * launcher.max_attempts  # replacements allowed in all
+        self.start_errors: list[str] = []
+        self.answered = 0
+
+    # -- replicas --------------------------------------------------------------------------
+
+    def _start(self) -> None:
+        actor = self.actor_class.remote(self.cfg, self.objectives)
+        self.starting[actor.ready.remote()] = actor
+
+    def _started(self, ref: Any) -> None:
+        actor = self.starting.pop(ref)
+        try:
+            name, ready = self.ray.get(ref)
+        except self.ray.exceptions.RayError as err:
+            reason = _root_error(err)
+            self.start_errors.append(reason)
+            log.warning("a replica could not start (%s); it is not replaced", reason)
+            return
+        self.live.append(Live(actor, name, ready))
+
+    def _retire(self, live: Live, reason: str) -> None:
+        """``live`` died (or its engine stopped): its prompts go back first in the queue; a new
+        replica takes its place while prompts remain."""
+        if live not in self.live:
+            return
+        self.live.remove(live)
+        self.ray.kill(live.actor)  # an engine that stopped: the actor may still run
+        lost = sorted(live.held.values())
+        for ref in live.held:
+            self.calls.pop(ref, None)
+        live.held.clear()
+        retry = [k for k in lost if self.tries[k] < self.cfg.launcher.max_attempts]
+        self.given_up += [k for k in lost if self.tries[k] >= self.cfg.launcher.max_attempts]
+        self.todo.extendleft(reversed(retry))
+        replace = bool(self.todo or self.calls) and self.spares > 0
+        log.warning("replica %s lost (%s): %d prompts it held %s%s", live.name, reason, len(lost),
+                    "go to the live replicas" if retry else "are out of tries",
+                    "; starting a replacement" if replace else "")
+        if replace:
+            self.spares -= 1
+            self._start()
+
+    def close(self) -> None:
+        """Kill every replica (a cluster the run joined keeps running)."""
+        for actor in [*(r.actor for r in self.live), *self.starting.values()]:
+            try:
+                self.ray.kill(actor)
+            except self.ray.exceptions.RayError:
+                pass
+        self.live.clear()
+        self.starting.clear()
+        self.calls.clear()
+
+    # -- prompts ---------------------------------------------------------------------------
+
+    def _dispatch(self) -> None:
+        while self.todo:
+            open_ = [r for r in self.live if len(r.held) < self.room]
+            if not open_:
+                return
+            live = min(open_, key=lambda r: len(r.held))
+            k = self.todo.popleft()
+            self.tries[k] += 1
+            ref = live.actor.answer.remote(self.prompts[k])
+            live.held[ref] = k
+            self.calls[ref] = live
+
+    def _answered(self, ref: Any) -> Answer | None:
+        live = self.calls.pop(ref)
+        k = live.held.pop(ref)
+        try:
+            result = self.ray.get(ref)
+        except self.ray.exceptions.RayTaskError as err:  # the replica's engine stopped under it
+            live.held[ref] = k  # retried with the rest of what it held
+            self._retire(live, f"its engine failed: {_root_error(err)}")
+            return None
+        except self.ray.exceptions.RayError as err:  # the replica's process, or its node, is gone
+            live.held[ref] = k
+            self._retire(live, _first_line(err))
+            return None
+        self.answered += 1
+        return Answer(k, result, live.name, self.tries[k], live.ready)
+
+    def _no_replica_left(self) -> Exception:
+        reason = self.start_errors[-1] if self.start_errors else "none left alive"
+        if not self.answered and self.start_errors:  # nothing answered, nothing written: bad input
+            return ValueError(f"the replicas could not start: {reason}")
+        return Unanswered(f"{len(self.todo) + len(self.given_up)} prompts unanswered: no replica is left "
+                          f"({reason}): re-run the same command to retry them")
+
+    def run(self) -> Iterator[Answer]:
+        """Answers as they finish, each prompt's once.
+
+        Raises:
+            ValueError: no replica could start (nothing was answered).
+            Unanswered: prompts out of tries, or no replica left; the answers yielded stand.
+        """
+        ray = self.ray
+        for _ in range(self.cfg.launcher.replicas):
+            self._start()
+        # Every replica loaded before the first prompt goes out (else the first one ready takes
+        # them all); a replacement joins whenever it is ready.
+        ready, _ = ray.wait(list(self.starting), num_returns=len(self.starting), timeout=STARTUP_TIMEOUT_S)
+        if len(ready) < self.cfg.launcher.replicas:
+            raise Unanswered(
+                f"the {self.cfg.launcher.replicas} replicas did not all start within {STARTUP_TIMEOUT_S} s (the "
+                "cluster's resources are taken, or loading the models is stuck): check `ray status`, then re-run"
+            )
+        for ref in ready:
+            self._started(ref)
+        while self.todo or self.calls:
+            self._dispatch()
+            waiting = [*self.calls, *self.starting]
+            if not self.calls and not self.live and not self.starting:
+                raise self._no_replica_left()
+            if not waiting:  # prompts queued, replicas live but full: cannot happen (room >= 1)
+                raise RuntimeError("scheduler stalled")
+            done, _ = ray.wait(waiting, num_returns=1)
+            more, _ = ray.wait([r for r in waiting if r not in done], num_returns=len(waiting) - 1, timeout=0) \
+                if len(waiting) > 1 else ([], None)
+            for ref in [*done, *more]:
+                if ref in self.starting:
+                    self._started(ref)
+                elif ref in self.calls:  # not dropped by a retire earlier in this loop
+                    answer = self._answered(ref)
+                    if answer is not None:
+                        yield answer
+        if self.given_up:
+            raise Unanswered(
+                f"{len(self.given_up)} prompts unanswered after launcher.max_attempts="
+                f"{self.cfg.launcher.max_attempts} tries each (their replica died or its engine stopped each "
+                "time; see the log above): re-run the same command to retry them"
+            )
 
 
 def answer_many(cfg: RunConfig, objectives: list[str], prompts: list[Any], cluster: Cluster) -> Iterator[Answer]:
     """Answer ``prompts`` on ``cluster``'s replicas; answers come back as they finish, each once.
+    The replicas are killed when the answers end (or the caller stops reading).
 
     Raises:
-        Unanswered: prompts still unanswered after ``launcher.max_passes`` passes (their
+        ValueError: the replicas could not start (nothing answered).
+        Unanswered: prompts still unanswered after ``launcher.max_attempts`` tries each (their
             replicas died each time); the answers already yielded stand.
     """
-    ray = cluster.ray
-    launcher = cfg.launcher
-    context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = False
-    context.max_errored_blocks = -1  # a batch whose replica died for good: carry on, rerun it next pass
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
-    per_actor = math.ceil(replica_prompts(cfg) / launcher.batch_size)
-    remaining = dict(enumerate(prompts))
-    for attempt in range(1, launcher.max_passes + 1):
-        rows = [{"k": k, "prompt": json.dumps(p)} for k, p in sorted(remaining.items())]  # conversations as JSON
-        batches = math.ceil(len(rows) / launcher.batch_size)
-        # First pass: every replica loaded before the first batch goes out (else the first one ready
-        # takes them all). A retry pass takes the replicas as they come: the last pass's may still
-        # be releasing their GPUs.
-        context.wait_for_min_actors_s = STARTUP_TIMEOUT_S if attempt == 1 else -1
-        data = ray.data.from_items(rows, override_num_blocks=batches)
-        answered = data.map_batches(
-            Replica,
-            fn_constructor_kwargs={"cfg": cfg, "objectives": objectives},
-            batch_size=launcher.batch_size,
-            compute=ray.data.ActorPoolStrategy(
-                size=min(launcher.replicas, batches),
-                max_tasks_in_flight_per_actor=per_actor,
-                max_concurrent_calls_per_actor=per_actor,
-                enable_true_multi_threading=True,
-            ),
-            num_cpus=launcher.cpus_per_replica,
-            num_gpus=launcher.gpus_per_replica,
-            zero_copy_batch=False,
-        )
-        try:
-            for row in answered.iter_rows():
-                k = int(row["k"])
-                if remaining.pop(k, None) is None:
-                    continue  # answered already (a batch retried after its answers arrived)
-                yield Answer(k, pickle.loads(row["answer"]), str(row["replica"]), attempt, float(row["ready"]))
-        except ray.exceptions.GetTimeoutError:
-            raise Unanswered(
-                f"the {launcher.replicas} replicas did not all start within {STARTUP_TIMEOUT_S} s (the cluster's "
-                "resources are taken, or loading the models is stuck): check `ray status`, then re-run"
-            ) from None
-        except ray.exceptions.RayError as err:  # replicas that cannot start (a model missing on a node)
-            reason = _root_error(err)
-            if len(remaining) == len(prompts):  # nothing answered, nothing written: bad input
-                raise ValueError(f"the replicas could not start: {reason}") from None
-            raise Unanswered(f"{len(remaining)} prompts unanswered: the replicas failed ({reason})") from None
-        if not remaining:
-            return
-        log.warning("pass %d: %d prompts came back unanswered (their replica died or its engine stopped: see Ray's "
-                    "log above); %s", attempt, len(remaining),
-                    "retrying them" if attempt < launcher.max_passes else "giving up")
-    raise Unanswered(
-        f"{len(remaining)} prompts still unanswered after launcher.max_passes={launcher.max_passes} passes "
-        "(their replica died or its engine stopped each time; see Ray's log above): re-run the same command to "
-        "retry them"
-    )
+    scheduler = Scheduler(cluster.ray, cfg, objectives, prompts)
+    try:
+        yield from scheduler.run()
+    finally:
+        scheduler.close()
 
 
 def answers(cfg: RunConfig, objectives: list[str], prompts: list[Any], console: Any) -> Answers:
@@ -282,7 +420,6 @@ def answers(cfg: RunConfig, objectives: list[str], prompts: list[Any], console: 
             cluster.close()
 
     return stream()
-
 
 def _root_error(err: BaseException) -> str:
     """The original error inside a Ray error (the last ``SomethingError: message`` line)."""
