@@ -61,7 +61,7 @@ def _by_index(path: Path) -> dict[int, dict]:
     return by
 
 
-RAY_LOG = re.compile(r"^\(\S+ pid=\d+(?:, ip=[\d.]+)?\) ")
+RAY_LOG = re.compile(r"^(?:\x1b\[[0-9;]*m)?\(\S+ pid=\d+(?:, ip=[\d.]+)?\)")  # Ray may colour the prefix
 
 
 def _own_lines(err: str) -> str:
@@ -168,6 +168,7 @@ def test_a_replica_killed_while_it_holds_prompts_loses_none(cluster, prompts, tm
     (["launcher=ray", "launcher.replicas=3"],
      "launcher asks for 3 replicas x 1 CPUs = 3 CPUs, but the Ray cluster has 2: lower launcher.replicas"),
     (["launcher=ray", "launcher.batch_size=0"], "launcher.batch_size must be at least 1"),
+    (["launcher=ray", "launcher.max_passes=0"], "launcher.max_attempts must be at least 1, got 0"),  # the old name
     (["launcher=ray", "models.policy.kind=hf", "models.policy.path=/no/such/model"],
      "model path not found: /no/such/model"),  # replicas on this machine: checked here first
 ])

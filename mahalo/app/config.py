@@ -305,8 +305,14 @@ class LauncherConfig:
     """``ray``: tries per prompt. A prompt whose replica dies (or whose engine stops) under it
     is tried again at once on a live replica, up to this many tries in all; a prompt's own
     fault (an error record) is never retried."""
+    max_passes: int | None = None
+    """The former name of ``max_attempts`` (a retry was a pass over every unanswered prompt),
+    still accepted with a warning so that older commands run."""
 
     def __post_init__(self) -> None:
+        if self.max_passes is not None:
+            log.warning("launcher.max_passes is now launcher.max_attempts: using max_attempts=%s", self.max_passes)
+            self.max_attempts, self.max_passes = self.max_passes, None
         _check(self.kind in LAUNCHERS, f"unknown launcher {self.kind!r}: choose one of {list(LAUNCHERS)}")
         _check(self.replicas >= 1, f"launcher.replicas must be at least 1, got {self.replicas}")
         _check(self.gpus_per_replica >= 0, f"launcher.gpus_per_replica must be >= 0, got {self.gpus_per_replica}")
