@@ -107,7 +107,7 @@ def one_request(client: Any, question: str, max_tokens: int, seed: int) -> dict[
     """Send one streamed request; its latency, time to first step and tokens."""
     t0 = time.perf_counter()
     first, tokens, text = None, 0, []
-    stream = client.chat.completions.create(model="m", messages=[{"role": "user", "content": question}],
+    stream = client.chat.completions.create(model="mahalo", messages=[{"role": "user", "content": question}],
                                             max_tokens=max_tokens, seed=seed, stream=True)
     for chunk in stream:
         choice = chunk.choices[0] if chunk.choices else None
