@@ -246,7 +246,7 @@ h1{font-size:17px;margin:0 0 6px} .meta{color:#555;margin:2px 0}
 .cand.path{border:3px solid #e07b00;background:#fff6ea;opacity:1}
 .tag{margin-left:5px;padding:0 5px;border-radius:8px;color:#fff;font-size:10.5px}
 .tag.end{background:#555} .tag.keep{background:#2e9b4f} .tag.ans{background:#e07b00}
-.hd{font-size:11px;color:#555;white-space:nowrap}
+.hd{font-size:11px;color:#555;line-height:1.6} .tag{white-space:nowrap;display:inline-block}
 .hd b{color:#222}
 .text{white-space:pre-wrap;word-break:break-word;height:%(th)dpx;overflow:auto;font-family:ui-monospace,
  SFMono-Regular,Menlo,Consolas,monospace;font-size:11.5px;border-bottom:1px dotted #ddd;margin:2px 0}
