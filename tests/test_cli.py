@@ -135,11 +135,13 @@ def test_killed_process_resumes(tmp_path):
     prompts, out = tmp_path / "p.jsonl", tmp_path / "out.jsonl"
     _write_prompts(prompts, 40)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "mahalo.decode", *_run_args(prompts, out)]
+    # one prompt in flight, so that answers are written one by one (with many in flight the
+    # token-level engine can finish all 40 tiny prompts within one poll of this loop)
+    cmd = [sys.executable, "-m", "mahalo.decode", *_run_args(prompts, out), "batch.max_prompts=1"]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline and (not out.exists() or len(out.read_text().splitlines()) < 3):
-        time.sleep(0.05)
+        time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     partial = len(_lines(out))
