@@ -22,8 +22,15 @@ Usage (from the repository root; the two extractions may run in parallel, then `
 
     python scripts/probe_study.py extract --split train --data-dir ../shared/data/truthfulqa
     python scripts/probe_study.py extract --split dev --data-dir ../shared/data/truthfulqa
-    python scripts/probe_study.py fit --data-dir ../shared/data/truthfulqa \
-        --out benchmarks/results/probe_study.json
+    python scripts/probe_study.py fit --data-dir ../shared/data/truthfulqa --threads 2 \
+        --alphas 1e-3 1e-2 1e-1 1 --per-position --out benchmarks/results/probe_study.json
+
+Variants reported in scripts/PROBE_STUDY.md (same cached features)::
+
+    ... fit ... --alphas 1e-3 1e-2 1e-1 1 --train-fractions 100 \
+        --out benchmarks/results/probe_study_whole_only.json
+    ... fit ... --alphas 1e-2 1e-1 1 10 --concat 13-21 15-20 \
+        --out benchmarks/results/probe_study_concat.json
 """
 
 from __future__ import annotations
@@ -233,9 +240,17 @@ def score(probe, X: torch.Tensor) -> np.ndarray:
     return (((X - mu) / sd) @ v + b).numpy()
 
 
-def layer_features(F: np.ndarray, layer: int) -> torch.Tensor:
-    """(answers, fractions, hidden) float32 features of one layer."""
-    return torch.from_numpy(np.ascontiguousarray(F[:, :, layer]).astype(np.float32))
+def layer_features(F: np.ndarray, layers: list[int]) -> torch.Tensor:
+    """(answers, fractions, hidden * len(layers)) float32 features of the layers, concatenated."""
+    return torch.from_numpy(np.concatenate([F[:, :, i].astype(np.float32) for i in layers], axis=-1))
+
+
+def layer_groups(args, n_states: int) -> list[list[int]]:
+    """Each probe's state indices: one layer each (``--layers``), or ``--concat`` groups "a-b"
+    (1-based decoder layers, inclusive) read together."""
+    if args.concat:
+        return [list(range(int(g.split("-")[0]) - 1, int(g.split("-")[1]))) for g in args.concat]
+    return [[i] for i in (range(n_states) if not args.layers else args.layers)]
 
 
 def pooled(X: torch.Tensor, keys: np.ndarray, y: np.ndarray, fracs=None):
@@ -251,14 +266,14 @@ def eval_fracs(probe, X: torch.Tensor, keys: np.ndarray, y: np.ndarray) -> dict[
     return {str(f): auc(score(probe, Xk[:, i]), y) for i, f in enumerate(FRACTIONS)}
 
 
-def cv_layer(X, keys, y, qs, alphas, folds, seed):
+def cv_layer(X, keys, y, qs, alphas, folds, seed, fracs=None):
     """Per alpha: mean over question-grouped folds of held-out AUC at each fraction."""
     fold_of = question_folds(qs, folds, seed)
     rf = np.array([fold_of[q] for q in qs])
     per: dict[float, dict[str, list[float]]] = {a: defaultdict(list) for a in alphas}
     for f in range(folds):
         tr, te = rf != f, rf == f
-        Xs, ys = pooled(X, keys[tr], y[tr])
+        Xs, ys = pooled(X, keys[tr], y[tr], fracs)
         probe = None
         for a in sorted(alphas, reverse=True):
             probe = fit_probe(Xs, ys, a, probe)
@@ -287,16 +302,17 @@ def cmd_fit(args) -> None:
     Ftr, ktr, ytr, qtr, itr = load_split(args, "train")
     Fdv, kdv, ydv, qdv, idv = load_split(args, "dev")
     n_states = Ftr.shape[2]
-    layers = range(n_states) if not args.layers else args.layers
+    train_fracs = [FRACTIONS.index(f) for f in args.train_fractions]
     results = []
-    for layer in layers:
+    for group in layer_groups(args, n_states):
         t = time.time()
-        Xtr, Xdv = layer_features(Ftr, layer), layer_features(Fdv, layer)
-        cv = cv_layer(Xtr, ktr, ytr, qtr, args.alphas, args.folds, args.seed)
+        Xtr, Xdv = layer_features(Ftr, group), layer_features(Fdv, group)
+        cv = cv_layer(Xtr, ktr, ytr, qtr, args.alphas, args.folds, args.seed, train_fracs)
         alpha = max(args.alphas, key=lambda a: cv[a]["100"])
-        probe = fit_probe(*pooled(Xtr, ktr, ytr), alpha)
+        probe = fit_probe(*pooled(Xtr, ktr, ytr, train_fracs), alpha)
         dev = eval_fracs(probe, Xdv, kdv, ydv)
-        name = "norm" if layer == n_states - 1 else str(layer + 1)
+        names = ["norm" if i == n_states - 1 else str(i + 1) for i in group]
+        name = names[0] if len(names) == 1 else f"{names[0]}-{names[-1]}"
         r = {"layer": name, "alpha": alpha, "cv": {str(a): cv[a] for a in args.alphas},
              "cv_auc_100": cv[alpha]["100"], "cv_auc_mean": float(np.mean([cv[alpha][str(f)] for f in FRACTIONS])),
              "dev_auc": dev, "seconds": round(time.time() - t, 1)}
@@ -317,7 +333,9 @@ def cmd_fit(args) -> None:
         "context": "generation_prompt_ids([system=truth.yaml primer, user=question]) + answer tokens, no end of turn",
         "positions": "answer token max(1, ceil(p*n))-1 for p in 25/50/75/100%",
         "layers_note": "layer k = output of decoder layer k (1..30); norm = final-norm state",
-        "probe": "standardised features, L2 logistic regression (L-BFGS), trained on the 4 positions pooled",
+        "probe": "standardised features, L2 logistic regression (L-BFGS), trained on the positions "
+                 f"{args.train_fractions} pooled" + (f", layers concatenated {args.concat}" if args.concat else ""),
+        "train_fractions": args.train_fractions,
         "selection": f"alpha per layer and layer by {args.folds}-fold question-grouped CV on train, whole-answer AUC",
         "train": {k: itr[k] for k in ("rows", "answers", "questions", "seconds", "threads")},
         "dev": {k: idv[k] for k in ("rows", "answers", "questions", "seconds", "threads")},
@@ -354,6 +372,10 @@ def parse_args(argv=None):
     p.add_argument("--alphas", type=float, nargs="+", default=[1e-3, 1e-2, 1e-1])
     p.add_argument("--layers", type=int, nargs="*", default=None,
                    help="fit: state indices (0-based; L = final norm); default all")
+    p.add_argument("--train-fractions", type=int, nargs="+", default=list(FRACTIONS),
+                   choices=FRACTIONS, help="fit: positions the probe is trained on (pooled)")
+    p.add_argument("--concat", nargs="*", default=None,
+                   help='fit: layer groups "a-b" (1-based, inclusive) whose states are concatenated')
     p.add_argument("--per-position", action="store_true",
                    help="fit: also train one probe per position (chosen alpha) and report its dev AUC")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/probe_study.json"))
