@@ -7,18 +7,16 @@ import json
 import os
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import pytest
 
 pytest.importorskip("lm_eval")
 pytest.importorskip("fastapi")
-uvicorn = pytest.importorskip("uvicorn")
+pytest.importorskip("uvicorn")
 
-from mahalo.app.server import create_app  # noqa: E402
 from mahalo.serve import build_engine, build_server, compose_serve_config  # noqa: E402
+from tests.test_serve import Running  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,18 +26,9 @@ def base_url():
     cfg = compose_serve_config(["models=tiny", "server.objectives=[truth]", "step.kind=max_tokens",
                                 "step.min_step_tokens=0", "step.max_step_tokens=4"])
     engine, objectives = build_engine(cfg)
-    server = build_server(cfg, engine, objectives)
-    uv = uvicorn.Server(uvicorn.Config(create_app(server), host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not uv.started:
-        assert time.time() < deadline, "the server did not start"
-        time.sleep(0.02)
-    yield f"http://127.0.0.1:{uv.servers[0].sockets[0].getsockname()[1]}/v1"
-    uv.should_exit = True
-    thread.join(10)
-    engine.close()
+    running = Running(build_server(cfg, engine, objectives))
+    yield running.url + "/v1"
+    running.stop()
 
 
 def test_lm_eval_runs_a_generation_task_against_a_guided_preset(base_url, tmp_path):

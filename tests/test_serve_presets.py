@@ -2,18 +2,15 @@
 ``openai`` client against a server built the way ``python -m mahalo.serve`` builds it (the
 ``tiny`` models, no default objective)."""
 
-import threading
-import time
-
 import pytest
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
-uvicorn = pytest.importorskip("uvicorn")
+pytest.importorskip("uvicorn")
 
 from mahalo.app.compose import search_presets  # noqa: E402
-from mahalo.app.server import create_app  # noqa: E402
 from mahalo.serve import build_engine, build_server, compose_serve_config  # noqa: E402
+from tests.test_serve import Running  # noqa: E402
 
 PRESETS = ["mahalo-best-of-n", "mahalo-dvts", "mahalo-sample", "mahalo-step-beam", "mahalo-step-best-of-n",
            "mahalo-truth-beam"]
@@ -25,19 +22,9 @@ OVERRIDES = ["models=tiny", "server.objectives=[truth,helpful]", "server.model_n
 def client():
     cfg = compose_serve_config(OVERRIDES)
     engine, objectives = build_engine(cfg)
-    server = build_server(cfg, engine, objectives)
-    uv = uvicorn.Server(uvicorn.Config(create_app(server), host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not uv.started:
-        assert time.time() < deadline, "the server did not start"
-        time.sleep(0.02)
-    port = uv.servers[0].sockets[0].getsockname()[1]
-    yield openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=60)
-    uv.should_exit = True
-    thread.join(10)
-    engine.close()
+    running = Running(build_server(cfg, engine, objectives))
+    yield running.client()
+    running.stop()
 
 
 def _ask(client, model, **kwargs):

@@ -9,8 +9,6 @@ nothing, and the CLI's ``sampling.stop``.
 
 import json
 import re
-import threading
-import time
 
 import pytest
 
@@ -138,28 +136,19 @@ def test_the_cli_takes_sampling_stop(tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def served(scripted):
-    openai = pytest.importorskip("openai")
+    pytest.importorskip("openai")
     pytest.importorskip("fastapi")
-    uvicorn = pytest.importorskip("uvicorn")
+    pytest.importorskip("uvicorn")
     from mahalo.app.config import ServerConfig
-    from mahalo.app.server import Server, create_app
+    from mahalo.app.server import Server
+    from tests.test_serve import Running
 
     cfg = config_from_options(None, **{**SHAPE, "strategy": "step_best_of_n", "max_step_tokens": 4,
                                        "weights": {"longer": 1.0}})
     engine = Engine(Controller(scripted, {"longer": as_reward(longer, "longer")}, cfg), max_prompts=8)
-    server = Server(engine, cfg, ["longer"], ServerConfig(max_tokens_cap=64), "scripted")
-    uv = uvicorn.Server(uvicorn.Config(create_app(server), host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not uv.started:
-        assert time.time() < deadline, "the server did not start"
-        time.sleep(0.02)
-    port = uv.servers[0].sockets[0].getsockname()[1]
-    yield openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=60)
-    uv.should_exit = True
-    thread.join(10)
-    engine.close()
+    running = Running(Server(engine, cfg, ["longer"], ServerConfig(max_tokens_cap=64), "scripted"))
+    yield running.client()
+    running.stop()
 
 
 def _ask(client, stream=False, **kwargs):
