@@ -36,7 +36,6 @@ Variants reported in scripts/PROBE_STUDY.md (same cached features)::
 from __future__ import annotations
 
 import argparse
-import copy
 import datetime as dt
 import hashlib
 import json
@@ -63,6 +62,7 @@ from train_truth_head import (  # noqa: E402
     DEV_JUDGE,
     TRAIN_JUDGE,
     FeatureIndex,
+    answer_batches,
     auc,
     question_folds,
     read_judge,
@@ -123,7 +123,7 @@ def extract(model, tokenizer, items, system_prompt: str, batch_size: int, out: n
     L: final norm) at fraction ``f`` of answer ``i``, in the decode context of the truth default.
 
     Each question's prefix is forwarded once; its KV cache is repeated over right-padded batches
-    of answers (causal attention: the real tokens never see the padding).
+    of answers (:func:`train_truth_head.answer_batches`).
     """
     base = model.model
     layers = list(base.layers)
@@ -143,21 +143,9 @@ def extract(model, tokenizer, items, system_prompt: str, batch_size: int, out: n
     try:
         for qi, (question, rows) in enumerate(by_q.items()):
             msgs = with_system([{"role": "user", "content": question}], system_prompt)
-            prefix = torch.tensor([generation_prompt_ids(tokenizer, msgs)])
-            cache = base(input_ids=prefix, use_cache=True).cache
             seqs = [tokenizer(items[i][1], add_special_tokens=False).input_ids or [pad] for i in rows]
-            order = sorted(range(len(rows)), key=lambda j: len(seqs[j]))
-            for s in range(0, len(order), batch_size):
-                chunk = order[s : s + batch_size]
-                width = max(len(seqs[j]) for j in chunk)
-                ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-                for b, j in enumerate(chunk):
-                    ids[b, : len(seqs[j])] = torch.tensor(seqs[j])
-                c = copy.deepcopy(cache)
-                c.batch_repeat_interleave(len(chunk))
-                pos = torch.arange(prefix.shape[1], prefix.shape[1] + width).expand(len(chunk), -1)
-                last = base(input_ids=ids, cache=c, position_ids=pos,
-                            use_cache=True).last_hidden_state
+            prefix = generation_prompt_ids(tokenizer, msgs)
+            for chunk, last in answer_batches(base, prefix, seqs, batch_size, pad):
                 states = torch.stack([*captured, last], dim=1)  # (B, L+1, T, H)
                 for b, j in enumerate(chunk):
                     at = torch.tensor(positions(len(seqs[j])))

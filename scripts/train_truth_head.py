@@ -161,13 +161,35 @@ def _parts(tokenizer, question: str) -> _Parts:
     return _Parts(fmt.prefix_ids(tokenizer), tokenizer(fmt.suffix, add_special_tokens=False).input_ids)
 
 
+def answer_batches(base, prefix_ids: list[int], seqs: list[list[int]], batch_size: int, pad: int):
+    """Forward ``prefix_ids`` once, then every sequence of ``seqs`` after it.
+
+    The prefix's KV cache is repeated over batches of sequences, shortest first, right-padded
+    (with causal attention the real tokens never see the padding, so no mask is needed). Yields
+    ``(chunk, hidden)``: the indexes into ``seqs`` of a batch and its last hidden states
+    ``(len(chunk), width, hidden)``. Run it under ``torch.inference_mode``.
+    """
+    prefix = torch.tensor([prefix_ids])
+    cache = base(input_ids=prefix, use_cache=True).cache
+    order = sorted(range(len(seqs)), key=lambda j: len(seqs[j]))
+    for s in range(0, len(order), batch_size):
+        chunk = order[s : s + batch_size]
+        width = max(len(seqs[j]) for j in chunk)
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        for b, j in enumerate(chunk):
+            ids[b, : len(seqs[j])] = torch.tensor(seqs[j])
+        c = copy.deepcopy(cache)
+        c.batch_repeat_interleave(len(chunk))
+        pos = torch.arange(prefix.shape[1], prefix.shape[1] + width).expand(len(chunk), -1)
+        yield chunk, base(input_ids=ids, cache=c, position_ids=pos, use_cache=True).last_hidden_state
+
+
 @torch.inference_mode()
 def extract_features(model, tokenizer, items: list[tuple[str, str]], batch_size: int) -> np.ndarray:
     """Final hidden state at the last token of ``prefix + answer + suffix`` for every item.
 
-    Each question's prefix is forwarded once; its KV cache is repeated over a batch of answers
-    (right-padded: with causal attention the real tokens never see the padding, so no mask is
-    needed) and the state is gathered at each sequence's true last token.
+    Each question's prefix is forwarded once and its KV cache reused over its answers
+    (:func:`answer_batches`); the state is gathered at each sequence's true last token.
     """
     base = model.model
     hidden = model.config.hidden_size
@@ -179,23 +201,11 @@ def extract_features(model, tokenizer, items: list[tuple[str, str]], batch_size:
     start, done = time.time(), 0
     for qi, (question, rows) in enumerate(by_q.items()):
         parts = _parts(tokenizer, question)
-        prefix = torch.tensor([parts.prefix_ids])
-        cache = base(input_ids=prefix, use_cache=True).cache
         seqs = [
             tokenizer(items[i][1], add_special_tokens=False).input_ids + parts.suffix_ids
             for i in rows
         ]
-        order = sorted(range(len(rows)), key=lambda j: len(seqs[j]))
-        for s in range(0, len(order), batch_size):
-            chunk = order[s : s + batch_size]
-            width = max(len(seqs[j]) for j in chunk)
-            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-            for b, j in enumerate(chunk):
-                ids[b, : len(seqs[j])] = torch.tensor(seqs[j])
-            c = copy.deepcopy(cache)
-            c.batch_repeat_interleave(len(chunk))
-            pos = torch.arange(prefix.shape[1], prefix.shape[1] + width).expand(len(chunk), -1)
-            h = base(input_ids=ids, cache=c, position_ids=pos, use_cache=True).last_hidden_state
+        for chunk, h in answer_batches(base, parts.prefix_ids, seqs, batch_size, pad):
             last = torch.tensor([len(seqs[j]) - 1 for j in chunk])
             out[[rows[j] for j in chunk]] = h[torch.arange(len(chunk)), last].float().numpy()
         done += len(rows)
