@@ -69,7 +69,7 @@ class Answer:
 
     text: str
     token_ids: list[int]  # end-of-turn excluded
-    stop_reason: str  # "eos" or "length"
+    stop_reason: str  # "eos", "stop" or "length"
     scores: dict[str, float]  # objective -> raw score
     score: float  # the final rule's score over the pool (normalised over it, length penalty applied)
     logprobs: list[float] = field(default_factory=list)  # policy log p(token) of each token, temperature 1

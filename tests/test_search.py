@@ -170,7 +170,10 @@ def test_step_beam_final_pick_ranks_by_the_steps_normalised_rule(policy):
 
 def test_final_pick_rule_and_length_penalty():
     from mahalo.config import GuideConfig, SearchConfig
-    from mahalo.engine.strategies import final_pick
+    from mahalo.engine.strategies import final_order
+
+    def final_pick(raw, lengths, cfg, weights):  # the answer: the first of the ranked pool
+        return final_order(raw, lengths, cfg, weights)[0][0]
 
     raw = {"r": torch.tensor([-4.0, -6.0, -1.0], dtype=torch.float64)}
     cfg = GuideConfig()

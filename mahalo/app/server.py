@@ -54,7 +54,7 @@ from mahalo.config import GuideConfig, _is_int, config_from_options
 from mahalo.engine.rows import Plan, Prompt
 from mahalo.engine.scheduler import Busy, Engine, EngineStopped
 from mahalo.result import Answer, GuidedResult, PromptError
-from mahalo.stops import MAX_STOP, safe_length
+from mahalo.stops import safe_length
 
 log = logging.getLogger(__name__)
 
@@ -168,8 +168,8 @@ class Server:
         for name in ("temperature", "top_p", "seed"):
             if body.get(name) is not None:
                 options[name] = body[name]
-        if body.get("stop") is not None:
-            options["stop"] = _stop(body["stop"])
+        if body.get("stop") is not None:  # checked by SamplingConfig, like the other options
+            options["stop"] = body["stop"]
         extra = body.get("mahalo") or {}
         if not isinstance(extra, dict):
             raise BadRequest("mahalo must be an object of search options", "mahalo")
@@ -336,7 +336,7 @@ def _holds_why(strategy: str) -> str:
 
 
 def _param(option: str) -> str:
-    return option if option in ("temperature", "top_p", "seed") else (
+    return option if option in ("temperature", "top_p", "seed", "stop") else (
         "max_tokens" if option == "max_new_tokens" else f"mahalo.{option}")
 
 
@@ -363,15 +363,6 @@ def _messages(value: Any) -> Messages:
         raise BadRequest(str(err), "messages") from None
 
 
-def _stop(value: Any) -> list[str]:
-    """OpenAI's ``stop``: a string or a list of at most 4 non-empty strings."""
-    stops = [value] if isinstance(value, str) else value
-    if not isinstance(stops, list) or len(stops) > MAX_STOP or not all(isinstance(s, str) and s for s in stops):
-        raise BadRequest(f"stop must be a non-empty string or a list of at most {MAX_STOP} non-empty strings, "
-                         f"got {value!r}", "stop")
-    return stops
-
-
 def _finish(result: GuidedResult | Answer) -> str:
     return "length" if result.stop_reason == "length" else "stop"
 
@@ -380,11 +371,6 @@ def _usage(req: ChatRequest, result: GuidedResult) -> dict[str, int]:
     completion = result.stats.response_tokens if req.n == 1 else sum(len(a.token_ids) for a in result.pool[:req.n])
     return {"prompt_tokens": req.prompt_tokens, "completion_tokens": completion,
             "total_tokens": req.prompt_tokens + completion}
-
-
-def _stable(text: str) -> str:
-    """``text`` without a trailing incomplete character (it may decode differently once whole)."""
-    return text.rstrip("\ufffd")
 
 
 async def _wait(future: Any, request: Request, engine: Engine) -> Any:
@@ -545,8 +531,9 @@ async def _stream(server: Server, req: ChatRequest, future: Any, events: asyncio
     try:
         yield server.chunk(rid, {"role": "assistant", "content": ""}, model=req.model)
         while (text := await events.get()) is not None:
-            text = _stable(text)
-            text = text[:safe_length(text, stops)]  # never send what a stop string may still cut
+            # the engine sends only text more tokens cannot change (controller.stable_text); a stop
+            # string may still cut its end
+            text = text[:safe_length(text, stops)]
             if text.startswith(sent) and len(text) > len(sent):
                 yield server.chunk(rid, {"content": text[len(sent):]}, model=req.model)
                 sent = text

@@ -236,9 +236,8 @@ class Controller:
         seen = self.watched.get(s.index)
         if seen is None:
             return
-        held = [(b.token_ids, ()) for b in s.beams] + [(f.beam.token_ids, ()) for f in s.finished]
-        if rows:
-            held = [(row.beam.token_ids, row.tokens) for row in s.rows] + [(f.beam.token_ids, ()) for f in s.finished]
+        heads = [(row.beam.token_ids, row.tokens) for row in s.rows] if rows else [(b.token_ids, ()) for b in s.beams]
+        held = heads + [(f.beam.token_ids, ()) for f in s.finished]
         n = common_prefix(held, seen)
         if n > seen:
             first = held[0]

@@ -2,7 +2,7 @@
 
 Every strategy runs in the one controller loop (:mod:`mahalo.engine.controller`); they differ
 only by the numbers in :class:`Strategy` and by how :func:`select` ranks. One ranking rule holds
-from the first step to the final pick (:func:`final_order`, :func:`final_pick`): the weighted sum
+from the first step to the final pick (:func:`final_order`): the weighted sum
 of normalised per-objective rewards, vetoed candidates (``-inf``) last, duplicates never kept twice.
 """
 
@@ -126,9 +126,3 @@ def final_order(
     allowed = rank(combined, torch.ones(pool, dtype=torch.bool))
     return allowed + [r for r in torch.sort(-combined, stable=True).indices.tolist() if r not in allowed], combined
 
-
-def final_pick(
-    raw: dict[str, torch.Tensor], lengths: list[int], cfg: GuideConfig, weights: dict[str, float]
-) -> int:
-    """Index of the answer in the finished pool: the first of :func:`final_order`."""
-    return final_order(raw, lengths, cfg, weights)[0][0] if lengths else 0
