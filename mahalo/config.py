@@ -152,8 +152,32 @@ class SearchConfig:
     """Final pick only (vLLM's definition): the pool's combined reward is divided by
     ``response_tokens ** length_penalty``. 0 disables it; > 0 favours longer answers when rewards
     are negative, as with log-probabilities."""
+    prune: bool = False
+    """Early rejection inside a step (Speculative Rejection for ``best_of_n``): every
+    ``prune_every`` tokens of a step, the candidates still decoding whose partial score trails are
+    ended and their rows freed at once. The partial score is read from rewards scored at every
+    token (``family: probe``: a probe on the policy's own hidden states, no reward-model tokens);
+    ``prune_by`` names which. A pruned candidate leaves the step: it is not scored, not recorded
+    among the step's candidates, and counted in ``Stats.pruned_rows`` / ``pruned_tokens``."""
+    prune_every: int = 8
+    """Tokens of a step between two prunings, >= 1 (the first at token ``prune_every``)."""
+    prune_keep: float = 0.5
+    """Fraction of a step's candidates (decoding or already ended) kept at each pruning, in (0, 1]:
+    the best ``ceil(prune_keep * n)`` by partial score, and at least the best of each beam's
+    (``dvts``: subtree's) candidates. Candidates that already ended their step are never pruned."""
+    prune_by: str | None = None
+    """The objective whose token-level score ranks partial candidates (it need not be weighted in
+    the selection: it is read anyway). None: the weighted sum of the token-level objectives the
+    search is guided by."""
 
     def __post_init__(self) -> None:
+        _check(isinstance(self.prune, bool), f"prune must be true or false, got {self.prune!r}")
+        _check(_is_int(self.prune_every) and self.prune_every >= 1,
+               f"prune_every must be an integer >= 1, got {self.prune_every!r}")
+        _check(_is_number(self.prune_keep) and 0 < self.prune_keep <= 1,
+               f"prune_keep must be a number in (0, 1], got {self.prune_keep!r}")
+        _check(self.prune_by is None or (isinstance(self.prune_by, str) and self.prune_by != ""),
+               f"prune_by must be an objective name or null, got {self.prune_by!r}")
         _check(
             self.strategy in STRATEGIES,
             f"unknown strategy {self.strategy!r}: choose one of {list(STRATEGIES)}",
@@ -313,6 +337,10 @@ OPTIONS: dict[str, tuple[str, str]] = {
     "seed": ("search", "seed"),
     "dedupe": ("search", "dedupe"),
     "length_penalty": ("search", "length_penalty"),
+    "prune": ("search", "prune"),
+    "prune_every": ("search", "prune_every"),
+    "prune_keep": ("search", "prune_keep"),
+    "prune_by": ("search", "prune_by"),
     "stop_token_ids": ("sampling", "stop_token_ids"),
     "stop": ("sampling", "stop"),
     "temperature": ("sampling", "temperature"),

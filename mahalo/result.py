@@ -56,6 +56,8 @@ class Stats:
     prm_s: float = 0.0
     wall_s: float = 0.0
     prompt_tokens: int = 0  # the chat prompt's tokens (the policy's prefill)
+    pruned_rows: int = 0  # candidates ended early by search.prune
+    pruned_tokens: int = 0  # tokens those candidates had drawn when pruned
 
     @property
     def tokens_per_s(self) -> float:

@@ -347,9 +347,51 @@ def cmd_fit(args) -> None:
              best["cv_auc_100"], best["dev_auc"], time.time() - t0)
 
 
+def cmd_export(args) -> None:
+    """Fit the chosen probe on train (layer ``--export-layer``, alpha ``--export-alpha``, the four
+    positions pooled: the study's choice by train CV) and write it as the embedded asset: a
+    safetensors file with ``probe.weight`` (1, H) and ``probe.bias`` (1,), the standardisation
+    folded in (score = h @ w.T + b, a logit), and its metadata beside it. Checks that the folded
+    probe scores dev exactly as the unfolded one (the study's dev AUC)."""
+    from safetensors.torch import save_file
+
+    Ftr, ktr, ytr, _, itr = load_split(args, "train")
+    Fdv, kdv, ydv, _, _ = load_split(args, "dev")
+    index = args.export_layer - 1  # state index of decoder layer k (1-based)
+    fracs = list(range(len(FRACTIONS)))
+    Xtr, Xdv = layer_features(Ftr, [index]), layer_features(Fdv, [index])
+    mu, sd, v, b = fit_probe(*pooled(Xtr, ktr, ytr, fracs), args.export_alpha)
+    w = (v / sd).to(torch.float32)  # (H,)
+    bias = (b - (mu / sd) @ v).to(torch.float32)
+    folded = {str(f): auc((Xdv[torch.as_tensor(kdv)][:, i] @ w + bias).numpy(), ydv) for i, f in enumerate(FRACTIONS)}
+    plain = eval_fracs((mu, sd, v, b), Xdv, kdv, ydv)
+    assert all(abs(folded[k] - plain[k]) < 1e-4 for k in folded), (folded, plain)
+    out = args.export_out
+    save_file({"probe.weight": w[None].contiguous(), "probe.bias": bias.reshape(1).contiguous()}, str(out))
+    meta = {
+        "probe_file": out.name,
+        "format": "safetensors, keys 'probe.weight' (1, H) and 'probe.bias' (1,), float32",
+        "score": "h @ probe.weight.T + probe.bias (a logit of P(truthful)), h = the output of decoder layer "
+                 "`layer` (1-based: model.model.layers[layer - 1], transformers' hidden_states[layer]) at the "
+                 "response's last token, no end of turn",
+        "score_at": "token",
+        "layer": args.export_layer,
+        "alpha": args.export_alpha,
+        "context": "generation_prompt_ids([system = conf/objective/truth.yaml primer, user = question]) + answer",
+        "train": {"file": "judge_train.jsonl", "answers": int(len(np.unique(ktr))), "rows": int(len(ktr)),
+                  "positions": list(FRACTIONS), "subsample": itr.get("subsample", "seeded by whole questions")},
+        "dev_auc_by_position": folded,
+        "selection": "layer and alpha by 5-fold question-grouped CV on train (benchmarks/results/probe_study.json)",
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
+    }
+    out.with_suffix(".json").write_text(json.dumps(meta, indent=1) + "\n")
+    log.info("probe: layer %d alpha %g -> %s; dev AUC %s", args.export_layer, args.export_alpha, out, folded)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("stage", choices=["extract", "fit"])
+    p.add_argument("stage", choices=["extract", "fit", "export"])
     p.add_argument("--split", choices=["train", "dev"], default="train", help="extract: which file")
     p.add_argument("--data-dir", type=Path, required=True, help="folder with the TruthfulQA files")
     p.add_argument("--features-dir", type=Path, default=Path("/tmp/mahalo_probe_features"))
@@ -367,6 +409,9 @@ def parse_args(argv=None):
     p.add_argument("--per-position", action="store_true",
                    help="fit: also train one probe per position (chosen alpha) and report its dev AUC")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/probe_study.json"))
+    p.add_argument("--export-layer", type=int, default=20, help="export: decoder layer (1-based)")
+    p.add_argument("--export-alpha", type=float, default=1e-2, help="export: L2 strength")
+    p.add_argument("--export-out", type=Path, default=Path("mahalo/assets/smollm2_135m_truth_probe.safetensors"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     return p.parse_args(argv)
@@ -377,7 +422,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
-    (cmd_extract if args.stage == "extract" else cmd_fit)(args)
+    {"extract": cmd_extract, "fit": cmd_fit, "export": cmd_export}[args.stage](args)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 MODEL_KINDS = ("hf", "embedded", "tiny", "multihead")
 # Reward-model families (mahalo.rewards): what the model is and how it is read.
-FAMILIES = ("classifier", "step_classifier", "step_lm", "value_head", "judge")
+FAMILIES = ("classifier", "step_classifier", "step_lm", "value_head", "judge", "probe")
 AGGREGATE_CHOICES = ("last", "min", "prod", "mean")
 READ_AT = ("last_token", "end_of_turn", "steps")
 STEP_TEMPLATE_CHOICES = ("chat", "plain")
@@ -50,6 +50,7 @@ FAMILY_FIELDS = {
     "step_lm": {"step_tag", "step_join", "step_template", "aggregate", "good_token", "bad_token"},
     "value_head": {"head_file", "read_at", "step_tag", "aggregate"},
     "judge": {"judge_question", "yes_token", "no_token"},
+    "probe": {"head_file"},
 }
 _FAMILY_SPECIFIC = set().union(*FAMILY_FIELDS.values())
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
@@ -107,8 +108,12 @@ class ModelConfig:
     """Reward models: ``classifier`` (sequence classification: Bradley-Terry logit, P(class 1),
     or K named ``outputs``), ``step_classifier`` (Qwen2.5-Math-PRM style: P(label 1) at the
     separator after each step), ``step_lm`` (Math-Shepherd style: P(good) vs P(bad) at each step
-    tag of a causal LM), ``value_head`` (a backbone + a linear or MLP head from ``head_file``) or
-    ``judge`` (a causal LM asked ``judge_question``: logit(yes) - logit(no))."""
+    tag of a causal LM), ``value_head`` (a backbone + a linear or MLP head from ``head_file``),
+    ``judge`` (a causal LM asked ``judge_question``: logit(yes) - logit(no)) or ``probe`` (a linear
+    probe on one layer of the policy's own hidden states, scored at every token for free,
+    :mod:`mahalo.rewards.probe`: the same ``kind`` and ``path`` as the policy; ``head_file`` is
+    the probe, the embedded truth probe when null with ``kind: embedded``, a random one with
+    ``kind: tiny``)."""
     outputs: dict[int, str] | None = None
     """``classifier``: a multi-output model's objectives by output index, e.g. ``{0: truth, 1:
     helpful}`` (needs ``num_labels`` = the number of outputs); each weighted like any objective,

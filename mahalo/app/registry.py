@@ -21,6 +21,7 @@ from mahalo.policy import HFPolicy, Policy, as_policy
 from mahalo.policy.multihead import load_multihead_state, mixing_weights
 from mahalo.rewards import PROGRAMMATIC, RewardModel, SequenceClassifierReward, as_reward
 from mahalo.rewards.judge import DEFAULT_QUESTION, judge_reward
+from mahalo.rewards.probe import TokenProbeReward, probe_reward
 from mahalo.rewards.seqcls import RewardOutput
 from mahalo.rewards.shared_head import SharedHeadReward
 from mahalo.rewards.step_prm import causal_lm_prm, token_classifier_prm
@@ -135,6 +136,8 @@ def shares_policy_backbone(policy: ModelConfig, reward: ModelConfig) -> bool:
 
 def build_reward(cfg: ModelConfig, policy_cfg: ModelConfig, policy: Pair, where: str) -> RewardModel:
     """The reward adapter of one ``models.rewards`` entry (``where``: its key, for messages)."""
+    if cfg.family == "probe":
+        return _probe(cfg, policy_cfg, policy, where)
     if cfg.family == "classifier":
         shared = shares_policy_backbone(policy_cfg, cfg)
         if cfg.share_backbone and not shared:
@@ -172,6 +175,23 @@ def build_reward(cfg: ModelConfig, policy_cfg: ModelConfig, policy: Pair, where:
         return value_head_reward(model, tokenizer, head, cfg.read_at or "last_token", cfg.step_tag or "<extra_0>",
                                  cfg.aggregate)
     return judge_reward(model, tokenizer, cfg.judge_question or DEFAULT_QUESTION, cfg.yes_token, cfg.no_token)
+
+
+def _probe(cfg: ModelConfig, policy_cfg: ModelConfig, policy: Pair, where: str) -> RewardModel:
+    """A probe on the policy's hidden states (no model of its own): the probe file, or the embedded
+    truth probe, or (``tiny``) a random probe on the tiny policy's middle layer."""
+    if (cfg.kind, cfg.path, cfg.gguf_file) != (policy_cfg.kind, policy_cfg.path, policy_cfg.gguf_file):
+        raise ValueError(
+            f"{where}: a probe reads the policy's own hidden states: give it the policy's kind and path "
+            f"(kind={policy_cfg.kind!r}, path={policy_cfg.path!r}), got kind={cfg.kind!r}, path={cfg.path!r}")
+    if cfg.kind == "tiny" and cfg.head_file is None:
+        config = policy[0].config
+        weight = torch.randn(config.hidden_size, generator=torch.Generator().manual_seed(cfg.seed + 7))
+        param = next(policy[0].parameters())
+        return TokenProbeReward(weight, 0.0, max(1, config.num_hidden_layers // 2)).to(param.device, param.dtype)
+    if cfg.head_file is None and cfg.kind != "embedded":
+        raise ValueError(f"{where}.head_file is needed: the probe file for this policy (scripts/probe_study.py export)")
+    return probe_reward(policy, cfg.head_file)
 
 
 def head_score_at(head_file: str | Path) -> str | None:

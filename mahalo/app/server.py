@@ -60,7 +60,7 @@ log = logging.getLogger(__name__)
 
 # The request's "mahalo" options -> guided_generate options (mahalo.config.OPTIONS).
 GUIDE_FIELDS = ("strategy", "num_candidates", "beam_width", "weights", "normalize", "top_k", "min_step_tokens",
-                "max_step_tokens", "dedupe", "length_penalty")
+                "max_step_tokens", "dedupe", "length_penalty", "prune", "prune_every", "prune_keep", "prune_by")
 MAHALO_FIELDS = (*GUIDE_FIELDS, "return_steps")
 ROLES = (*CHAT_ROLES, "developer")  # developer: OpenAI's newer name for system
 

@@ -44,7 +44,7 @@ from mahalo.config import GuideConfig
 from mahalo.engine import scoring
 from mahalo.engine.expand import Expander
 from mahalo.engine.rows import Beam, Finished, Plan, Prompt, Row, Search
-from mahalo.engine.strategies import Selection, Strategy, final_order, first_copies, select, strategy_for
+from mahalo.engine.strategies import Selection, Strategy, final_order, first_copies, prune_rows, select, strategy_for
 from mahalo.policy import Policy
 from mahalo.result import Answer, Candidate, GuidedResult, PromptError, Stats, Step, path_to
 from mahalo.rewards import Candidates, RewardModel, RowCost
@@ -126,14 +126,21 @@ class Controller:
         if why is not None:
             raise ValueError(f"mahalo's cache cannot run this policy: {why}")
         self.expander = Expander(policy, cfg)
-        self.default = self.plan(cfg)  # the plan of a prompt that brings none
         self.sources = scoring.sources_of(rewards)
+        # rewards read from the policy's own hidden states at every token (mahalo.rewards.probe)
+        self.probes = [(k, src) for k, src in enumerate(self.sources) if getattr(src.model, "reads_layer", None)]
+        if self.probes:
+            if not hasattr(policy, "capture"):
+                raise ValueError(f"{type(policy).__name__} cannot lend its hidden states to a token-level probe")
+            policy.capture({src.model.reads_layer for _, src in self.probes})
+        self.default = self.plan(cfg)  # the plan of a prompt that brings none
         self.kv = policy.shared_kv()
         self.device = policy.device
         self.vocab = policy.vocab_size
         self.expander.ready(self.vocab, False, self.device)
         with torch.inference_mode():
             self.logits = torch.zeros(0, self.vocab, device=self.device)  # (row slots, V): each row's next-token logits
+            self.probe_vals = torch.zeros(0, len(self.probes), device=self.device)  # (row slots, P): at its last fed token
         self.searches: list[Search] = []
         self.decoding: list[Row] = []
         self.waiting: list[Search] = []  # step_barrier: prompts whose step ended, waiting for the others
@@ -189,7 +196,32 @@ class Controller:
             )
         strategy = strategy_for(cfg)
         cap = cfg.step.max_step_tokens if strategy.stepwise else cfg.search.max_new_tokens
-        return Plan(cfg, strategy, {n: cfg.weight(n) for n in names}, cap, root_stream(cfg.search.seed))
+        weights = {n: cfg.weight(n) for n in names}
+        prune = self._prune_weights(cfg, weights) if cfg.search.prune else ()
+        if cfg.search.prune and cfg.search.prune_by is not None:
+            weights.setdefault(cfg.search.prune_by, 0.0)  # read for pruning, not weighted in the selection
+        return Plan(cfg, strategy, weights, cap, root_stream(cfg.search.seed), prune)
+
+    def _prune_weights(self, cfg: GuideConfig, weights: dict[str, float]) -> tuple[float, ...]:
+        """Each token-level probe's weight in the partial score that ``search.prune`` ranks by.
+
+        Raises:
+            ValueError: no token-level objective to rank by, naming the fix.
+        """
+        by = cfg.search.prune_by
+        probes = {name: p for p, (_, src) in enumerate(self.probes) for name in src.names}
+        if by is not None and by not in probes:
+            raise ValueError(
+                f"search.prune_by={by!r} is not a reward scored at every token (known: {sorted(probes) or 'none'}): "
+                "name a probe (a reward with family: probe)")
+        out = [0.0] * len(self.probes)
+        for name, p in probes.items():
+            out[p] += 1.0 if name == by else weights.get(name, 0.0) if by is None else 0.0
+        if not any(out):
+            raise ValueError(
+                "search.prune needs a reward scored at every token to rank partial candidates: load a probe "
+                "(a reward with family: probe, e.g. +objective=truth_prune) and name it in search.prune_by")
+        return tuple(out)
 
     def prepare(self, messages: Messages, plan: Plan | None = None) -> Prompt:
         """Tokenise a prompt for the policy and check that every model it will read has room for
@@ -328,6 +360,7 @@ class Controller:
         # 1-2. sample every decoding row; keep its token or end its step
         fed, ended = [], []
         if self.decoding:
+            stepping = list({id(row.search): row.search for row in self.decoding}.values())
             still = []
             for row, (token, logprob, flags) in zip(self.decoding, self.expander.sample(self.logits, self.decoding)):
                 end = self.expander.advance(row, token, logprob, flags)
@@ -342,6 +375,7 @@ class Controller:
                 else:
                     still.append(row)
             self.decoding = still
+            fed = self._prune(stepping, fed, ended)
         # 3. one forward: kept tokens, prefill chunks, reward heads' scoring suffixes
         self._forward(self._prefill_items(self.options.prefill_chunk), fed, ended)
         # 4-5. prompts whose step ended: score, select, keep, fan out (step_barrier: all at once)
@@ -379,8 +413,11 @@ class Controller:
                           kv_tokens_read=packed.stats["kv_tokens_read"], tokens=packed.stats["tokens"],
                           attended=packed.stats["attended"], rows_held=self.rows_held,
                           kv_tokens_held=self.held_tokens(), in_flight=self.in_flight, admitted=self.admitted)
+        probed = self._probe(n_logits) if self.probes and n_logits else None  # (rows + prompts prefilled, P)
         if f.rows:
             self.logits[packed.extra] = logits[:len(f.rows)]
+            if probed is not None:
+                self.probe_vals[packed.extra] = probed[:len(f.rows)]
         elapsed = time.perf_counter() - t0
         for row, _ in f.rows:
             row.search.stats.policy_tokens += 1
@@ -389,8 +426,9 @@ class Controller:
             if s is not None:
                 s.stats.policy_tokens += len(item.tokens)
                 s.stats.policy_tokens_padded += len(item.tokens)
-        for s, out in zip(done, logits[len(f.rows):] if done else []):  # their first step starts from the prompt's last logits
-            self._fan_out(s, out[None])
+        for j, s in enumerate(done):  # their first step starts from the prompt's last logits (and probe)
+            at = len(f.rows) + j
+            self._fan_out(s, logits[at:at + 1], None if probed is None else probed[at:at + 1])
         for s in {id(row.search): row.search for row, _ in f.rows}.values():
             s.stats.policy_s += elapsed
         start = n_logits
@@ -400,6 +438,50 @@ class Controller:
             start += len(its)
             for slot in scratch:
                 self.kv.row.release(slot)
+
+    def _probe(self, n: int) -> torch.Tensor:
+        """(n, P) every probe's score of the first ``n`` outputs of the forward just run."""
+        states = self.policy.layer_states
+        return torch.stack([src.model.probe(states[src.model.reads_layer][:n]) for _, src in self.probes], 1)
+
+    def _prune(self, stepping: list[Search], fed: list[tuple[Row, int]], ended: list[Search]) -> list[tuple[Row, int]]:
+        """Early rejection (``search.prune``): every ``prune_every`` tokens of a step, the searches
+        due end their trailing candidates (:func:`~mahalo.engine.strategies.prune_rows`) and free
+        their rows before this tick's forward. Ranked by each row's probes at its last fed token;
+        one transfer for every search due at this tick. Returns ``fed`` without the pruned rows."""
+        due = []
+        for s in stepping:
+            search = s.plan.cfg.search
+            if search.prune:
+                s.step_tokens += 1
+                if s.step_tokens % search.prune_every == 0 and s.decoding:
+                    due.append(s)
+        if not due:
+            return fed
+        rows = [row for s in due for row in s.rows]
+        vals = self.probe_vals[torch.tensor([row.slot for row in rows], device=self.device)].double().cpu()  # (R, P)
+        gone: set[int] = set()
+        start = 0
+        for s in due:
+            n = len(s.rows)
+            partial = vals[start:start + n] @ torch.tensor(s.plan.prune, dtype=torch.float64)  # (R_s,)
+            start += n
+            groups = torch.tensor([row.group for row in s.rows])
+            decoding = torch.tensor([not row.end for row in s.rows])
+            drop = prune_rows(partial, groups, decoding, s.plan.cfg.search.prune_keep)
+            for r in drop:
+                row = s.rows[r]
+                row.end = "pruned"
+                s.stats.pruned_rows += 1
+                s.stats.pruned_tokens += len(row.tokens)
+                self.kv.row.release(row.slot)
+                gone.add(id(row))
+            s.rows = [row for row in s.rows if id(row) not in gone]
+            s.decoding -= len(drop)
+            if drop and not s.decoding:
+                ended.append(s)
+        self.decoding = [row for row in self.decoding if id(row) not in gone]
+        return [(row, token) for row, token in fed if id(row) not in gone]
 
     def _reads(self, row: Row) -> tuple[tuple[int, int], ...]:
         """What a row attends besides its own slot: root, prompt, beam (slot, columns)."""
@@ -487,11 +569,22 @@ class Controller:
         t = time.perf_counter()
         cands = [self._candidates(s) for s in searches]
         raw: list[dict[str, torch.Tensor]] = [{} for _ in searches]
+        if self.probes:  # each candidate's probes at its last fed token: one transfer for the batch
+            slots = [row.slot for s in searches for row in s.rows]
+            vals = self.probe_vals[torch.tensor(slots, device=self.device)].double().cpu()  # (R, P)
+            start = 0
+            for i, s in enumerate(searches):
+                for p, (_, source) in enumerate(self.probes):
+                    if source.used_by(s.plan.weights):
+                        raw[i].update(source.columns(vals[start:start + len(s.rows), p]))
+                start += len(s.rows)
         errors: dict[int, ValueError] = {}
         scored = {}
         for k, source in enumerate(self.sources):
             users = [i for i, s in enumerate(searches) if source.used_by(s.plan.weights)]
             if not users:
+                continue
+            if getattr(source.model, "reads_layer", None):  # read above, from the probe values
                 continue
             if getattr(source.model, "shares_policy", False):  # read during the forward
                 for i in users:
@@ -557,6 +650,7 @@ class Controller:
         row (prefixes not shared) is its beam already: it is kept as it is."""
         survivors = [s.rows[r] for r in active]
         beam_logits = self.logits[[row.slot for row in survivors]].clone()  # (B', V)
+        beam_probe = self.probe_vals[[row.slot for row in survivors]].clone() if self.probes else None  # (B', P)
         if not self.share:
             kept = {row.slot for row in survivors}
             for row in s.rows:
@@ -564,7 +658,7 @@ class Controller:
                     self.kv.row.release(row.slot)
             for beam, row in zip(s.beams, survivors):
                 beam.slot = row.slot  # a row slot holding the prompt and the whole response
-            self._fan_out(s, beam_logits)
+            self._fan_out(s, beam_logits, beam_probe)
             return
         last_user = {row.beam_slot: i for i, row in enumerate(survivors) if row.beam_slot >= 0}
         slots = []
@@ -585,9 +679,9 @@ class Controller:
                 self.kv.beam.release(row.beam_slot)
         for beam, slot in zip(s.beams, slots):
             beam.slot = slot
-        self._fan_out(s, beam_logits)
+        self._fan_out(s, beam_logits, beam_probe)
 
-    def _fan_out(self, s: Search, beam_logits: torch.Tensor) -> None:
+    def _fan_out(self, s: Search, beam_logits: torch.Tensor, beam_probe: torch.Tensor | None = None) -> None:
         """The candidates of ``s``'s next step: N per beam (B*N from the root at the first step),
         each an empty row slot reading its beam's and its prompt's, starting from its beam's
         logits. Nothing is copied, unless prefixes are not shared: then each row starts as a
@@ -599,15 +693,16 @@ class Controller:
         for b, beam in enumerate(s.beams):
             held = len(s.ids) + len(beam.token_ids)
             for c in range(fan):
+                group = len(rows) // shape.candidates  # its beam (the first step: the beam it will become)
                 slot = self._alloc_row_slot(room)
                 if self.share:
                     rows.append(Row(s, b, beam, child_stream(beam.stream, c), slot, s.prompt_slot, beam.slot,
-                                    len(beam.token_ids)))
+                                    len(beam.token_ids), group=group))
                 else:
                     source, level = (beam.slot, self.kv.row) if beam.slot >= 0 else (s.prompt_slot, self.kv.prompt)
                     self.kv.row.copy(slot, 0, level, source, 0, held)
                     rows.append(Row(s, b, beam, child_stream(beam.stream, c), slot, -1, -1, len(beam.token_ids),
-                                    base=held))
+                                    base=held, group=group))
                 parents.append(b)
         if not self.share:  # the rows hold their copies: the beams' and the prompt's slots go
             for beam in s.beams:
@@ -618,7 +713,9 @@ class Controller:
                 self.kv.prompt.release(s.prompt_slot)
                 s.prompt_slot = -1
         self._set_logits([row.slot for row in rows], beam_logits[parents])
-        s.rows, s.decoding = rows, len(rows)
+        if beam_probe is not None:  # a row that ends before its first token is read where its beam ended
+            self.probe_vals[torch.tensor([row.slot for row in rows], device=self.device)] = beam_probe[parents]
+        s.rows, s.decoding, s.step_tokens = rows, len(rows), 0
         self.decoding += rows
 
     def _alloc_row_slot(self, columns: int = 0) -> int:
@@ -627,6 +724,9 @@ class Controller:
             grown = torch.zeros(self.kv.row.slots, self.vocab, device=self.device)
             grown[: self.logits.shape[0]] = self.logits
             self.logits = grown
+            probes = torch.zeros(self.kv.row.slots, len(self.probes), device=self.device)
+            probes[: self.probe_vals.shape[0]] = self.probe_vals
+            self.probe_vals = probes
         return slot
 
     def _set_logits(self, slots: list[int], logits: torch.Tensor) -> None:
@@ -687,7 +787,7 @@ def _select(s: Search, texts: list[str], raw: dict[str, torch.Tensor]) -> list[i
     rows = s.rows
     step, shape = len(s.steps), s.plan.strategy
     check_scores(raw, step)
-    groups = torch.arange(len(rows)) // shape.candidates  # (R_s,) the beam (dvts: subtree)
+    groups = torch.tensor([row.group for row in rows])  # (R_s,) the beam (dvts: subtree)
     combined = _combine(s.plan, raw, groups)
     ended = torch.tensor([row.end != "step" for row in rows])
     eligible = _eligible(s.plan, rows, groups)

@@ -29,6 +29,7 @@ class Plan:
     weights: dict[str, float]  # the objectives it is guided by -> weight (the others are not read)
     step_cap: int  # tokens that end a step at the latest (stepwise) or the response budget
     root: int  # its sampling stream
+    prune: tuple[float, ...] = ()  # search.prune: the weight of each token-level probe in the partial score
 
     @property
     def rows(self) -> int:
@@ -96,6 +97,7 @@ class Row:
     beam_slot: int
     position: int  # its next draw's index in the response (the sampling key)
     base: int = 0  # columns of its row slot before its own tokens (a private prompt and beam)
+    group: int = 0  # the beam it competes for (dvts: its subtree): its index among the step's candidates // N
     tokens: list[int] = field(default_factory=list)  # new tokens, end-of-turn excluded
     logprobs: list[float] = field(default_factory=list)
     end: str = ""  # "step" | "eos" | "stop" | "length"
@@ -147,6 +149,7 @@ class Search:
     shared: int = 0  # tokens of ``ids`` held by the root slot
     prefilled: int = 0  # tokens of ``ids`` forwarded so far (the shared ones count as forwarded)
     head_scores: dict[int, Any] = field(default_factory=dict)  # source -> scores read during the forward
+    step_tokens: int = 0  # tokens its current step's candidates have drawn (they all start together)
 
     @property
     def prefilling(self) -> bool:

@@ -8,6 +8,7 @@ of normalised per-objective rewards, vetoed candidates (``-inf``) last, duplicat
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -126,3 +127,21 @@ def final_order(
     allowed = rank(combined, torch.ones(pool, dtype=torch.bool))
     return allowed + [r for r in torch.sort(-combined, stable=True).indices.tolist() if r not in allowed], combined
 
+
+
+def prune_rows(partial: torch.Tensor, groups: torch.Tensor, decoding: torch.Tensor, keep: float) -> list[int]:
+    """Early rejection (``search.prune``): the rows to end now, given each candidate's partial
+    score ``partial`` (n,), its beam ``groups`` (n,) and whether it is still ``decoding`` (n,).
+
+    The best ``ceil(keep * n)`` candidates are kept, and the best of each beam (so every beam goes
+    on); of the others, those still decoding are pruned (a candidate that ended its step already
+    cost all it will cost). Ties go to the earlier row; a NaN score ranks last."""
+    n = len(partial)
+    scores = torch.nan_to_num(partial.double(), nan=-math.inf).tolist()
+    order = sorted(range(n), key=lambda r: (-scores[r], r))
+    kept = set(order[:math.ceil(keep * n - 1e-9)])
+    best_of: dict[int, int] = {}
+    for r in order:
+        best_of.setdefault(int(groups[r]), r)
+    kept |= set(best_of.values())
+    return [r for r in range(n) if r not in kept and bool(decoding[r])]

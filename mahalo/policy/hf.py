@@ -54,6 +54,8 @@ class HFPolicy:
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
         self._head = _plain_head_weight(model) if self.device.type == "cpu" else None  # (V, H) or None
         self._backbone = model.base_model
+        self._layers: dict[int, torch.Tensor | None] = {}  # layer (1-based) -> its last output (1, N, H)
+        self.layer_states: dict[int, torch.Tensor] = {}  # after run: layer -> (n_out, H) at the requested tokens
 
     def prompt_ids(self, messages: Messages) -> list[int]:
         return generation_prompt_ids(self.tokenizer, messages)
@@ -65,6 +67,21 @@ class HFPolicy:
     def compile(self) -> None:
         """Compile the backbone's forward (``torch.compile``, dynamic shapes); attention stays eager."""
         self._backbone = torch.compile(self.model.base_model, dynamic=True)
+
+    def capture(self, layers: set[int]) -> None:
+        """Keep the outputs of decoder layers ``layers`` (1-based: transformers' ``hidden_states[k]``)
+        at the tokens each :meth:`run` returns, in ``layer_states`` (for probes read at every
+        token: no extra forward, a reference to a tensor the layer computed anyway)."""
+        blocks = self.model.base_model.layers
+        for layer in sorted(set(layers) - set(self._layers)):
+            self._layers[layer] = None
+            blocks[layer - 1].register_forward_hook(self._keeper(layer))
+
+    def _keeper(self, layer: int) -> Any:
+        def keep(_module: Any, _inputs: Any, output: Any) -> None:
+            self._layers[layer] = output[0] if isinstance(output, tuple) else output
+
+        return keep
 
     def shared_kv(self) -> SharedKV:
         """An empty cache shaped for this model's layers (each on its layer's device)."""
@@ -85,6 +102,9 @@ class HFPolicy:
         with attention_of(self.model, ATTENTION):
             hidden = self._backbone(input_ids=input_ids, position_ids=positions, use_cache=False,
                                     mahalo_packed=packed).last_hidden_state  # (1, N, H)
+        if self._layers:
+            self.layer_states = {k: out[0, packed.outputs] for k, out in self._layers.items() if out is not None}
+            self._layers = dict.fromkeys(self._layers)
         return hidden[0, packed.outputs], packed
 
     @torch.inference_mode()
