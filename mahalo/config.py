@@ -166,9 +166,10 @@ class SearchConfig:
     the best ``ceil(prune_keep * n)`` by partial score, and at least the best of each beam's
     (``dvts``: subtree's) candidates. Candidates that already ended their step are never pruned."""
     prune_by: str | None = None
-    """The objective whose token-level score ranks partial candidates (it need not be weighted in
-    the selection: it is read anyway). None: the weighted sum of the token-level objectives the
-    search is guided by."""
+    """The objective whose token-level score ranks partial candidates. It is read anyway, and
+    weighted in the step's selection only when ``objective.weights`` names it (unlike other
+    objectives, which default to weight 1). None: the weighted sum of the token-level objectives
+    the search is guided by."""
 
     def __post_init__(self) -> None:
         _check(isinstance(self.prune, bool), f"prune must be true or false, got {self.prune!r}")

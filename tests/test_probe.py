@@ -107,10 +107,9 @@ def simulate_rejection(policy, probe, ids, cands, every: int, keep: float) -> li
 
 @pytest.mark.parametrize("every,keep", [(4, 0.5), (3, 0.7)])
 def test_pruning_is_speculative_rejection_on_the_probe(policy, probe, reward, every, keep):
-    common = dict(strategy="best_of_n", num_candidates=8, max_new_tokens=24, seed=5,
-                  weights={"truth": 1.0, "probe": 0.0})
+    common = dict(strategy="best_of_n", num_candidates=8, max_new_tokens=24, seed=5, weights={"truth": 1.0})
     rewards = {"truth": reward, "probe": probe}
-    full = guided_generate(policy, rewards, PROMPT, **common)
+    full = guided_generate(policy, rewards, PROMPT, **{**common, "weights": {"truth": 1.0, "probe": 0.0}})
     pruned = guided_generate(policy, rewards, PROMPT, prune=True, prune_by="probe", prune_every=every,
                              prune_keep=keep, **common)
     cands = full.steps[0].candidates

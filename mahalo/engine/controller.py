@@ -198,8 +198,9 @@ class Controller:
         cap = cfg.step.max_step_tokens if strategy.stepwise else cfg.search.max_new_tokens
         weights = {n: cfg.weight(n) for n in names}
         prune = self._prune_weights(cfg, weights) if cfg.search.prune else ()
-        if cfg.search.prune and cfg.search.prune_by is not None:
-            weights.setdefault(cfg.search.prune_by, 0.0)  # read for pruning, not weighted in the selection
+        by = cfg.search.prune_by if cfg.search.prune else None
+        if by is not None and by not in cfg.objective.weights:
+            weights[by] = 0.0  # read for pruning; in the selection only when objective.weights says so
         return Plan(cfg, strategy, weights, cap, root_stream(cfg.search.seed), prune)
 
     def _prune_weights(self, cfg: GuideConfig, weights: dict[str, float]) -> tuple[float, ...]:
