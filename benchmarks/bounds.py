@@ -31,7 +31,6 @@ per question <= 1/4 of the ablation's) to more questions. An extrapolation is no
 from __future__ import annotations
 
 import argparse
-import heapq
 import json
 import math
 import sys
@@ -43,7 +42,7 @@ from typing import Any
 if __package__ in (None, ""):  # run as a file: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.throughput import ROOFLINE, modelled_seconds  # noqa: E402
+from benchmarks.throughput import ROOFLINE, modelled_seconds
 
 RESULTS = Path(__file__).resolve().parent / "results"
 STEMS = ("throughput", "throughput_long128", "throughput_sbon")
@@ -343,8 +342,8 @@ def _f(value: Any, digits: int = 2) -> str:
 
 def markdown(rows: list[dict[str, Any]], goals: list[dict[str, Any]]) -> str:
     """The per-run table and the per-target table, in markdown."""
-    lines = ["| questions | strategy | engine | max prompts | max rows | forwards | cap bound | budget bound | "
-             "chain replay (FIFO / longest first) | modelled H200 s | its floor s | chains |",
+    lines = [("| questions | strategy | engine | max prompts | max rows | forwards | cap bound | budget bound | "
+              "chain replay (FIFO / longest first) | modelled H200 s | its floor s | chains |"),
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         replayed = f"{r['replay']} / {r['replay_longest_first']}" if r["replay"] is not None else "-"
