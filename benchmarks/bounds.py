@@ -191,8 +191,8 @@ def tail(run: Run, ablation_per_q: float, fraction: float = TARGET_FRACTION) -> 
 
     ``steady_per_q`` = rows fed per question / rows fed per forward before the last admission.
     ``tail`` = forwards after the last admission; ``tail_excess`` = what they cost beyond what their
-    rows would cost at the steady rate (the lead's estimate counts the whole tail on top of a
-    steady rate applied to every row, so it double-counts the tail's rows). ``n_lead`` and ``n`` are
+    rows would cost at the steady rate (charging the whole tail on top of a
+    steady rate applied to every row, so it double-counts the tail's rows). ``n_lead`` (that cruder estimate) and ``n`` are
     the smallest N with steady + tail / N (resp. + tail_excess / N) <= the target; None when the
     steady rate alone misses it."""
     cut = run.last_admission or len(run.forwards)  # every prompt admitted at once: all steady (as throughput.py)
@@ -361,7 +361,7 @@ def markdown(rows: list[dict[str, Any]], goals: list[dict[str, Any]]) -> str:
             note = (f"budget alone: {_f(g['budget_per_q'])}/q vs {_f(g['target_per_q'])}/q needed; "
                     f"longest chain needs N >= {_f(g['n_at_least'])}; steady {_f(g['steady_per_q'])}/q, "
                     f"tail {g['tail']} fwd ({_f(g['tail_excess'], 0)} beyond steady): "
-                    f"N >= {_f(g['n'])} (lead's formula {_f(g['n_lead'])})")
+                    f"N >= {_f(g['n'])}")
         lines.append(f"| {g['target']} | {g['questions']} | {g['strategy']} | {g['want']} | {_f(g['measured'])} | "
                      f"{_f(g['best'])} | {'yes' if g['reachable'] else 'no'} | {note} |")
     return "\n".join(lines)
