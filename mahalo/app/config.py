@@ -111,9 +111,8 @@ class ModelConfig:
     tag of a causal LM), ``value_head`` (a backbone + a linear or MLP head from ``head_file``),
     ``judge`` (a causal LM asked ``judge_question``: logit(yes) - logit(no)) or ``probe`` (a linear
     probe on one layer of the policy's own hidden states, scored at every token for free,
-    :mod:`mahalo.rewards.probe`: the same ``kind`` and ``path`` as the policy; ``head_file`` is
-    the probe, the embedded truth probe when null with ``kind: embedded``, a random one with
-    ``kind: tiny``)."""
+    :mod:`mahalo.rewards.probe`: ``head_file`` is the probe; when null, the embedded truth probe
+    on the embedded policy, a random probe on a ``tiny`` policy; its ``kind`` is not read)."""
     outputs: dict[int, str] | None = None
     """``classifier``: a multi-output model's objectives by output index, e.g. ``{0: truth, 1:
     helpful}`` (needs ``num_labels`` = the number of outputs); each weighted like any objective,

@@ -178,20 +178,21 @@ def build_reward(cfg: ModelConfig, policy_cfg: ModelConfig, policy: Pair, where:
 
 
 def _probe(cfg: ModelConfig, policy_cfg: ModelConfig, policy: Pair, where: str) -> RewardModel:
-    """A probe on the policy's hidden states (no model of its own): the probe file, or the embedded
-    truth probe, or (``tiny``) a random probe on the tiny policy's middle layer."""
-    if (cfg.kind, cfg.path, cfg.gguf_file) != (policy_cfg.kind, policy_cfg.path, policy_cfg.gguf_file):
-        raise ValueError(
-            f"{where}: a probe reads the policy's own hidden states: give it the policy's kind and path "
-            f"(kind={policy_cfg.kind!r}, path={policy_cfg.path!r}), got kind={cfg.kind!r}, path={cfg.path!r}")
-    if cfg.kind == "tiny" and cfg.head_file is None:
+    """A probe on the policy's own hidden states (no model of its own, so its ``kind`` is not
+    read): ``head_file``, else the embedded truth probe for the embedded policy, else (a ``tiny``
+    policy) a random probe on its middle layer."""
+    if cfg.head_file is not None:
+        return probe_reward(policy, cfg.head_file)
+    if policy_cfg.kind == "tiny":
         config = policy[0].config
         weight = torch.randn(config.hidden_size, generator=torch.Generator().manual_seed(cfg.seed + 7))
         param = next(policy[0].parameters())
         return TokenProbeReward(weight, 0.0, max(1, config.num_hidden_layers // 2)).to(param.device, param.dtype)
-    if cfg.head_file is None and cfg.kind != "embedded":
-        raise ValueError(f"{where}.head_file is needed: the probe file for this policy (scripts/probe_study.py export)")
-    return probe_reward(policy, cfg.head_file)
+    if policy_cfg.kind == "embedded":
+        return probe_reward(policy)
+    raise ValueError(
+        f"{where}.head_file is needed: the embedded truth probe fits only the embedded policy; train a probe for "
+        f"this policy (scripts/probe_study.py export) and give its file")
 
 
 def head_score_at(head_file: str | Path) -> str | None:
