@@ -310,6 +310,8 @@ def summarize(rows: list[dict[str, Any]], configs: list[str]) -> list[dict[str, 
             "decode_s_total": sum(wall), "decode_s_per_question": common.mean(wall) if wall else math.nan,
             "mean_decode_tokens": common.mean(r["decode_tokens"] for r in sel),
             "mean_prefill_billed": common.mean(r["prefill_billed"] for r in sel),
+            # the counter as the engine before shared prefixes billed it (the issue's 1,066): whole prompt + fed
+            "mean_tokens_whole_prompt": common.mean(r["decode_tokens"] + r["prompt_tokens"] for r in sel),
             "mean_pruned_rows": common.mean(r["pruned_rows"] for r in sel),
             "mean_pruned_tokens": common.mean(r["pruned_tokens"] for r in sel),
             "mean_backbone_tokens": common.mean(r["policy_tokens"] + r["rm_tokens"] for r in sel),
@@ -407,12 +409,14 @@ def verdict(d: dict[str, Any]) -> str:
 
 def markdown(summary: list[dict[str, Any]], pairs: list[dict[str, Any]], front: list[str], header: str) -> str:
     """The README tables."""
-    lines = [header, "", "| config | % truthful [95% CI] | mean truth [95% CI] | policy tokens / question | RM tokens "
-             "| pruned tokens | response tokens | s / question (16 in flight) |", "|---" * 8 + "|"]
+    lines = [header, "", "| config | % truthful [95% CI] | mean truth [95% CI] | policy tokens / question "
+             "| same, whole prompt billed | RM tokens | pruned tokens | response tokens | s / question |",
+             "|---" * 9 + "|"]
     for s in summary:
         mark = " *" if s["strategy"] in front else ""
         lines.append(f"| {s['strategy']}{mark} | {tqa._ci(s, 'pct_truthful', 1)} | {tqa._ci(s, 'mean_truth', 2)} | "
-                     f"{s['mean_policy_tokens']:.0f} | {s['mean_rm_tokens']:.0f} | {s['mean_pruned_tokens']:.0f} | "
+                     f"{s['mean_policy_tokens']:.0f} | {s['mean_tokens_whole_prompt']:.0f} | "
+                     f"{s['mean_rm_tokens']:.0f} | {s['mean_pruned_tokens']:.0f} | "
                      f"{s['mean_response_tokens']:.1f} | {common.fmt(s['decode_s_per_question'])} |")
     lines += ["", "(* on the Pareto front of % truthful against policy tokens)", "",
               "| config | minus | kind | token ratio | delta % truthful [95% CI] | delta truth [95% CI] | won / lost "
