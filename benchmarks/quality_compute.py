@@ -140,7 +140,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help=f"also the early-rejection configurations ({', '.join(PRUNED)} with {PRUNE})")
     s.add_argument("--max-new-tokens", type=int, default=128)
     s.add_argument("--batch", type=int, default=16, help="questions in flight (the many-prompt engine)")
-    s.add_argument("--seeds", type=common.int_list, default=None, metavar="S,S,...",
+    s.add_argument("--seeds", type=tqa._seeds, default=None, metavar="S,S,...",
                    help="decode every configuration once per seed (replaces --seed)")
     s.add_argument("--warmup", type=int, default=1, help="unrecorded 16-token warm-up decodes")
     j = p.add_argument_group("judge and report")
