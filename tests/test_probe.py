@@ -76,6 +76,15 @@ def test_probe_equals_a_plain_forward_at_every_candidate(policy, probe, opts):
     assert res.stats.prm_tokens == 0
 
 
+def test_probe_hooks_the_model_once(policy, probe):
+    """Every engine built on the same model shares one hook per probed layer: decoding again with
+    a probe adds no hook to the policy's forward."""
+    for _ in range(3):
+        guided_generate(policy, {"probe": probe}, PROMPT, strategy="best_of_n", num_candidates=2, max_new_tokens=4)
+    hooks = policy[0].model.layers[LAYER - 1]._forward_hooks.values()
+    assert sum("_keeper" in h.__qualname__ for h in hooks) == 1  # (transformers may add its own)
+
+
 def test_probe_costs_no_token(policy, probe, reward):
     """best_of_n decodes the same N responses whatever guides it: guided by the probe it forwards
     exactly the policy tokens of a search guided by a separate reward model, and no reward token."""

@@ -54,7 +54,7 @@ class HFPolicy:
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
         self._head = _plain_head_weight(model) if self.device.type == "cpu" else None  # (V, H) or None
         self._backbone = model.base_model
-        self._layers: dict[int, torch.Tensor | None] = {}  # layer (1-based) -> its last output (1, N, H)
+        self._layers: dict[int, torch.Tensor | None] = {}  # captured layer (1-based) -> its last output (1, N, H)
         self.layer_states: dict[int, torch.Tensor] = {}  # after run: layer -> (n_out, H) at the requested tokens
 
     def prompt_ids(self, messages: Messages) -> list[int]:
@@ -72,16 +72,14 @@ class HFPolicy:
         """Keep the outputs of decoder layers ``layers`` (1-based: transformers' ``hidden_states[k]``)
         at the tokens each :meth:`run` returns, in ``layer_states`` (for probes read at every
         token: no extra forward, a reference to a tensor the layer computed anyway)."""
+        # One hook per layer per model, whatever number of policies (engines) wrap it: their
+        # outputs land in one dict kept on the model, so hooks never pile up.
+        outputs = self.model.__dict__.setdefault("_mahalo_layer_outputs", {})
         blocks = self.model.base_model.layers
-        for layer in sorted(set(layers) - set(self._layers)):
-            self._layers[layer] = None
-            blocks[layer - 1].register_forward_hook(self._keeper(layer))
-
-    def _keeper(self, layer: int) -> Any:
-        def keep(_module: Any, _inputs: Any, output: Any) -> None:
-            self._layers[layer] = output[0] if isinstance(output, tuple) else output
-
-        return keep
+        for layer in sorted(set(layers) - set(outputs)):
+            outputs[layer] = None
+            blocks[layer - 1].register_forward_hook(_keeper(outputs, layer))
+        self._layers = outputs
 
     def shared_kv(self) -> SharedKV:
         """An empty cache shaped for this model's layers (each on its layer's device)."""
@@ -104,7 +102,8 @@ class HFPolicy:
                                     mahalo_packed=packed).last_hidden_state  # (1, N, H)
         if self._layers:
             self.layer_states = {k: out[0, packed.outputs] for k, out in self._layers.items() if out is not None}
-            self._layers = dict.fromkeys(self._layers)
+            for k in self._layers:
+                self._layers[k] = None
         return hidden[0, packed.outputs], packed
 
     @torch.inference_mode()
@@ -116,6 +115,15 @@ class HFPolicy:
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def _keeper(outputs: dict[int, torch.Tensor | None], layer: int) -> Any:
+    """A forward hook that keeps a decoder layer's output in ``outputs[layer]``."""
+
+    def keep(_module: Any, _inputs: Any, output: Any) -> None:
+        outputs[layer] = output[0] if isinstance(output, tuple) else output
+
+    return keep
 
 
 def _plain_head_weight(model: Any) -> torch.Tensor | None:
