@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
     print("\n".join(lines))
     args.out.write_text(json.dumps({"summary": summary, "paired": paired, "token_ratio": ratio, "seeds": seeds,
                                     "pruned": str(args.pruned.name), "earlier": str(args.earlier.name),
-                                    "machine": common.machine_info() if hasattr(common, "machine_info") else None},
+                                    "machine": common.machine_info()},
                                    indent=1, default=str) + "\n")
 
 

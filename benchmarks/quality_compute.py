@@ -150,6 +150,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--report-only", action="store_true", help="decode nothing: judge and report the JSONL")
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("-v", "--verbose", action="store_true")
+    p.set_defaults(shared_head=True)  # the truth head on the policy's backbone, as the CLI reads it
     args = p.parse_args(argv)
     if args.batch < 1:
         p.error("--batch must be >= 1")
@@ -282,7 +283,7 @@ def current_answers(paths: dict[str, Path], args: argparse.Namespace,
     question (NaN when the batch was interrupted before its time was written)."""
     timing = {t["run_id"]: t for t in common.read_jsonl(paths["timing"])}
     wanted: dict[str, dict[str, Any] | None] = {}
-    for seed in seeds_of(args):
+    for seed in tqa.seeds_of(args):
         ns = argparse.Namespace(**{**vars(args), "seed": seed})
         for name in args.configs:
             options = config_options(name)
@@ -294,10 +295,6 @@ def current_answers(paths: dict[str, Path], args: argparse.Namespace,
             t = timing.get(rec.get("run_id"))
             wanted[key] = rec | {"wall_s": t["wall_s"] / t["questions"] if t and t["questions"] else math.nan}
     return [r for r in wanted.values() if r is not None]
-
-
-def seeds_of(args: argparse.Namespace) -> list[int]:
-    return list(args.seeds or [args.seed])
 
 
 def summarize(rows: list[dict[str, Any]], configs: list[str]) -> list[dict[str, Any]]:
@@ -485,16 +482,14 @@ def main(argv: list[str] | None = None) -> int:
         for key in ("answers", "timing"):
             paths[key].unlink(missing_ok=True)
     try:
-        questions = common.read_questions(args.questions, args.num_prompts)
-        judge = tqa.SimilarityJudge(tqa.MiniLMEmbedder(args.embedder_path)) if args.judge == "minilm" else None
-        models = common.load_bench_models(args.models, args.device, args.dtype, args.truth_head, shared=True)
+        questions, models, judge = tqa._load(args)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     machine = common.machine_info(models.device, args.machine)
     console.print(common.machine_line(machine), style="dim", markup=False)
     if not args.report_only:
-        for seed in seeds_of(args):
+        for seed in tqa.seeds_of(args):
             decode_all(argparse.Namespace(**{**vars(args), "seed": seed}), models, questions, paths, console)
     rows = tqa.judge_rows(current_answers(paths, args, questions), questions, judge)
     summary = summarize(rows, args.configs)
@@ -502,7 +497,7 @@ def main(argv: list[str] | None = None) -> int:
     front = pareto(summary) if judge else []
     n_q = max((s["questions"] for s in summary), default=0)
     title = (f"TruthfulQA {'train' if 'train' in Path(args.questions).name else 'dev'}: {n_q} questions x "
-             f"{len(seeds_of(args))} seed(s), {args.max_new_tokens} tokens, models {args.models}")
+             f"{len(tqa.seeds_of(args))} seed(s), {args.max_new_tokens} tokens, models {args.models}")
     common.write_csv(paths["judged"], rows)
     common.write_csv(paths["summary_csv"], summary)
     common.write_csv(paths["paired"], pairs)
