@@ -217,7 +217,10 @@ class Controller:
                 "name a probe (a reward with family: probe)")
         out = [0.0] * len(self.probes)
         for name, p in probes.items():
-            out[p] += 1.0 if name == by else weights.get(name, 0.0) if by is None else 0.0
+            if by is None:
+                out[p] += weights.get(name, 0.0)
+            elif name == by:
+                out[p] = 1.0
         if not any(out):
             raise ValueError(
                 "search.prune needs a reward scored at every token to rank partial candidates: load a probe "
@@ -361,7 +364,7 @@ class Controller:
         # 1-2. sample every decoding row; keep its token or end its step
         fed, ended = [], []
         if self.decoding:
-            stepping = list({id(row.search): row.search for row in self.decoding}.values())
+            pruning = [s for s in self.searches if s.decoding and s.plan.cfg.search.prune]  # drawing a token now
             still = []
             for row, (token, logprob, flags) in zip(self.decoding, self.expander.sample(self.logits, self.decoding)):
                 end = self.expander.advance(row, token, logprob, flags)
@@ -376,7 +379,7 @@ class Controller:
                 else:
                     still.append(row)
             self.decoding = still
-            fed = self._prune(stepping, fed, ended)
+            fed = self._prune(pruning, fed, ended) if pruning else fed
         # 3. one forward: kept tokens, prefill chunks, reward heads' scoring suffixes
         self._forward(self._prefill_items(self.options.prefill_chunk), fed, ended)
         # 4-5. prompts whose step ended: score, select, keep, fan out (step_barrier: all at once)
@@ -445,22 +448,25 @@ class Controller:
         states = self.policy.layer_states
         return torch.stack([src.model.probe(states[src.model.reads_layer][:n]) for _, src in self.probes], 1)
 
-    def _prune(self, stepping: list[Search], fed: list[tuple[Row, int]], ended: list[Search]) -> list[tuple[Row, int]]:
+    def _probe_values(self, searches: list[Search]) -> torch.Tensor:
+        """(R, P) float64 on the host: every probe at each row's last fed token, for the rows of
+        ``searches`` in order (one transfer)."""
+        slots = [row.slot for s in searches for row in s.rows]
+        return self.probe_vals[torch.tensor(slots, device=self.device)].double().cpu()
+
+    def _prune(self, pruning: list[Search], fed: list[tuple[Row, int]], ended: list[Search]) -> list[tuple[Row, int]]:
         """Early rejection (``search.prune``): every ``prune_every`` tokens of a step, the searches
         due end their trailing candidates (:func:`~mahalo.engine.strategies.prune_rows`) and free
         their rows before this tick's forward. Ranked by each row's probes at its last fed token;
         one transfer for every search due at this tick. Returns ``fed`` without the pruned rows."""
         due = []
-        for s in stepping:
-            search = s.plan.cfg.search
-            if search.prune:
-                s.step_tokens += 1
-                if s.step_tokens % search.prune_every == 0 and s.decoding:
-                    due.append(s)
+        for s in pruning:  # searches that prune and drew a token this tick
+            s.step_tokens += 1
+            if s.step_tokens % s.plan.cfg.search.prune_every == 0 and s.decoding:
+                due.append(s)
         if not due:
             return fed
-        rows = [row for s in due for row in s.rows]
-        vals = self.probe_vals[torch.tensor([row.slot for row in rows], device=self.device)].double().cpu()  # (R, P)
+        vals = self._probe_values(due)  # (R, P)
         gone: set[int] = set()
         start = 0
         for s in due:
@@ -571,8 +577,7 @@ class Controller:
         cands = [self._candidates(s) for s in searches]
         raw: list[dict[str, torch.Tensor]] = [{} for _ in searches]
         if self.probes:  # each candidate's probes at its last fed token: one transfer for the batch
-            slots = [row.slot for s in searches for row in s.rows]
-            vals = self.probe_vals[torch.tensor(slots, device=self.device)].double().cpu()  # (R, P)
+            vals = self._probe_values(searches)  # (R, P)
             start = 0
             for i, s in enumerate(searches):
                 for p, (_, source) in enumerate(self.probes):
