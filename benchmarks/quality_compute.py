@@ -14,6 +14,8 @@ policy's backbone), differing only in the search and its width:
 ``*_prune``       (``--with-prune``) ``bon8``, ``bon16``, ``sbon4``, ``sbon8``, ``beam2x4``,
                   ``beam4x4`` with early rejection inside a step by the free truth probe
                   (:data:`PRUNE`); the probe only prunes (weight 0), the head still selects
+``beam8x4``,      wider beams (8 x 4, 4 x 8), with or without ``_prune``: decoded only when
+``beam4x8``       named in ``--configs`` (candidates for the default, not in the plan's grid)
 ================= ==========================================================================
 
 Per configuration: % truthful on truthfulqa.py's independent MiniLM judge, the mean truth reward
@@ -84,11 +86,17 @@ GRID: dict[str, dict[str, Any]] = {
     "beam2x4": {"strategy": "step_beam", "beam_width": 2, "num_candidates": 4},
     "beam4x4": {"strategy": "step_beam", "beam_width": 4, "num_candidates": 4},
 }
+# Wider searches, run only when named in --configs (not part of the plan's grid): candidates for a
+# new default at about today's cost once pruned (benchmarks/DEFAULT_CHOICE_PLAN.md).
+WIDER: dict[str, dict[str, Any]] = {
+    "beam8x4": {"strategy": "step_beam", "beam_width": 8, "num_candidates": 4},
+    "beam4x8": {"strategy": "step_beam", "beam_width": 4, "num_candidates": 8},
+}
 # Early rejection, the one place its settings live: every 8 tokens of a step, keep the better half
 # of the candidates still decoding by the free probe's partial score (at least one per beam).
 PRUNE: dict[str, Any] = {"prune": True, "prune_by": "truth_probe", "prune_every": 8, "prune_keep": 0.5}
 PRUNE_WEIGHTS = {"truth": 1.0, "truth_probe": 0.0}  # the probe prunes, it never selects
-PRUNED = ("bon8", "bon16", "sbon4", "sbon8", "beam2x4", "beam4x4")
+PRUNED = ("bon8", "bon16", "sbon4", "sbon8", "beam2x4", "beam4x4")  # of the grid (--with-prune)
 PRUNE_SUFFIX = "_prune"
 PROBE = "truth_probe"
 TINY_PROBE_LAYER = 1  # the tiny policy has 2 decoder layers
@@ -106,12 +114,14 @@ def is_pruned(name: str) -> bool:
 def config_options(name: str) -> dict[str, Any]:
     """The ``guided_generate`` options of configuration ``name`` (system turn included)."""
     base_name = name.removesuffix(PRUNE_SUFFIX)
-    if base_name not in GRID or (is_pruned(name) and base_name not in PRUNED):
-        raise ValueError(f"unknown configuration {name!r}: choose from {config_names(True)}")
+    searches = GRID | WIDER
+    if base_name not in searches or (is_pruned(name) and base_name not in (*PRUNED, *WIDER)):
+        known = config_names(True) + [n + s for n in WIDER for s in ("", PRUNE_SUFFIX)]
+        raise ValueError(f"unknown configuration {name!r}: choose from {known}")
     if base_name == "sample":
         return tqa.strategy_options("truth_default_sample", argparse.Namespace(
             temperature=1.0, top_k=50, num_candidates=5, beam_candidates=4, custom=[]))
-    options = {**tqa.cli_truth_options(), **GRID[base_name]}
+    options = {**tqa.cli_truth_options(), **searches[base_name]}
     if is_pruned(name):
         options.update(PRUNE, weights=dict(PRUNE_WEIGHTS))
     return options
@@ -138,6 +148,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "ones with --with-prune)")
     s.add_argument("--with-prune", action="store_true",
                    help=f"also the early-rejection configurations ({', '.join(PRUNED)} with {PRUNE})")
+    s.add_argument("--skip-questions", type=int, default=0, metavar="K",
+                   help="skip the first K questions of the file: decode questions K .. K+N-1 (N: --num-questions)")
     s.add_argument("--max-new-tokens", type=int, default=128)
     s.add_argument("--batch", type=int, default=16, help="questions in flight (the many-prompt engine)")
     s.add_argument("--seeds", type=tqa._seeds, default=None, metavar="S,S,...",
@@ -154,6 +166,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.batch < 1:
         p.error("--batch must be >= 1")
+    if args.skip_questions < 0:
+        p.error("--skip-questions must be >= 0")
     if args.report_only and args.fresh:
         p.error("--report-only and --fresh cannot be combined")
     args.configs = args.configs or config_names(args.with_prune)
@@ -481,10 +495,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.fresh:
         for key in ("answers", "timing"):
             paths[key].unlink(missing_ok=True)
-    try:
-        questions, models, judge = tqa._load(args)
+    try:  # questions K .. K+N-1: load K+N, keep the last N (their indices stay the file's)
+        questions, models, judge = tqa._load(argparse.Namespace(**{
+            **vars(args), "num_prompts": args.skip_questions + args.num_prompts}))
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    questions = questions[args.skip_questions:]
+    if not questions:
+        print(f"error: {args.questions} has no questions after the first {args.skip_questions} "
+              "(lower --skip-questions)", file=sys.stderr)
         return 2
     machine = common.machine_info(models.device, args.machine)
     console.print(common.machine_line(machine), style="dim", markup=False)
