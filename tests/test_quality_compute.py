@@ -74,3 +74,23 @@ def test_an_unknown_configuration_is_one_clear_line(capsys):
     with pytest.raises(SystemExit):
         qc.parse_args(["--configs", "sample,bon3"])
     assert "unknown configuration 'bon3'" in capsys.readouterr().err
+
+
+def test_skip_questions_decodes_the_later_questions_under_their_file_indices(questions_csv, tmp_path):
+    out = tmp_path / "out"
+    argv = ["--models", "tiny", "--threads", "1", "--questions", str(questions_csv), "--out-dir", str(out),
+            "--num-questions", "1", "--skip-questions", "1", "--max-new-tokens", "8", "--no-plot",
+            "--judge", "none", "--tag", "s", "--configs", "beam8x4_prune"]
+    assert qc.main(argv) == 0
+    answers = [json.loads(line) for line in (out / "quality_compute_s_answers.jsonl").read_text().splitlines()]
+    assert [(r["strategy"], r["question_index"]) for r in answers] == [("beam8x4_prune", 1)]
+    assert answers[0]["question"] == truthfulqa.common.read_questions(questions_csv)[1].question != ""
+    assert answers[0]["options"]["beam_width"] == 8 and answers[0]["options"]["prune"] is True
+
+
+def test_a_skip_past_the_end_is_one_clear_line(questions_csv, tmp_path, capsys):
+    n = len(truthfulqa.common.read_questions(questions_csv))
+    assert qc.main(["--models", "tiny", "--questions", str(questions_csv), "--out-dir", str(tmp_path),
+                    "--skip-questions", str(n), "--judge", "none", "--configs", "sample"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--skip-questions" in err
