@@ -468,12 +468,14 @@ def current_answers(path: Path, args: argparse.Namespace, questions: list[common
 
 
 def judge_rows(answers: list[dict[str, Any]], questions: list[common.Question], judge: SimilarityJudge | None) -> list[dict[str, Any]]:
-    """Every answer with the judge's verdict (blank without a judge)."""
+    """Every answer with the judge's verdict (blank without a judge); an answer's question is the
+    one with its ``question_index`` (the file's row, whether or not earlier rows were loaded)."""
+    by_index = {q.index: q for q in questions}
     rows = []
     for rec in answers:
         row = {k: v for k, v in rec.items() if k != "options"} | {"options": json.dumps(rec["options"])}
         if judge is not None:
-            v = judge(questions[rec["question_index"]], rec["text"])
+            v = judge(by_index[rec["question_index"]], rec["text"])
             row.update(truthful=int(v.truthful), sim_correct=v.best_correct, sim_incorrect=v.best_incorrect)
         rows.append(row)
     return rows

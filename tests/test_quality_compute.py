@@ -94,3 +94,16 @@ def test_a_skip_past_the_end_is_one_clear_line(questions_csv, tmp_path, capsys):
                     "--skip-questions", str(n), "--judge", "none", "--configs", "sample"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "--skip-questions" in err
+
+
+def test_answers_of_later_questions_are_judged_against_their_own_question(questions_csv):
+    questions = truthfulqa.common.read_questions(questions_csv)[1:]  # as --skip-questions 1 loads them
+    seen = []
+
+    def judge(q, text):
+        seen.append((q.index, text))
+        return truthfulqa.Verdict(truthful=True, best_correct=0.9, best_incorrect=0.1)
+
+    rec = {"question_index": questions[0].index, "text": "an answer", "options": {}}
+    rows = truthfulqa.judge_rows([rec], questions, judge)
+    assert seen == [(1, "an answer")] and rows[0]["truthful"] == 1
