@@ -46,32 +46,35 @@ def replay(reward, messages, cands, every: int, keep: float, off: int = 0):
     longer changes); the best ``ceil(keep * n)`` and the best one are kept, and the others still
     decoding are ended.
 
-    Returns (the surviving candidates' indices, tokens the reward model forwarded, ended
-    candidates scored while others still decoded)."""
+    Returns (the surviving candidates' indices, what was scored: (candidate, response tokens
+    scored, still decoding) each)."""
     model, tok = reward
     ended_at = [len(c.token_ids) + (c.end == "eos") for c in cands]  # the tick that drew its last token
-    alive, cost, final, ended_scored = list(range(len(cands))), 0, {}, 0
+    alive, final, scored = list(range(len(cands))), {}, []
     for t in range(1, max(ended_at) + 1):
         decoding = [ended_at[r] > t for r in alive]
         if t % every or not any(decoding):
             continue
         score = []
         for r, live in zip(alive, decoding):
-            if live:
-                text = tok.decode(cands[r].token_ids[:t - off], skip_special_tokens=True)
-                score.append(plain_score(model, tok, messages, text))
-                cost += forwarded(tok, messages, text)
-                continue
-            if r not in final:
-                text = tok.decode(cands[r].token_ids, skip_special_tokens=True)
-                final[r] = plain_score(model, tok, messages, text)
-                cost += forwarded(tok, messages, text)
-                ended_scored += 1
-            score.append(final[r])
+            if live or r not in final:
+                n = t - off if live else len(cands[r].token_ids)
+                value = plain_score(model, tok, messages, tok.decode(cands[r].token_ids[:n], skip_special_tokens=True))
+                scored.append((r, n, live))
+                if not live:
+                    final[r] = value
+            score.append(value if live else final[r])
         order = sorted(range(len(alive)), key=lambda i: (-score[i], i))
         kept = set(order[:math.ceil(keep * len(alive))]) | {order[0]}
         alive = [r for i, r in enumerate(alive) if i in kept or not decoding[i]]
-    return alive, cost, ended_scored
+    return alive, scored
+
+
+def separate_cost(reward, messages, cands, scored) -> int:
+    """Tokens a separate reward model forwards for what ``replay`` scored."""
+    tok = reward[1]
+    return sum(forwarded(tok, messages, tok.decode(cands[r].token_ids[:n], skip_special_tokens=True))
+               for r, n, _ in scored)
 
 
 def step_cost(reward, messages, cands) -> int:
@@ -93,7 +96,8 @@ def test_pruning_by_a_reward_model_is_speculative_rejection_on_plain_forwards(po
     pruned = guided_generate(policy, {"truth": reward}, PROMPT, prune=True, prune_by="truth", prune_every=every,
                              prune_keep=keep, **COMMON)
     cands = unpruned.steps[0].candidates
-    alive, cost, _ = replay(reward, PROMPT, cands, every, keep)
+    alive, scored = replay(reward, PROMPT, cands, every, keep)
+    cost = separate_cost(reward, PROMPT, cands, scored)
     assert 1 <= len(alive) < len(cands)
     # the survivors and the pruned rows
     assert [c.token_ids for c in pruned.steps[0].candidates] == [cands[r].token_ids for r in alive]
@@ -123,13 +127,15 @@ def test_the_replay_notices_a_partial_scored_one_token_off(reward, unpruned):
     right, short = (replay(reward, PROMPT, cands, *CASES[0], off=off) for off in (0, 1))
     assert right[0] != short[0]
     for every, keep in CASES:
-        assert replay(reward, PROMPT, cands, every, keep)[1] != replay(reward, PROMPT, cands, every, keep, off=1)[1]
+        costs = [separate_cost(reward, PROMPT, cands, replay(reward, PROMPT, cands, every, keep, off=off)[1])
+                 for off in (0, 1)]
+        assert costs[0] != costs[1]
 
 
 def test_an_ended_candidate_is_ranked_by_its_whole_response(reward, unpruned):
-    """At least one replayed pruning ranks a candidate that ended (end of turn) among those still
-    decoding, so the parity test covers the ended-row rule."""
-    assert replay(reward, PROMPT, unpruned.steps[0].candidates, *CASES[1])[2] == 1
+    """A replayed pruning ranks a candidate that ended (end of turn) among those still decoding,
+    so the parity test covers the ended-row rule."""
+    assert [live for _, _, live in replay(reward, PROMPT, unpruned.steps[0].candidates, *CASES[1])[1]].count(False) == 1
 
 
 STEP_BEAM = dict(strategy="step_beam", beam_width=2, num_candidates=3, max_new_tokens=24, step="sentence",
@@ -206,16 +212,71 @@ def test_a_reward_model_without_merge_cannot_prune(policy, reward):
         guided_generate(policy, {"truth": reward}, PROMPT, prune=True, prune_by="nope", **COMMON)
 
 
-def test_a_head_on_the_policy_backbone_cannot_prune():
+def shared_forwarded(tok, messages, prompt_ids: list[int], response: list[int], held: int) -> int:
+    """Tokens a head on the policy's backbone forwards for a candidate whose policy row holds the
+    prompt and ``held`` of its ``response`` tokens: its conversation's ids past what the row holds
+    (at least the last one, which it reads)."""
+    ids = chat_ids(tok, messages, tok.decode(response, skip_special_tokens=True))
+    return len(ids) - min(common_prefix(prompt_ids + response[:held], ids), len(ids) - 1)
+
+
+@pytest.mark.parametrize("every,keep", CASES)
+def test_a_head_on_the_policy_backbone_prunes_as_the_separate_model_does(every, keep):
+    """The truth head on the policy's own backbone (``share_backbone``) ranks partial candidates by
+    forwarding their scoring suffixes through the policy: the same survivors, answer and scores as
+    the same weights loaded as a separate reward model (itself the replay above), the policy's
+    decode untouched, and only the suffixes billed."""
     from mahalo.policy import HFPolicy
     from mahalo.rewards.shared_head import SharedHeadReward
+    from tests.test_reward_families import _reward_on_policy_backbone
 
     model, tok = tiny_policy()
-    head = torch.nn.Linear(model.config.hidden_size, 1, bias=False)
-    shared = SharedHeadReward(HFPolicy(model, tok), head, 1)
-    with pytest.raises(ValueError, match=r"^search.prune_by='r' is a reward head on the policy's own backbone.*"
-                                         r"share_backbone: false"):
-        guided_generate((model, tok), {"r": shared}, PROMPT, prune=True, prune_by="r", **{**COMMON, "weights": {}})
+    rm = _reward_on_policy_backbone(model)
+    opts = dict(prune=True, prune_by="truth", prune_every=every, prune_keep=keep, **COMMON)
+    shared = guided_generate((model, tok), {"truth": SharedHeadReward(HFPolicy(model, tok), rm.score, 1)}, PROMPT,
+                             **opts)
+    separate = guided_generate((model, tok), {"truth": (rm, tok)}, PROMPT, **opts)
+    unpruned = guided_generate((model, tok), {"truth": (rm, tok)}, PROMPT, **COMMON)
+    cands = unpruned.steps[0].candidates
+    alive, scored = replay((rm, tok), PROMPT, cands, every, keep)
+    assert 1 <= len(alive) < len(cands)
+    for res in (shared, separate):
+        assert [c.token_ids for c in res.steps[0].candidates] == [cands[r].token_ids for r in alive]
+        assert res.stats.pruned_rows == len(cands) - len(alive)
+        assert res.scores["truth"] == pytest.approx(plain_score(rm, tok, PROMPT, res.text), abs=1e-5)
+    assert shared.token_ids == separate.token_ids
+    assert shared.stats.policy_tokens == separate.stats.policy_tokens
+    # billed: at each pruning, each candidate's ids past what its policy row holds (the token drawn
+    # at that tick is not fed yet; an ended row, scored once, holds what it fed)
+    prompt_ids = chat_ids(tok, PROMPT, None)
+    cost = sum(shared_forwarded(tok, PROMPT, prompt_ids, cands[r].token_ids[:n],
+                                n - 1 if live else n - (cands[r].end == "length")) for r, n, live in scored)
+    assert shared.stats.prune_prm_tokens == cost
+    assert shared.stats.prune_prm_tokens < separate.stats.prune_prm_tokens
+
+
+def test_a_pruned_step_beam_by_a_head_on_the_policy_backbone_is_the_separate_models(policy):
+    """Step beam (rows that end a step wait while others decode, beams with their own rows):
+    pruned by the head on the policy's backbone, each prompt decodes what it decodes pruned by the
+    same weights as a separate model, alone or four in flight."""
+    from mahalo.policy import HFPolicy
+    from mahalo.rewards.shared_head import SharedHeadReward
+    from tests.test_reward_families import _reward_on_policy_backbone
+
+    model, tok = policy
+    rm = _reward_on_policy_backbone(model)
+    shared = {"truth": SharedHeadReward(HFPolicy(model, tok), rm.score, 1)}
+    separate = [guided_generate(policy, {"truth": (rm, tok)}, p, seed=7, **STEP_BEAM) for p in QUESTIONS]
+    assert any(r.stats.pruned_rows for r in separate)
+    together = dict(guided_generate_many(policy, shared, QUESTIONS, max_prompts=4, seed=7, **STEP_BEAM))
+    for i, want in enumerate(separate):
+        alone = guided_generate(policy, shared, QUESTIONS[i], seed=7, **STEP_BEAM)
+        for got in (alone, together[i]):
+            assert got.token_ids == want.token_ids and got.stats.pruned_rows == want.stats.pruned_rows
+            for a, b in zip(got.steps, want.steps, strict=True):
+                assert [x.token_ids for x in a.candidates] == [y.token_ids for y in b.candidates]
+                assert [x.scores["truth"] for x in a.candidates] == pytest.approx(
+                    [y.scores["truth"] for y in b.candidates], abs=1e-5)
 
 
 def test_cli_prunes_by_the_truth_reward_model(tmp_path, capsys):

@@ -221,10 +221,6 @@ class Controller:
             raise ValueError(f"search.prune_by={by!r} is not a loaded objective (known: {sorted(self.rewards)}): "
                              "name a probe or a reward model that guides the search")
         model = self.sources[k].model
-        if getattr(model, "shares_policy", False):
-            raise ValueError(
-                f"search.prune_by={by!r} is a reward head on the policy's own backbone, which scores only when a "
-                "step ends: load it as a separate model (share_backbone: false) or prune by a probe (family: probe)")
         if not hasattr(model, "merge"):
             raise ValueError(
                 f"search.prune_by={by!r} cannot score partial candidates without changing its state (its "
@@ -545,9 +541,12 @@ class Controller:
             source = self.sources[k]
             t = time.perf_counter()
             todo = [[row for row in s.rows if not row.end or row.final_partial is None] for s in group]
-            result = scoring.score(source, [s.rewards[k] for s in group],
-                                   [self._candidates(s, rows) for s, rows in zip(group, todo)],
-                                   [len(s.beams) for s in group], scratch=True)
+            if getattr(source.model, "shares_policy", False):
+                result = self._head_partials(k, group, todo)
+            else:
+                result = scoring.score(source, [s.rewards[k] for s in group],
+                                       [self._candidates(s, rows) for s, rows in zip(group, todo)],
+                                       [len(s.beams) for s in group], scratch=True)
             elapsed = time.perf_counter() - t
             for j, (s, rows) in enumerate(zip(group, todo)):
                 s.stats.prm_s += elapsed
@@ -564,6 +563,31 @@ class Controller:
                 partials[id(s)] = torch.tensor([row.final_partial if row.end else scores[id(row)] for row in s.rows],
                                                dtype=torch.float64)
         return partials, errors
+
+    def _head_partials(self, k: int, searches: list[Search], rows: list[list[Row]]) -> scoring.Scored:
+        """The scores of ``rows`` (per search) by reward head ``k`` on the policy's backbone, for
+        pruning: their scoring suffixes (the token drawn this tick, then the end of turn the head
+        reads) in one policy forward of their own, before the tick's; written after each row's
+        tokens (the tick's forward overwrites them) or into scratch slots, released after. The
+        head's state is a copy, dropped after."""
+        model = self.sources[k].model
+        out, f = scoring.Scored(self.sources[k]), _Forward()
+        for s, todo in zip(searches, rows):
+            state = model.merge([s.rewards[k]])  # a copy: targets() makes it the candidates'
+            f.heads.append((s, k, *self._suffix_items(s, todo, model.targets(state, self._candidates(s, todo)))))
+            out.costs[len(f.heads) - 1] = state.cost
+        hidden, packed = self.policy.run(self.kv, f.items, [])
+        self.counters.add(rows_fed=0, prefill_tokens=0, head_tokens=sum(len(i.tokens) for i in f.items),
+                          kv_tokens_read=packed.stats["kv_tokens_read"], tokens=packed.stats["tokens"],
+                          attended=packed.stats["attended"], rows_held=self.rows_held,
+                          kv_tokens_held=self.held_tokens(), in_flight=self.in_flight, admitted=self.admitted)
+        start = 0
+        for j, (_, _, scratch, items) in enumerate(f.heads):
+            out.scores[j] = model.read(hidden[start:start + len(items)])
+            start += len(items)
+            for slot in scratch:
+                self.kv.row.release(slot)
+        return out
 
     def _reads(self, row: Row) -> tuple[tuple[int, int], ...]:
         """What a row attends besides its own slot: root, prompt, beam (slot, columns)."""
@@ -611,18 +635,27 @@ class Controller:
         for k, source in enumerate(self.sources):
             if not getattr(source.model, "shares_policy", False) or not source.used_by(s.plan.weights):
                 continue
-            cands = self._candidates(s)
-            scratch, items = [], []
-            for row, (ids, reuse) in zip(s.rows, source.model.targets(s.rewards[k], cands)):
-                if reuse == row.length:  # the row holds a prefix of its scoring ids: write after it
-                    items.append(Item(ids[reuse:], reuse, (ROW, row.slot, row.base + row.fed), self._reads(row)))
-                    continue
-                slot = self.kv.row.alloc()  # it differs: a scratch row cut back to the common prefix
-                scratch.append(slot)
-                keep = reuse if not self.share else max(0, reuse - len(s.ids) - len(row.beam.token_ids))
-                self.kv.row.copy(slot, 0, self.kv.row, row.slot, 0, keep)
-                items.append(Item(ids[reuse:], reuse, (ROW, slot, keep), self._cut_reads(row, reuse)))
-            f.heads.append((s, k, scratch, items))
+            targets = source.model.targets(s.rewards[k], self._candidates(s))
+            f.heads.append((s, k, *self._suffix_items(s, s.rows, targets)))
+
+    def _suffix_items(self, s: Search, rows: list[Row], targets: list[tuple[list[int], int]]
+                      ) -> tuple[list[int], list[Item]]:
+        """(scratch slots, items): each of ``rows``' scoring ids past what it holds (``targets``:
+        a reward head's ids and how many of them the row holds), written after the row's own
+        tokens, or, where its ids differ, into a scratch slot cut back to the common prefix. The
+        columns written after a row's tokens are never counted as the row's: its next token
+        overwrites them."""
+        scratch, items = [], []
+        for row, (ids, reuse) in zip(rows, targets):
+            if reuse == row.length:  # the row holds a prefix of its scoring ids: write after it
+                items.append(Item(ids[reuse:], reuse, (ROW, row.slot, row.base + row.fed), self._reads(row)))
+                continue
+            slot = self.kv.row.alloc()  # it differs: a scratch row cut back to the common prefix
+            scratch.append(slot)
+            keep = reuse if not self.share else max(0, reuse - len(s.ids) - len(row.beam.token_ids))
+            self.kv.row.copy(slot, 0, self.kv.row, row.slot, 0, keep)
+            items.append(Item(ids[reuse:], reuse, (ROW, slot, keep), self._cut_reads(row, reuse)))
+        return scratch, items
 
     def _cut_reads(self, row: Row, reuse: int) -> tuple[tuple[int, int], ...]:
         """A row's reads cut back to its first ``reuse`` tokens (a private row reads nothing)."""
