@@ -205,8 +205,8 @@ class Controller:
 
     def _prune_ranking(self, cfg: GuideConfig, weights: dict[str, float]) -> tuple[tuple[float, ...], int | None]:
         """What ``search.prune`` ranks partial candidates by: the probes' weights (a probe, or the
-        token-level objectives by default), or the source of the separate reward model that
-        ``prune_by`` names (scored on copies of the prompt's state at each pruning).
+        token-level objectives by default), or the source of the reward model that ``prune_by``
+        names (scored on copies of the prompt's state at each pruning: :meth:`_model_partials`).
 
         Raises:
             ValueError: ``prune_by`` names nothing loaded, or a reward model that cannot score a
@@ -481,8 +481,8 @@ class Controller:
         """Early rejection (``search.prune``): every ``prune_every`` tokens of a step, the searches
         due end their trailing candidates (:func:`~mahalo.engine.strategies.prune_rows`) and free
         their rows before this tick's forward. Ranked by each row's probes at its last fed token
-        (one transfer for every search due at this tick), or by a separate reward model's score of
-        its response so far (:meth:`_model_partials`; a search it fails on fails alone, into
+        (one transfer for every search due at this tick), or by a reward model's score of its
+        response so far (:meth:`_model_partials`; a search it fails on fails alone, into
         ``done``). Returns ``fed`` without the pruned rows."""
         due = []
         for s in pruning:  # searches that prune and drew a token this tick
@@ -526,10 +526,11 @@ class Controller:
 
     def _model_partials(self, searches: list[Search]) -> tuple[dict[int, torch.Tensor], dict[int, ValueError]]:
         """Partial scores (R_s,) float64 of the candidates of ``searches`` (by ``id``), each ranked
-        by the separate reward model its plan prunes by: every candidate still decoding is scored
+        by the reward model its plan prunes by: every candidate still decoding is scored
         on its response so far (the tokens drawn, this tick's included), one that ended its step
         once (its response is final; the score is kept on the row). The searches pruned by one model
-        are scored in one batch, on copies of their states (``merge``), then the copies are dropped:
+        are scored in one batch, on copies of their states (``merge``; a head on the policy's
+        backbone: :meth:`_head_partials`), then the copies are dropped:
         each prompt's state stays as if no pruning had scored it, so its step-end scores are
         unchanged. The tokens forwarded are charged to its stats (``prm_tokens`` and
         ``prune_prm_tokens``). A search the model fails on gets an error instead (as
