@@ -156,9 +156,10 @@ class SearchConfig:
     """Early rejection inside a step (Speculative Rejection for ``best_of_n``): every
     ``prune_every`` tokens of a step, the candidates still decoding whose partial score trails are
     ended and their rows freed at once. The partial score is read from rewards scored at every
-    token (``family: probe``: a probe on the policy's own hidden states, no reward-model tokens);
-    ``prune_by`` names which. A pruned candidate leaves the step: it is not scored, not recorded
-    among the step's candidates, and counted in ``Stats.pruned_rows`` / ``pruned_tokens``."""
+    token (``family: probe``: a probe on the policy's own hidden states, no reward-model tokens),
+    or from a separate reward model that ``prune_by`` names (at the cost of its forwards); see
+    ``prune_by``. A pruned candidate leaves the step: it is not scored, not recorded among the
+    step's candidates, and counted in ``Stats.pruned_rows`` / ``pruned_tokens``."""
     prune_every: int = 8
     """Tokens of a step between two prunings, >= 1 (the first at token ``prune_every``)."""
     prune_keep: float = 0.5
@@ -166,10 +167,16 @@ class SearchConfig:
     the best ``ceil(prune_keep * n)`` by partial score, and at least the best of each beam's
     (``dvts``: subtree's) candidates. Candidates that already ended their step are never pruned."""
     prune_by: str | None = None
-    """The objective whose token-level score ranks partial candidates. It is read anyway, and
-    weighted in the step's selection only when ``objective.weights`` names it (unlike other
-    objectives, which default to weight 1). None: the weighted sum of the token-level objectives
-    the search is guided by."""
+    """The objective whose score ranks partial candidates. It is read anyway, and weighted in the
+    step's selection only when ``objective.weights`` names it (unlike other objectives, which
+    default to weight 1). None: the weighted sum of the token-level objectives (probes) the search
+    is guided by. A probe costs nothing. A separate reward model (any with ``merge``: ``seqcls``,
+    step PRMs, value heads, judges, programmatic rewards) scores each candidate still decoding on
+    the response it has drawn so far, and one that ended its step once, on a copy of the prompt's
+    state that is then dropped (its step-end scores are unchanged); the tokens it forwards are
+    billed in ``Stats.prm_tokens`` and counted in ``Stats.prune_prm_tokens``. A reward head on the
+    policy's own backbone (``share_backbone``) forwards only the scoring suffixes, through the
+    policy, in one extra forward per pruning. A model without ``merge`` is refused."""
 
     def __post_init__(self) -> None:
         _check(isinstance(self.prune, bool), f"prune must be true or false, got {self.prune!r}")

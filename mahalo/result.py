@@ -47,7 +47,7 @@ class Stats:
 
     policy_tokens: int = 0  # tokens forwarded through the policy, prefill included
     policy_tokens_padded: int = 0
-    prm_tokens: int = 0  # tokens forwarded through reward models, all objectives
+    prm_tokens: int = 0  # tokens forwarded through reward models, all objectives (pruning's included)
     prm_tokens_padded: int = 0
     prm_full_rescore_tokens: int = 0  # what rescoring every whole conversation would forward
     response_tokens: int = 0
@@ -58,6 +58,9 @@ class Stats:
     prompt_tokens: int = 0  # the chat prompt's tokens (the policy's prefill)
     pruned_rows: int = 0  # candidates ended early by search.prune
     pruned_tokens: int = 0  # tokens those candidates had drawn when pruned
+    # tokens a separate reward model forwarded to rank partial candidates for search.prune (on copies
+    # of its state, dropped after each pruning); already counted in prm_tokens (0 with a probe)
+    prune_prm_tokens: int = 0
 
     @property
     def tokens_per_s(self) -> float:

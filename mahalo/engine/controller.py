@@ -197,24 +197,45 @@ class Controller:
         strategy = strategy_for(cfg)
         cap = cfg.step.max_step_tokens if strategy.stepwise else cfg.search.max_new_tokens
         weights = {n: cfg.weight(n) for n in names}
-        prune = self._prune_weights(cfg, weights) if cfg.search.prune else ()
+        prune, prune_source = self._prune_ranking(cfg, weights) if cfg.search.prune else ((), None)
         by = cfg.search.prune_by if cfg.search.prune else None
         if by is not None and by not in cfg.objective.weights:
             weights[by] = 0.0  # read for pruning; in the selection only when objective.weights says so
-        return Plan(cfg, strategy, weights, cap, root_stream(cfg.search.seed), prune)
+        return Plan(cfg, strategy, weights, cap, root_stream(cfg.search.seed), prune, prune_source)
+
+    def _prune_ranking(self, cfg: GuideConfig, weights: dict[str, float]) -> tuple[tuple[float, ...], int | None]:
+        """What ``search.prune`` ranks partial candidates by: the probes' weights (a probe, or the
+        token-level objectives by default), or the source of the reward model that ``prune_by``
+        names (scored on copies of the prompt's state at each pruning: :meth:`_model_partials`).
+
+        Raises:
+            ValueError: ``prune_by`` names nothing loaded, or a reward model that cannot score a
+                partial candidate without changing its state; no probe to rank by. Names the fix.
+        """
+        by = cfg.search.prune_by
+        probes = {name for _, src in self.probes for name in src.names}
+        if by is None or by in probes:
+            return self._prune_weights(cfg, weights), None
+        k = next((k for k, src in enumerate(self.sources) if by in src.names), None)
+        if k is None:
+            raise ValueError(f"search.prune_by={by!r} is not a loaded objective (known: {sorted(self.rewards)}): "
+                             "name a probe or a reward model that guides the search")
+        model = self.sources[k].model
+        if not hasattr(model, "merge"):
+            raise ValueError(
+                f"search.prune_by={by!r} cannot score partial candidates without changing its state (its "
+                f"{type(model).__name__} has no merge): prune by a probe (family: probe) or by a reward model with merge")
+        return (), k
 
     def _prune_weights(self, cfg: GuideConfig, weights: dict[str, float]) -> tuple[float, ...]:
-        """Each token-level probe's weight in the partial score that ``search.prune`` ranks by.
+        """Each token-level probe's weight in the partial score that ``search.prune`` ranks by
+        (``prune_by``: a probe, or None).
 
         Raises:
             ValueError: no token-level objective to rank by, naming the fix.
         """
         by = cfg.search.prune_by
         probes = {name: p for p, (_, src) in enumerate(self.probes) for name in src.names}
-        if by is not None and by not in probes:
-            raise ValueError(
-                f"search.prune_by={by!r} is not a reward scored at every token (known: {sorted(probes) or 'none'}): "
-                "name a probe (a reward with family: probe)")
         out = [0.0] * len(self.probes)
         for name, p in probes.items():
             if by is None:
@@ -224,7 +245,8 @@ class Controller:
         if not any(out):
             raise ValueError(
                 "search.prune needs a reward scored at every token to rank partial candidates: load a probe "
-                "(a reward with family: probe, e.g. +objective=truth_prune) and name it in search.prune_by")
+                "(a reward with family: probe, e.g. +objective=truth_prune) and name it in search.prune_by, "
+                "or name a separate reward model there (scored on each partial candidate, at its cost)")
         return tuple(out)
 
     def prepare(self, messages: Messages, plan: Plan | None = None) -> Prompt:
@@ -379,7 +401,7 @@ class Controller:
                 else:
                     still.append(row)
             self.decoding = still
-            fed = self._prune(pruning, fed, ended) if pruning else fed
+            fed = self._prune(pruning, fed, ended, done) if pruning else fed
         # 3. one forward: kept tokens, prefill chunks, reward heads' scoring suffixes
         self._forward(self._prefill_items(self.options.prefill_chunk), fed, ended)
         # 4-5. prompts whose step ended: score, select, keep, fan out (step_barrier: all at once)
@@ -454,11 +476,14 @@ class Controller:
         slots = [row.slot for s in searches for row in s.rows]
         return self.probe_vals[torch.tensor(slots, device=self.device)].double().cpu()
 
-    def _prune(self, pruning: list[Search], fed: list[tuple[Row, int]], ended: list[Search]) -> list[tuple[Row, int]]:
+    def _prune(self, pruning: list[Search], fed: list[tuple[Row, int]], ended: list[Search],
+               done: list[tuple[int, GuidedResult | ValueError]]) -> list[tuple[Row, int]]:
         """Early rejection (``search.prune``): every ``prune_every`` tokens of a step, the searches
         due end their trailing candidates (:func:`~mahalo.engine.strategies.prune_rows`) and free
-        their rows before this tick's forward. Ranked by each row's probes at its last fed token;
-        one transfer for every search due at this tick. Returns ``fed`` without the pruned rows."""
+        their rows before this tick's forward. Ranked by each row's probes at its last fed token
+        (one transfer for every search due at this tick), or by a reward model's score of its
+        response so far (:meth:`_model_partials`; a search it fails on fails alone, into
+        ``done``). Returns ``fed`` without the pruned rows."""
         due = []
         for s in pruning:  # searches that prune and drew a token this tick
             s.step_tokens += 1
@@ -466,16 +491,25 @@ class Controller:
                 due.append(s)
         if not due:
             return fed
-        vals = self._probe_values(due)  # (R, P)
+        partials, errors = self._model_partials([s for s in due if s.plan.prune_source is not None])
+        by_probe = [s for s in due if s.plan.prune_source is None]
+        if by_probe:
+            vals = self._probe_values(by_probe)  # (R, P)
+            start = 0
+            for s in by_probe:
+                n = len(s.rows)
+                partials[id(s)] = vals[start:start + n] @ torch.tensor(s.plan.prune, dtype=torch.float64)  # (R_s,)
+                start += n
         gone: set[int] = set()
-        start = 0
         for s in due:
-            n = len(s.rows)
-            partial = vals[start:start + n] @ torch.tensor(s.plan.prune, dtype=torch.float64)  # (R_s,)
-            start += n
+            if id(s) in errors:
+                gone |= {id(row) for row in s.rows}
+                done.append((s.index, errors[id(s)]))
+                self._leave(s)
+                continue
             groups = torch.tensor([row.group for row in s.rows])
             decoding = torch.tensor([not row.end for row in s.rows])
-            drop = prune_rows(partial, groups, decoding, s.plan.cfg.search.prune_keep)
+            drop = prune_rows(partials[id(s)], groups, decoding, s.plan.cfg.search.prune_keep)
             for r in drop:
                 row = s.rows[r]
                 row.end = "pruned"
@@ -489,6 +523,72 @@ class Controller:
                 ended.append(s)
         self.decoding = [row for row in self.decoding if id(row) not in gone]
         return [(row, token) for row, token in fed if id(row) not in gone]
+
+    def _model_partials(self, searches: list[Search]) -> tuple[dict[int, torch.Tensor], dict[int, ValueError]]:
+        """Partial scores (R_s,) float64 of the candidates of ``searches`` (by ``id``), each ranked
+        by the reward model its plan prunes by: every candidate still decoding is scored
+        on its response so far (the tokens drawn, this tick's included), one that ended its step
+        once (its response is final; the score is kept on the row). The searches pruned by one model
+        are scored in one batch, on copies of their states (``merge``; a head on the policy's
+        backbone: :meth:`_head_partials`), then the copies are dropped:
+        each prompt's state stays as if no pruning had scored it, so its step-end scores are
+        unchanged. The tokens forwarded are charged to its stats (``prm_tokens`` and
+        ``prune_prm_tokens``). A search the model fails on gets an error instead (as
+        :func:`mahalo.engine.scoring.score` assigns it)."""
+        partials: dict[int, torch.Tensor] = {}
+        errors: dict[int, ValueError] = {}
+        for k in sorted({s.plan.prune_source for s in searches}):
+            group = [s for s in searches if s.plan.prune_source == k]
+            source = self.sources[k]
+            t = time.perf_counter()
+            todo = [[row for row in s.rows if not row.end or row.final_partial is None] for s in group]
+            if getattr(source.model, "shares_policy", False):
+                result = self._head_partials(k, group, todo)
+            else:
+                result = scoring.score(source, [s.rewards[k] for s in group],
+                                       [self._candidates(s, rows) for s, rows in zip(group, todo)],
+                                       [len(s.beams) for s in group], scratch=True)
+            elapsed = time.perf_counter() - t
+            for j, (s, rows) in enumerate(zip(group, todo)):
+                s.stats.prm_s += elapsed
+                if j in result.errors:
+                    errors[id(s)] = result.errors[j]
+                    continue
+                cost = result.costs.get(j)
+                scoring.charge(s.stats, cost)
+                s.stats.prune_prm_tokens += sum(cost.tokens) if cost is not None else 0
+                scores = dict(zip(map(id, rows), source.columns(result.scores[j])[s.plan.cfg.search.prune_by].tolist()))
+                for row in rows:
+                    if row.end:
+                        row.final_partial = scores[id(row)]
+                partials[id(s)] = torch.tensor([row.final_partial if row.end else scores[id(row)] for row in s.rows],
+                                               dtype=torch.float64)
+        return partials, errors
+
+    def _head_partials(self, k: int, searches: list[Search], rows: list[list[Row]]) -> scoring.Scored:
+        """The scores of ``rows`` (per search) by reward head ``k`` on the policy's backbone, for
+        pruning: their scoring suffixes (the token drawn this tick, then the end of turn the head
+        reads) in one policy forward of their own, before the tick's; written after each row's
+        tokens (the tick's forward overwrites them) or into scratch slots, released after. The
+        head's state is a copy, dropped after."""
+        model = self.sources[k].model
+        out, f = scoring.Scored(self.sources[k]), _Forward()
+        for s, todo in zip(searches, rows):
+            state = model.merge([s.rewards[k]])  # a copy: targets() makes it the candidates'
+            f.heads.append((s, k, *self._suffix_items(s, todo, model.targets(state, self._candidates(s, todo)))))
+            out.costs[len(f.heads) - 1] = state.cost
+        hidden, packed = self.policy.run(self.kv, f.items, [])
+        self.counters.add(rows_fed=0, prefill_tokens=0, head_tokens=sum(len(i.tokens) for i in f.items),
+                          kv_tokens_read=packed.stats["kv_tokens_read"], tokens=packed.stats["tokens"],
+                          attended=packed.stats["attended"], rows_held=self.rows_held,
+                          kv_tokens_held=self.held_tokens(), in_flight=self.in_flight, admitted=self.admitted)
+        start = 0
+        for j, (_, _, scratch, items) in enumerate(f.heads):
+            out.scores[j] = model.read(hidden[start:start + len(items)])
+            start += len(items)
+            for slot in scratch:
+                self.kv.row.release(slot)
+        return out
 
     def _reads(self, row: Row) -> tuple[tuple[int, int], ...]:
         """What a row attends besides its own slot: root, prompt, beam (slot, columns)."""
@@ -536,18 +636,27 @@ class Controller:
         for k, source in enumerate(self.sources):
             if not getattr(source.model, "shares_policy", False) or not source.used_by(s.plan.weights):
                 continue
-            cands = self._candidates(s)
-            scratch, items = [], []
-            for row, (ids, reuse) in zip(s.rows, source.model.targets(s.rewards[k], cands)):
-                if reuse == row.length:  # the row holds a prefix of its scoring ids: write after it
-                    items.append(Item(ids[reuse:], reuse, (ROW, row.slot, row.base + row.fed), self._reads(row)))
-                    continue
-                slot = self.kv.row.alloc()  # it differs: a scratch row cut back to the common prefix
-                scratch.append(slot)
-                keep = reuse if not self.share else max(0, reuse - len(s.ids) - len(row.beam.token_ids))
-                self.kv.row.copy(slot, 0, self.kv.row, row.slot, 0, keep)
-                items.append(Item(ids[reuse:], reuse, (ROW, slot, keep), self._cut_reads(row, reuse)))
-            f.heads.append((s, k, scratch, items))
+            targets = source.model.targets(s.rewards[k], self._candidates(s))
+            f.heads.append((s, k, *self._suffix_items(s, s.rows, targets)))
+
+    def _suffix_items(self, s: Search, rows: list[Row], targets: list[tuple[list[int], int]]
+                      ) -> tuple[list[int], list[Item]]:
+        """(scratch slots, items): each of ``rows``' scoring ids past what it holds (``targets``:
+        a reward head's ids and how many of them the row holds), written after the row's own
+        tokens, or, where its ids differ, into a scratch slot cut back to the common prefix. The
+        columns written after a row's tokens are never counted as the row's: its next token
+        overwrites them."""
+        scratch, items = [], []
+        for row, (ids, reuse) in zip(rows, targets):
+            if reuse == row.length:  # the row holds a prefix of its scoring ids: write after it
+                items.append(Item(ids[reuse:], reuse, (ROW, row.slot, row.base + row.fed), self._reads(row)))
+                continue
+            slot = self.kv.row.alloc()  # it differs: a scratch row cut back to the common prefix
+            scratch.append(slot)
+            keep = reuse if not self.share else max(0, reuse - len(s.ids) - len(row.beam.token_ids))
+            self.kv.row.copy(slot, 0, self.kv.row, row.slot, 0, keep)
+            items.append(Item(ids[reuse:], reuse, (ROW, slot, keep), self._cut_reads(row, reuse)))
+        return scratch, items
 
     def _cut_reads(self, row: Row, reuse: int) -> tuple[tuple[int, int], ...]:
         """A row's reads cut back to its first ``reuse`` tokens (a private row reads nothing)."""
@@ -641,12 +750,15 @@ class Controller:
                 self._leave(s)
         return done
 
-    def _candidates(self, s: Search) -> Candidates:
-        ids = [row.response_ids for row in s.rows]
-        texts = [self.policy.decode(i) if row.cut_text is None else row.cut_text for row, i in zip(s.rows, ids)]
-        steps = [_split_steps(row.beam.steps, t) for row, t in zip(s.rows, texts)]
-        held = [len(row.beam.token_ids) + row.fed for row in s.rows]  # a "length" row's last token was not fed
-        return Candidates(torch.tensor([row.parent for row in s.rows]), ids, texts, steps, held)
+    def _candidates(self, s: Search, rows: list[Row] | None = None) -> Candidates:
+        """The candidates ``rows`` (default: all of ``s``'s) as its reward models read them: their
+        whole responses so far, each extending its beam's state row."""
+        rows = s.rows if rows is None else rows
+        ids = [row.response_ids for row in rows]
+        texts = [self.policy.decode(i) if row.cut_text is None else row.cut_text for row, i in zip(rows, ids)]
+        steps = [_split_steps(row.beam.steps, t) for row, t in zip(rows, texts)]
+        held = [len(row.beam.token_ids) + row.fed for row in rows]  # a "length" row's last token was not fed
+        return Candidates(torch.tensor([row.parent for row in rows], dtype=torch.long), ids, texts, steps, held)
 
     # -- slots -----------------------------------------------------------------------------
 

@@ -30,6 +30,7 @@ class Plan:
     step_cap: int  # tokens that end a step at the latest (stepwise) or the response budget
     root: int  # its sampling stream
     prune: tuple[float, ...] = ()  # search.prune: the weight of each token-level probe in the partial score
+    prune_source: int | None = None  # search.prune by a separate reward model: its source (controller.sources)
 
     @property
     def rows(self) -> int:
@@ -107,6 +108,7 @@ class Row:
     scanned: int = 0  # characters of its text checked for stop strings
     cut: int | None = None  # a stop string ended it: the response tokens it keeps (its beam's included)
     cut_text: str | None = None  # ... and the response's text, up to where the stop string starts
+    final_partial: float | None = None  # pruning by a reward model: its score once ended (its text is final)
 
     @property
     def plan(self) -> Plan:

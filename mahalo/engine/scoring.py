@@ -85,9 +85,14 @@ def concat(parts: list[Candidates], beams: list[int]) -> Candidates:
     return Candidates(parents, joined("token_ids"), joined("texts"), joined("steps"), joined("held"))
 
 
-def score(source: Source, states: list[Any], candidates: list[Candidates], beams: list[int]) -> Scored:
+def score(source: Source, states: list[Any], candidates: list[Candidates], beams: list[int],
+          scratch: bool = False) -> Scored:
     """Score each prompt's ``candidates`` (parents: its own ``beams[i]`` state rows) with one
-    source; a prompt whose candidates cannot be scored gets an error instead of scores."""
+    source; a prompt whose candidates cannot be scored gets an error instead of scores.
+
+    ``scratch``: score copies of the states (``merge``, a prompt scored alone too) and never keep
+    them, so ``states`` stay exactly as they were (early rejection scores partial candidates so);
+    the model must have ``merge``."""
     out = Scored(source)
     model = source.model
     todo = list(range(len(states)))
@@ -116,8 +121,11 @@ def score(source: Source, states: list[Any], candidates: list[Candidates], beams
         out.merged, out.members = merged, todo
         return out
     for j in todo:
+        state = states[j]
         try:
-            out.scores[j] = model.score(states[j], candidates[j])
+            if scratch:
+                state = model.merge([state])
+            out.scores[j] = model.score(state, candidates[j])
         except RowFaults as faults:
             out.errors[j] = _fault(source, faults, next(iter(faults.rows.values()), str(faults)))
             continue
@@ -125,7 +133,7 @@ def score(source: Source, states: list[Any], candidates: list[Candidates], beams
             _fatal_if_shared(model, err)
             out.errors[j] = ValueError(f"reward model for {source.names} failed: {type(err).__name__}: {err}")
             continue
-        cost = getattr(states[j], "cost", None)
+        cost = getattr(state, "cost", None)
         if cost is not None:
             out.costs[j] = cost
     return out
