@@ -98,6 +98,10 @@ PRUNE: dict[str, Any] = {"prune": True, "prune_by": "truth_probe", "prune_every"
 PRUNE_WEIGHTS = {"truth": 1.0, "truth_probe": 0.0}  # the probe prunes, it never selects
 PRUNED = ("bon8", "bon16", "sbon4", "sbon8", "beam2x4", "beam4x4")  # of the grid (--with-prune)
 PRUNE_SUFFIX = "_prune"
+# The same early rejection ranked by the truth head itself (search.prune_by="truth"): each pruning
+# forwards the candidates' scoring suffixes through the policy, billed as RM tokens. Named only in
+# --configs (after the plan): ``<search>_prunehead`` for the searches that take ``_prune``.
+HEAD_SUFFIX = "_prunehead"
 PROBE = "truth_probe"
 TINY_PROBE_LAYER = 1  # the tiny policy has 2 decoder layers
 
@@ -108,22 +112,30 @@ def config_names(with_prune: bool) -> list[str]:
 
 
 def is_pruned(name: str) -> bool:
+    """Early rejection, by the probe (``_prune``) or by the head (``_prunehead``)."""
+    return name.endswith((PRUNE_SUFFIX, HEAD_SUFFIX))
+
+
+def uses_probe(name: str) -> bool:
     return name.endswith(PRUNE_SUFFIX)
 
 
 def config_options(name: str) -> dict[str, Any]:
     """The ``guided_generate`` options of configuration ``name`` (system turn included)."""
-    base_name = name.removesuffix(PRUNE_SUFFIX)
+    base_name = name.removesuffix(PRUNE_SUFFIX).removesuffix(HEAD_SUFFIX)
     searches = GRID | WIDER
     if base_name not in searches or (is_pruned(name) and base_name not in (*PRUNED, *WIDER)):
-        known = config_names(True) + [n + s for n in WIDER for s in ("", PRUNE_SUFFIX)]
+        known = config_names(True) + [n + s for n in WIDER for s in ("", PRUNE_SUFFIX)] + [
+            n + HEAD_SUFFIX for n in (*PRUNED, *WIDER)]
         raise ValueError(f"unknown configuration {name!r}: choose from {known}")
     if base_name == "sample":
         return tqa.strategy_options("truth_default_sample", argparse.Namespace(
             temperature=1.0, top_k=50, num_candidates=5, beam_candidates=4, custom=[]))
     options = {**tqa.cli_truth_options(), **searches[base_name]}
-    if is_pruned(name):
+    if uses_probe(name):
         options.update(PRUNE, weights=dict(PRUNE_WEIGHTS))
+    elif is_pruned(name):
+        options.update(PRUNE, prune_by="truth", weights={"truth": 1.0})
     return options
 
 
@@ -176,10 +188,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             config_options(name)
         except ValueError as err:
             p.error(str(err))
-    if any(is_pruned(n) for n in args.configs) and not probe_available():
+    if any(uses_probe(n) for n in args.configs) and not probe_available():
         print("note: mahalo.rewards.probe cannot be imported (an engine without the free probe): "
               "the pruned configurations are skipped", file=sys.stderr)
-        args.configs = [n for n in args.configs if not is_pruned(n)]
+        args.configs = [n for n in args.configs if not uses_probe(n)]
     try:  # an invalid option fails now, not after the models load
         for name in args.configs:
             opts = {k: v for k, v in config_options(name).items() if k != "system_prompt"}
@@ -225,7 +237,7 @@ def answer_record(args: argparse.Namespace, name: str, options: dict[str, Any], 
     rec = tqa.answer_record(args, name, options, q, res, math.nan, wall="batch_mean", batch=args.batch)
     return rec | {"run_id": run_id, "prompt_tokens": s.prompt_tokens, "prefill_billed": billed,
                   "decode_tokens": s.policy_tokens - billed, "pruned_rows": s.pruned_rows,
-                  "pruned_tokens": s.pruned_tokens}
+                  "pruned_tokens": s.pruned_tokens, "prune_prm_tokens": s.prune_prm_tokens}
 
 
 def decode_config(models: common.BenchModels, rewards: dict[str, Any], name: str, qs: list[common.Question],
@@ -271,7 +283,7 @@ def decode_all(args: argparse.Namespace, models: common.BenchModels, questions: 
         if not todo:
             continue
         rewards = truth
-        if is_pruned(name):
+        if uses_probe(name):
             probe = probe or load_probe(args.models, models.policy)
             rewards = {**truth, PROBE: probe}
         if not warm:  # one-off initialisation is not billed to a configuration
@@ -325,6 +337,8 @@ def summarize(rows: list[dict[str, Any]], configs: list[str]) -> list[dict[str, 
             "mean_tokens_whole_prompt": common.mean(r["decode_tokens"] + r["prompt_tokens"] for r in sel),
             "mean_pruned_rows": common.mean(r["pruned_rows"] for r in sel),
             "mean_pruned_tokens": common.mean(r["pruned_tokens"] for r in sel),
+            # RM tokens spent ranking partial candidates (_prunehead); in rm_tokens already (older records: 0)
+            "mean_prune_rm_tokens": common.mean(float(r.get("prune_prm_tokens") or 0) for r in sel),
             "mean_backbone_tokens": common.mean(r["policy_tokens"] + r["rm_tokens"] for r in sel),
         })
     return out

@@ -107,3 +107,23 @@ def test_answers_of_later_questions_are_judged_against_their_own_question(questi
     rec = {"question_index": questions[0].index, "text": "an answer", "options": {}}
     rows = truthfulqa.judge_rows([rec], questions, judge)
     assert seen == [(1, "an answer")] and rows[0]["truthful"] == 1
+
+
+def test_pruning_by_the_head_bills_its_suffix_forwards_as_rm_tokens(questions_csv, tmp_path):
+    out = tmp_path / "out"
+    argv = ["--models", "tiny", "--threads", "1", "--questions", str(questions_csv), "--out-dir", str(out),
+            "--num-questions", "2", "--max-new-tokens", "16", "--no-plot", "--judge", "none", "--tag", "h",
+            "--configs", "beam2x4,beam2x4_prunehead"]
+    assert qc.main(argv) == 0
+    opts = qc.config_options("beam2x4_prunehead")
+    assert opts == {**qc.config_options("beam2x4"), **qc.PRUNE, "prune_by": "truth", "weights": {"truth": 1.0}}
+    answers = [json.loads(line) for line in (out / "quality_compute_h_answers.jsonl").read_text().splitlines()]
+    head = [r for r in answers if r["strategy"] == "beam2x4_prunehead"]
+    plain = [r for r in answers if r["strategy"] == "beam2x4"]
+    assert len(head) == len(plain) == 2
+    assert all(r["prune_prm_tokens"] > 0 and r["pruned_rows"] > 0 for r in head)
+    assert all(r["prune_prm_tokens"] == 0 for r in plain)
+    assert all(r["rm_tokens"] >= r["prune_prm_tokens"] for r in head)
+    summary = json.loads((out / "quality_compute_h_summary.json").read_text())["summary"]
+    by = {s["strategy"]: s for s in summary}
+    assert by["beam2x4_prunehead"]["mean_prune_rm_tokens"] == sum(r["prune_prm_tokens"] for r in head) / 2
