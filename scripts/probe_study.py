@@ -224,8 +224,42 @@ def fit_probe(X: torch.Tensor, y: torch.Tensor, alpha: float, init=None):
 
 
 def score(probe, X: torch.Tensor) -> np.ndarray:
+    if isinstance(probe, MLPProbe):
+        return probe(X)
     mu, sd, v, b = probe
     return (((X - mu) / sd) @ v + b).numpy()
+
+
+def fit_mlp(X: torch.Tensor, y: torch.Tensor, hidden: int, wd: float, epochs: int, seed: int):
+    """A one-hidden-layer probe on standardised ``X``: dropout 0.2, Linear(H, hidden), GELU,
+    dropout 0.2, Linear(hidden, 1); AdamW (lr 1e-3, weight decay ``wd``), batches of 256,
+    ``epochs`` passes, seeded. Returns (mu, sd, net) with ``net`` in eval mode."""
+    torch.manual_seed(seed)
+    mu, sd = X.mean(0), X.std(0) + 1e-4
+    net = torch.nn.Sequential(torch.nn.Dropout(0.2), torch.nn.Linear(X.shape[1], hidden), torch.nn.GELU(),
+                              torch.nn.Dropout(0.2), torch.nn.Linear(hidden, 1))
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=wd)
+    Z = (X - mu) / sd
+    for _ in range(epochs):
+        perm = torch.randperm(len(Z))
+        for i in range(0, len(Z), 256):
+            idx = perm[i:i + 256]
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(net(Z[idx]).squeeze(-1), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return mu, sd, net.eval()
+
+
+class MLPProbe:
+    """A fitted :func:`fit_mlp` probe, scored like a linear one (``score``, ``eval_fracs``)."""
+
+    def __init__(self, fitted) -> None:
+        self.mu, self.sd, self.net = fitted
+
+    @torch.no_grad()
+    def __call__(self, X: torch.Tensor) -> np.ndarray:
+        return self.net((X - self.mu) / self.sd).squeeze(-1).numpy()
 
 
 def layer_features(F: np.ndarray, layers: list[int]) -> torch.Tensor:
@@ -347,6 +381,52 @@ def cmd_fit(args) -> None:
              best["cv_auc_100"], best["dev_auc"], time.time() - t0)
 
 
+def cmd_mlp(args) -> None:
+    """One-hidden-layer probes (:func:`fit_mlp`) on single layers: every (layer, hidden, weight
+    decay, epochs) of the grid by 5-fold question-grouped CV on train (whole-answer AUC, as the
+    linear study); dev is evaluated for the CV-best setting only. Writes ``--out``."""
+    t0 = time.time()
+    Ftr, ktr, ytr, qtr, itr = load_split(args, "train")
+    fold_of = question_folds(qtr, args.folds, args.seed)
+    rf = np.array([fold_of[q] for q in qtr])
+    grid = []
+    for layer in args.mlp_layers:
+        Xtr = layer_features(Ftr, [layer - 1])
+        for hidden in args.mlp_hidden:
+            for wd in args.mlp_wd:
+                for epochs in args.mlp_epochs:
+                    t = time.time()
+                    folds = []
+                    for f in range(args.folds):
+                        tr, te = rf != f, rf == f
+                        probe = MLPProbe(fit_mlp(*pooled(Xtr, ktr[tr], ytr[tr]), hidden, wd, epochs, args.seed))
+                        folds.append(eval_fracs(probe, Xtr, ktr[te], ytr[te]))
+                    cv = {k: float(np.mean([r[k] for r in folds])) for k in folds[0]}
+                    grid.append({"layer": layer, "hidden": hidden, "wd": wd, "epochs": epochs, "cv": cv,
+                                 "seconds": round(time.time() - t, 1)})
+                    log.info("mlp layer %d hidden %d wd %g epochs %d: cv %s (%.0fs)", layer, hidden, wd, epochs,
+                             " ".join(f"{k}:{v:.4f}" for k, v in cv.items()), time.time() - t)
+    best = max(grid, key=lambda r: r["cv"]["100"])
+    Fdv, kdv, ydv, _, idv = load_split(args, "dev")
+    Xtr, Xdv = layer_features(Ftr, [best["layer"] - 1]), layer_features(Fdv, [best["layer"] - 1])
+    probe = MLPProbe(fit_mlp(*pooled(Xtr, ktr, ytr), best["hidden"], best["wd"], best["epochs"], args.seed))
+    best["dev_auc"] = eval_fracs(probe, Xdv, kdv, ydv)
+    out = {"study": "one-hidden-layer probe on SmolLM2-135M-Instruct hidden states at partial answers (issue 22.1)",
+           "probe": "standardised features; dropout 0.2, Linear(H, hidden), GELU, dropout 0.2, Linear(hidden, 1); "
+                    "AdamW lr 1e-3, batch 256; trained on the positions 25/50/75/100 % pooled",
+           "selection": f"{args.folds}-fold question-grouped CV on train, whole-answer AUC; dev for the best only",
+           "train": {k: itr[k] for k in ("rows", "answers", "questions")},
+           "dev": {k: idv[k] for k in ("rows", "answers", "questions")},
+           "grid": grid, "best": best, "linear_best_dev_auc": {"layer": 20, "100": 0.7984},
+           "target_whole_answer_dev_auc": 0.85, "target_reached": best["dev_auc"]["100"] >= 0.85,
+           "fit_seconds": round(time.time() - t0, 1), "seed": args.seed,
+           "machine": {"cpu_threads": torch.get_num_threads(), "platform": platform.platform(), "torch": torch.__version__},
+           "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+           "command": "python " + " ".join(shlex.quote(a) for a in sys.argv)}
+    args.out.write_text(json.dumps(out, indent=1) + "\n")
+    log.info("best by train CV: %s; dev %s", {k: best[k] for k in ("layer", "hidden", "wd", "epochs")}, best["dev_auc"])
+
+
 def cmd_export(args) -> None:
     """Fit the chosen probe on train (layer ``--export-layer``, alpha ``--export-alpha``, the four
     positions pooled: the study's choice by train CV) and write it as the embedded asset: a
@@ -360,38 +440,63 @@ def cmd_export(args) -> None:
     index = args.export_layer - 1  # state index of decoder layer k (1-based)
     fracs = list(range(len(FRACTIONS)))
     Xtr, Xdv = layer_features(Ftr, [index]), layer_features(Fdv, [index])
-    mu, sd, v, b = fit_probe(*pooled(Xtr, ktr, ytr, fracs), args.export_alpha)
-    w = (v / sd).to(torch.float32)  # (H,)
-    bias = (b - (mu / sd) @ v).to(torch.float32)
-    folded = {str(f): auc((Xdv[torch.as_tensor(kdv)][:, i] @ w + bias).numpy(), ydv) for i, f in enumerate(FRACTIONS)}
-    plain = eval_fracs((mu, sd, v, b), Xdv, kdv, ydv)
+    if args.export_mlp:  # standardisation folded into the hidden layer: W1' = W1 / sd, b1' = b1 - W1' @ mu
+        fitted = fit_mlp(*pooled(Xtr, ktr, ytr, fracs), args.export_mlp, args.export_wd, args.export_epochs, args.seed)
+        mu, sd, net = fitted
+        w1 = (net[1].weight.detach() / sd).to(torch.float32)  # (K, H)
+        tensors = {"probe.hidden.weight": w1.contiguous(),
+                   "probe.hidden.bias": (net[1].bias.detach() - w1 @ mu).to(torch.float32).contiguous(),
+                   "probe.weight": net[4].weight.detach().to(torch.float32).contiguous(),
+                   "probe.bias": net[4].bias.detach().to(torch.float32).reshape(1).contiguous()}
+        Xk = Xdv[torch.as_tensor(kdv)]
+        with torch.no_grad():
+            folded = {str(f): auc((torch.nn.functional.gelu(Xk[:, i] @ tensors["probe.hidden.weight"].T
+                                                             + tensors["probe.hidden.bias"]) @ tensors["probe.weight"].T
+                                   + tensors["probe.bias"]).squeeze(-1).numpy(), ydv) for i, f in enumerate(FRACTIONS)}
+        plain = eval_fracs(MLPProbe(fitted), Xdv, kdv, ydv)
+        kind = {"kind": "mlp", "hidden": args.export_mlp, "weight_decay": args.export_wd, "epochs": args.export_epochs}
+        fmt = ("safetensors float32: 'probe.hidden.weight' (K, H), 'probe.hidden.bias' (K,), 'probe.weight' (1, K), "
+               "'probe.bias' (1,)")
+        formula = "gelu(h @ probe.hidden.weight.T + probe.hidden.bias) @ probe.weight.T + probe.bias"
+    else:
+        mu, sd, v, b = fit_probe(*pooled(Xtr, ktr, ytr, fracs), args.export_alpha)
+        w = (v / sd).to(torch.float32)  # (H,)
+        bias = (b - (mu / sd) @ v).to(torch.float32)
+        tensors = {"probe.weight": w[None].contiguous(), "probe.bias": bias.reshape(1).contiguous()}
+        folded = {str(f): auc((Xdv[torch.as_tensor(kdv)][:, i] @ w + bias).numpy(), ydv) for i, f in enumerate(FRACTIONS)}
+        plain = eval_fracs((mu, sd, v, b), Xdv, kdv, ydv)
+        kind = {"kind": "linear", "alpha": args.export_alpha}
+        fmt = "safetensors, keys 'probe.weight' (1, H) and 'probe.bias' (1,), float32"
+        formula = "h @ probe.weight.T + probe.bias"
     assert all(abs(folded[k] - plain[k]) < 1e-4 for k in folded), (folded, plain)
     out = args.export_out
-    save_file({"probe.weight": w[None].contiguous(), "probe.bias": bias.reshape(1).contiguous()}, str(out))
+    save_file(tensors, str(out))
     meta = {
         "probe_file": out.name,
-        "format": "safetensors, keys 'probe.weight' (1, H) and 'probe.bias' (1,), float32",
-        "score": "h @ probe.weight.T + probe.bias (a logit of P(truthful)), h = the output of decoder layer "
+        "format": fmt,
+        "score": formula + " (a logit of P(truthful)), h = the output of decoder layer "
                  "`layer` (1-based: model.model.layers[layer - 1], transformers' hidden_states[layer]) at the "
                  "response's last token, no end of turn",
         "score_at": "token",
         "layer": args.export_layer,
-        "alpha": args.export_alpha,
+        **kind,
         "context": "generation_prompt_ids([system = conf/objective/truth.yaml primer, user = question]) + answer",
         "train": {"file": "judge_train.jsonl", "answers": int(len(np.unique(ktr))), "rows": int(len(ktr)),
                   "positions": list(FRACTIONS), "subsample": itr.get("subsample", "seeded by whole questions")},
         "dev_auc_by_position": folded,
-        "selection": "layer and alpha by 5-fold question-grouped CV on train (benchmarks/results/probe_study.json)",
+        "selection": ("hidden size, weight decay and epochs by 5-fold question-grouped CV on train "
+                      "(benchmarks/results/probe_study_mlp.json)" if args.export_mlp else
+                      "layer and alpha by 5-fold question-grouped CV on train (benchmarks/results/probe_study.json)"),
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
     }
     out.with_suffix(".json").write_text(json.dumps(meta, indent=1) + "\n")
-    log.info("probe: layer %d alpha %g -> %s; dev AUC %s", args.export_layer, args.export_alpha, out, folded)
+    log.info("probe: layer %d %s -> %s; dev AUC %s", args.export_layer, kind, out, folded)
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("stage", choices=["extract", "fit", "export"])
+    p.add_argument("stage", choices=["extract", "fit", "mlp", "export"])
     p.add_argument("--split", choices=["train", "dev"], default="train", help="extract: which file")
     p.add_argument("--data-dir", type=Path, required=True, help="folder with the TruthfulQA files")
     p.add_argument("--features-dir", type=Path, default=Path("/tmp/mahalo_probe_features"))
@@ -408,10 +513,20 @@ def parse_args(argv=None):
                    help='fit: layer groups "a-b" (1-based, inclusive) whose states are concatenated')
     p.add_argument("--per-position", action="store_true",
                    help="fit: also train one probe per position (chosen alpha) and report its dev AUC")
-    p.add_argument("--out", type=Path, default=Path("benchmarks/results/probe_study.json"))
+    p.add_argument("--out", type=Path, default=None,
+                   help="fit/mlp: the JSON written (default benchmarks/results/probe_study.json, "
+                        "mlp: probe_study_mlp.json)")
     p.add_argument("--export-layer", type=int, default=20, help="export: decoder layer (1-based)")
     p.add_argument("--export-alpha", type=float, default=1e-2, help="export: L2 strength")
     p.add_argument("--export-out", type=Path, default=Path("mahalo/assets/smollm2_135m_truth_probe.safetensors"))
+    p.add_argument("--mlp-layers", type=int, nargs="+", default=[20], help="mlp: decoder layers (1-based)")
+    p.add_argument("--mlp-hidden", type=int, nargs="+", default=[64, 256], help="mlp: hidden sizes")
+    p.add_argument("--mlp-wd", type=float, nargs="+", default=[1e-2], help="mlp: AdamW weight decays")
+    p.add_argument("--mlp-epochs", type=int, nargs="+", default=[20], help="mlp: passes over train")
+    p.add_argument("--export-mlp", type=int, default=0,
+                   help="export: a one-hidden-layer probe of this many units (0: linear, --export-alpha)")
+    p.add_argument("--export-wd", type=float, default=1e-2, help="export --export-mlp: weight decay")
+    p.add_argument("--export-epochs", type=int, default=20, help="export --export-mlp: epochs")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     return p.parse_args(argv)
@@ -420,9 +535,11 @@ def parse_args(argv=None):
 def main(argv=None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     args = parse_args(argv)
+    if args.out is None:
+        args.out = Path("benchmarks/results") / ("probe_study_mlp.json" if args.stage == "mlp" else "probe_study.json")
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
-    {"extract": cmd_extract, "fit": cmd_fit, "export": cmd_export}[args.stage](args)
+    {"extract": cmd_extract, "fit": cmd_fit, "mlp": cmd_mlp, "export": cmd_export}[args.stage](args)
 
 
 if __name__ == "__main__":

