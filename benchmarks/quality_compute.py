@@ -67,9 +67,9 @@ from mahalo.policy import as_policy  # noqa: E402
 from mahalo.rewards import as_reward  # noqa: E402
 
 try:  # the free probe (issue 22 item 1); without it the pruned configurations are skipped
-    from mahalo.rewards.probe import TokenProbeReward, probe_reward
+    from mahalo.rewards.probe import EMBEDDED_TRUTH_PROBE, TokenProbeReward, probe_reward
 except ImportError:  # pragma: no cover - an engine without the probe
-    TokenProbeReward = probe_reward = None
+    TokenProbeReward = probe_reward = EMBEDDED_TRUTH_PROBE = None
 
 log = logging.getLogger("benchmarks.quality_compute")
 
@@ -162,6 +162,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help=f"also the early-rejection configurations ({', '.join(PRUNED)} with {PRUNE})")
     s.add_argument("--skip-questions", type=int, default=0, metavar="K",
                    help="skip the first K questions of the file: decode questions K .. K+N-1 (N: --num-questions)")
+    s.add_argument("--probe", type=Path, default=None,
+                   help="probe file of the _prune configurations (default: the embedded truth probe; the "
+                        "curves of 2026-12-03 used mahalo/assets/smollm2_135m_truth_probe_linear.safetensors). "
+                        "Not part of an answer's key: use a new --tag per probe")
     s.add_argument("--max-new-tokens", type=int, default=128)
     s.add_argument("--batch", type=int, default=16, help="questions in flight (the many-prompt engine)")
     s.add_argument("--seeds", type=tqa._seeds, default=None, metavar="S,S,...",
@@ -204,14 +208,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 # --------------------------------------------------------------------------- decoding
 
 
-def load_probe(kind: str, policy: tuple[Any, Any]) -> Any:
-    """The truth probe for ``policy``: the embedded asset, or a random one for the tiny models
-    (whose hidden size no asset fits; its numbers mean nothing, as every tiny number)."""
+def load_probe(kind: str, policy: tuple[Any, Any], path: Path | None = None) -> Any:
+    """The truth probe for ``policy``: ``path``, by default the embedded asset, or a random one
+    for the tiny models (whose hidden size no asset fits; its numbers mean nothing, as every tiny
+    number)."""
     if kind == "tiny":
         model = policy[0]
         weight = torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(11))
         return TokenProbeReward(weight, 0.0, TINY_PROBE_LAYER)
-    return probe_reward(policy)
+    return probe_reward(policy, path)
 
 
 def prefill_billed(tokenizer: Any, system_prompt: str | None, question: str) -> int:
@@ -237,7 +242,15 @@ def answer_record(args: argparse.Namespace, name: str, options: dict[str, Any], 
     rec = tqa.answer_record(args, name, options, q, res, math.nan, wall="batch_mean", batch=args.batch)
     return rec | {"run_id": run_id, "prompt_tokens": s.prompt_tokens, "prefill_billed": billed,
                   "decode_tokens": s.policy_tokens - billed, "pruned_rows": s.pruned_rows,
-                  "pruned_tokens": s.pruned_tokens, "prune_prm_tokens": s.prune_prm_tokens}
+                  "pruned_tokens": s.pruned_tokens, "prune_prm_tokens": s.prune_prm_tokens,
+                  "probe_file": probe_file(args) if uses_probe(name) else ""}
+
+
+def probe_file(args: argparse.Namespace) -> str:
+    """The name of the probe file a ``_prune`` configuration of this run reads."""
+    if args.models == "tiny":
+        return "random (tiny models)"
+    return Path(args.probe).name if args.probe else EMBEDDED_TRUTH_PROBE.name
 
 
 def decode_config(models: common.BenchModels, rewards: dict[str, Any], name: str, qs: list[common.Question],
@@ -284,7 +297,7 @@ def decode_all(args: argparse.Namespace, models: common.BenchModels, questions: 
             continue
         rewards = truth
         if uses_probe(name):
-            probe = probe or load_probe(args.models, models.policy)
+            probe = probe or load_probe(args.models, models.policy, args.probe)
             rewards = {**truth, PROBE: probe}
         if not warm:  # one-off initialisation is not billed to a configuration
             for _ in range(args.warmup):
