@@ -434,11 +434,7 @@ class Controller:
         done = [s for s, item in f.prefills if s is not None and item.out == "last"]
         n_logits = len(f.rows) + len(done)
         logits = self.policy.logits(hidden[:n_logits]) if n_logits else None  # (rows + prompts prefilled, V)
-        self.counters.add(rows_fed=len(f.rows), prefill_tokens=sum(len(i.tokens) for _, i in f.prefills),
-                          head_tokens=sum(len(i.tokens) for *_, its in f.heads for i in its),
-                          kv_tokens_read=packed.stats["kv_tokens_read"], tokens=packed.stats["tokens"],
-                          attended=packed.stats["attended"], rows_held=self.rows_held,
-                          kv_tokens_held=self.held_tokens(), in_flight=self.in_flight, admitted=self.admitted)
+        self._count(f, packed)
         probed = self._probe(n_logits) if self.probes and n_logits else None  # (rows + prompts prefilled, P)
         if f.rows:
             self.logits[packed.extra] = logits[:len(f.rows)]
@@ -457,13 +453,27 @@ class Controller:
             self._fan_out(s, logits[at:at + 1], None if probed is None else probed[at:at + 1])
         for s in {id(row.search): row.search for row, _ in f.rows}.values():
             s.stats.policy_s += elapsed
-        start = n_logits
-        for s, k, scratch, its in f.heads:
-            scores = self.sources[k].model.read(hidden[start:start + len(its)])
+        for (s, k, *_), scores in zip(f.heads, self._read_heads(f, hidden[n_logits:])):
             s.head_scores[k] = (scores, s.rewards[k].cost)
+
+    def _count(self, f: _Forward, packed: Any) -> None:
+        """Count one packed forward of ``f``'s items in the engine's counters."""
+        self.counters.add(rows_fed=len(f.rows), prefill_tokens=sum(len(i.tokens) for _, i in f.prefills),
+                          head_tokens=sum(len(i.tokens) for *_, its in f.heads for i in its),
+                          kv_tokens_read=packed.stats["kv_tokens_read"], tokens=packed.stats["tokens"],
+                          attended=packed.stats["attended"], rows_held=self.rows_held,
+                          kv_tokens_held=self.held_tokens(), in_flight=self.in_flight, admitted=self.admitted)
+
+    def _read_heads(self, f: _Forward, hidden: torch.Tensor) -> list[torch.Tensor]:
+        """Each of ``f.heads``' scores, read from its outputs in ``hidden`` (the heads' items in
+        order); the scratch slots its suffixes used are released."""
+        out, start = [], 0
+        for _, k, scratch, its in f.heads:
+            out.append(self.sources[k].model.read(hidden[start:start + len(its)]))
             start += len(its)
             for slot in scratch:
                 self.kv.row.release(slot)
+        return out
 
     def _probe(self, n: int) -> torch.Tensor:
         """(n, P) every probe's score of the first ``n`` outputs of the forward just run."""
@@ -578,16 +588,8 @@ class Controller:
             f.heads.append((s, k, *self._suffix_items(s, todo, model.targets(state, self._candidates(s, todo)))))
             out.costs[len(f.heads) - 1] = state.cost
         hidden, packed = self.policy.run(self.kv, f.items, [])
-        self.counters.add(rows_fed=0, prefill_tokens=0, head_tokens=sum(len(i.tokens) for i in f.items),
-                          kv_tokens_read=packed.stats["kv_tokens_read"], tokens=packed.stats["tokens"],
-                          attended=packed.stats["attended"], rows_held=self.rows_held,
-                          kv_tokens_held=self.held_tokens(), in_flight=self.in_flight, admitted=self.admitted)
-        start = 0
-        for j, (_, _, scratch, items) in enumerate(f.heads):
-            out.scores[j] = model.read(hidden[start:start + len(items)])
-            start += len(items)
-            for slot in scratch:
-                self.kv.row.release(slot)
+        self._count(f, packed)
+        out.scores = dict(enumerate(self._read_heads(f, hidden)))
         return out
 
     def _reads(self, row: Row) -> tuple[tuple[int, int], ...]:
