@@ -58,6 +58,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 from mahalo.app.load import find_embedded_gguf, gguf_cache_dir, load_causal_lm  # noqa: E402
 from mahalo.chat import generation_prompt_ids, with_system  # noqa: E402
+from mahalo.rewards.probe import TokenProbeReward  # noqa: E402
 from train_truth_head import (  # noqa: E402
     DEV_JUDGE,
     TRAIN_JUDGE,
@@ -448,11 +449,6 @@ def cmd_export(args) -> None:
                    "probe.hidden.bias": (net[1].bias.detach() - w1 @ mu).to(torch.float32).contiguous(),
                    "probe.weight": net[4].weight.detach().to(torch.float32).contiguous(),
                    "probe.bias": net[4].bias.detach().to(torch.float32).reshape(1).contiguous()}
-        Xk = Xdv[torch.as_tensor(kdv)]
-        with torch.no_grad():
-            folded = {str(f): auc((torch.nn.functional.gelu(Xk[:, i] @ tensors["probe.hidden.weight"].T
-                                                             + tensors["probe.hidden.bias"]) @ tensors["probe.weight"].T
-                                   + tensors["probe.bias"]).squeeze(-1).numpy(), ydv) for i, f in enumerate(FRACTIONS)}
         plain = eval_fracs(MLPProbe(fitted), Xdv, kdv, ydv)
         kind = {"kind": "mlp", "hidden": args.export_mlp, "weight_decay": args.export_wd, "epochs": args.export_epochs}
         fmt = ("safetensors float32: 'probe.hidden.weight' (K, H), 'probe.hidden.bias' (K,), 'probe.weight' (1, K), "
@@ -463,11 +459,14 @@ def cmd_export(args) -> None:
         w = (v / sd).to(torch.float32)  # (H,)
         bias = (b - (mu / sd) @ v).to(torch.float32)
         tensors = {"probe.weight": w[None].contiguous(), "probe.bias": bias.reshape(1).contiguous()}
-        folded = {str(f): auc((Xdv[torch.as_tensor(kdv)][:, i] @ w + bias).numpy(), ydv) for i, f in enumerate(FRACTIONS)}
         plain = eval_fracs((mu, sd, v, b), Xdv, kdv, ydv)
         kind = {"kind": "linear", "alpha": args.export_alpha}
         fmt = "safetensors, keys 'probe.weight' (1, H) and 'probe.bias' (1,), float32"
         formula = "h @ probe.weight.T + probe.bias"
+    hidden = (tensors["probe.hidden.weight"], tensors["probe.hidden.bias"]) if args.export_mlp else None
+    engine = TokenProbeReward(tensors["probe.weight"], float(tensors["probe.bias"]), args.export_layer, hidden)
+    Xk = Xdv[torch.as_tensor(kdv)]  # the folded tensors as the engine scores them give the study's AUCs
+    folded = {str(f): auc(engine.probe(Xk[:, i]).numpy(), ydv) for i, f in enumerate(FRACTIONS)}
     assert all(abs(folded[k] - plain[k]) < 1e-4 for k in folded), (folded, plain)
     out = args.export_out
     save_file(tensors, str(out))
