@@ -90,3 +90,24 @@ class ScriptedPolicy:
                 return out
 
         return _Scripted(model, tokenizer)
+
+
+# The engine settings a result must not depend on: the default (asynchronous steps, shared
+# prefixes) and the lockstep ablation with private rows.
+ENGINES = ({}, {"step_barrier": True, "share_prefix": False})
+
+
+def carried_beams(result) -> list[tuple[set[int], set[int]]]:
+    """Per step after the first: (the parents of its candidates, the previous step's chosen
+    candidates that ended their step); equal when every beam carried on keeps a candidate."""
+    return [({c.parent for c in step.candidates},
+             {i for i in before.chosen if before.candidates[i].end == "step"})
+            for before, step in zip(result.steps, result.steps[1:])]
+
+
+def in_flight(policy, rewards, prompts, **opts) -> list[dict]:
+    """The prompts decoded 4 at a time under each of :data:`ENGINES`: index -> result, per engine."""
+    from mahalo import guided_generate_many
+
+    return [dict(guided_generate_many(policy, rewards, prompts, max_prompts=4, **engine, **opts))
+            for engine in ENGINES]

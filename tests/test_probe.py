@@ -7,9 +7,10 @@ import math
 import pytest
 import torch
 
-from mahalo import guided_generate, guided_generate_many
+from mahalo import guided_generate
 from mahalo.app import tiny
 from mahalo.rewards.probe import TokenProbeReward, probe_reward, read_probe
+from tests.helpers import carried_beams, in_flight
 
 PROMPT = [{"role": "user", "content": "Where is the capital of France?"}]
 LAYER = 1  # the tiny policy has 2 decoder layers: the probe reads the first one's output
@@ -152,10 +153,9 @@ def test_pruned_step_beam_keeps_every_beam_and_is_batch_invariant(policy, probe,
     assert any(r.stats.pruned_rows for r in alone)
     for r in alone:  # the first step's 6 candidates (one root) keep at least one per beam to be
         assert len(r.steps[0].candidates) >= 2
-        for before, step in zip(r.steps, r.steps[1:]):  # every beam carried on keeps a candidate
-            assert {c.parent for c in step.candidates} == {i for i in before.chosen if before.candidates[i].end == "step"}
-    for engine in ({}, {"step_barrier": True, "share_prefix": False}):
-        together = dict(guided_generate_many(policy, rewards, prompts, max_prompts=4, seed=7, **engine, **opts))
+        for parents, carried in carried_beams(r):  # every beam carried on keeps a candidate
+            assert parents == carried
+    for together in in_flight(policy, rewards, prompts, seed=7, **opts):
         for i, r in enumerate(alone):
             assert together[i].token_ids == r.token_ids
             assert together[i].stats.pruned_rows == r.stats.pruned_rows

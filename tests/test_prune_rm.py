@@ -11,7 +11,7 @@ import torch
 from mahalo import decode, guided_generate, guided_generate_many
 from mahalo.app.tiny import tiny_policy, tiny_reward
 from mahalo.rewards import SequenceClassifierReward
-from tests.helpers import plain_score, response_text_of
+from tests.helpers import carried_beams, in_flight, plain_score, response_text_of
 from tests.test_faults import RaisingModel
 
 PROMPT = [{"role": "user", "content": "Where is the capital of France?"}]
@@ -155,10 +155,9 @@ def test_pruned_step_beam_scores_every_candidate_as_a_plain_forward_and_is_batch
             for c, cand in enumerate(step.candidates):
                 want = plain_score(reward[0], tok, p, response_text_of(r, tok, s, c))
                 assert cand.scores["truth"] == pytest.approx(want, abs=1e-5)
-        for before, step in zip(r.steps, r.steps[1:]):  # every beam carried on keeps a candidate
-            assert {c.parent for c in step.candidates} == {i for i in before.chosen if before.candidates[i].end == "step"}
-    for engine in ({}, {"step_barrier": True, "share_prefix": False}):
-        together = dict(guided_generate_many(policy, rewards, QUESTIONS, max_prompts=4, seed=7, **engine, **STEP_BEAM))
+        for parents, carried in carried_beams(r):  # every beam carried on keeps a candidate
+            assert parents == carried
+    for together in in_flight(policy, rewards, QUESTIONS, seed=7, **STEP_BEAM):
         for i, r in enumerate(alone):
             assert together[i].token_ids == r.token_ids
             assert together[i].stats.pruned_rows == r.stats.pruned_rows
