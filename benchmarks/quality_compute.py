@@ -16,6 +16,10 @@ policy's backbone), differing only in the search and its width:
                   (:data:`PRUNE`); the probe only prunes (weight 0), the head still selects
 ``beam8x4``,      wider beams (8 x 4, 4 x 8), with or without ``_prune``: decoded only when
 ``beam4x8``       named in ``--configs`` (candidates for the default, not in the plan's grid)
+``*_prunehead``   the same early rejection ranked by the truth head itself (RM tokens per pruning)
+``*_prune-eEkK``  early rejection with other settings (named only): every ``E`` tokens keep the
+                  best ``K`` % (``beam4x4_prune-e4k50``: every 4 tokens, the better half); also
+                  ``*_prunehead-eEkK``
 ================= ==========================================================================
 
 Per configuration: % truthful on truthfulqa.py's independent MiniLM judge, the mean truth reward
@@ -45,6 +49,7 @@ import argparse
 import json
 import logging
 import math
+import re
 import sys
 import time
 from pathlib import Path
@@ -111,22 +116,41 @@ def config_names(with_prune: bool) -> list[str]:
     return list(GRID) + ([n + PRUNE_SUFFIX for n in PRUNED] if with_prune else [])
 
 
+# ``_prune-e4k25``: the same early rejection every 4 tokens keeping the best 25 %.
+SETTINGS = re.compile(r"-e(?P<every>[1-9][0-9]*)k(?P<keep>[1-9][0-9]?|100)$")
+
+
+def split_name(name: str) -> tuple[str, str, dict[str, Any]]:
+    """``(search, suffix, prune settings)`` of a configuration name: ``beam4x4_prune-e4k25`` is
+    ``("beam4x4", "_prune", {"prune_every": 4, "prune_keep": 0.25})``; the settings are empty
+    for :data:`PRUNE`'s."""
+    settings: dict[str, Any] = {}
+    m = SETTINGS.search(name)
+    if m and name[:m.start()].endswith((PRUNE_SUFFIX, HEAD_SUFFIX)):
+        settings = {"prune_every": int(m["every"]), "prune_keep": int(m["keep"]) / 100}
+        name = name[:m.start()]
+    for suffix in (PRUNE_SUFFIX, HEAD_SUFFIX):
+        if name.endswith(suffix):
+            return name.removesuffix(suffix), suffix, settings
+    return name, "", settings
+
+
 def is_pruned(name: str) -> bool:
     """Early rejection, by the probe (``_prune``) or by the head (``_prunehead``)."""
-    return name.endswith((PRUNE_SUFFIX, HEAD_SUFFIX))
+    return split_name(name)[1] != ""
 
 
 def uses_probe(name: str) -> bool:
-    return name.endswith(PRUNE_SUFFIX)
+    return split_name(name)[1] == PRUNE_SUFFIX
 
 
 def config_options(name: str) -> dict[str, Any]:
     """The ``guided_generate`` options of configuration ``name`` (system turn included)."""
-    base_name = name.removesuffix(PRUNE_SUFFIX).removesuffix(HEAD_SUFFIX)
+    base_name, _, settings = split_name(name)
     searches = GRID | WIDER
     if base_name not in searches or (is_pruned(name) and base_name not in (*PRUNED, *WIDER)):
         known = config_names(True) + [n + s for n in WIDER for s in ("", PRUNE_SUFFIX)] + [
-            n + HEAD_SUFFIX for n in (*PRUNED, *WIDER)]
+            n + HEAD_SUFFIX for n in (*PRUNED, *WIDER)] + ["<pruned>-eEkK"]
         raise ValueError(f"unknown configuration {name!r}: choose from {known}")
     if base_name == "sample":
         return tqa.strategy_options("truth_default_sample", argparse.Namespace(
@@ -136,7 +160,7 @@ def config_options(name: str) -> dict[str, Any]:
         options.update(PRUNE, weights=dict(PRUNE_WEIGHTS))
     elif is_pruned(name):
         options.update(PRUNE, prune_by="truth", weights={"truth": 1.0})
-    return options
+    return options | settings
 
 
 def probe_available() -> bool:

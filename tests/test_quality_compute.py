@@ -60,6 +60,18 @@ def test_pruned_options_differ_from_their_base_only_by_the_prune_settings():
         qc.config_options("sbon2_prune")
 
 
+def test_named_prune_settings_override_only_every_and_keep():
+    base = qc.config_options("beam4x4_prune")
+    assert qc.config_options("beam4x4_prune-e4k25") == {**base, "prune_every": 4, "prune_keep": 0.25}
+    assert qc.config_options("beam4x4_prunehead-e8k100")["prune_keep"] == 1.0
+    assert qc.config_options("beam4x4_prunehead-e8k100")["prune_by"] == "truth"
+    assert qc.is_pruned("bon16_prune-e16k50") and qc.uses_probe("bon16_prune-e16k50")
+    assert not qc.uses_probe("beam4x4_prunehead-e4k50")
+    for bad in ("beam4x4-e4k50", "beam4x4_prune-e0k50", "beam4x4_prune-e4k0", "beam4x4_prune-e4k101"):
+        with pytest.raises(ValueError, match="unknown configuration"):
+            qc.config_options(bad)
+
+
 def test_matched_best_of_n_is_the_cheapest_at_or_above_and_the_front_is_monotone():
     summary = [{"strategy": n, "mean_policy_tokens": c, "pct_truthful": p} for n, c, p in
                [("sample", 100, 40), ("bon2", 200, 45), ("bon4", 400, 44), ("sbon2", 250, 50), ("beam4x4", 900, 52),
