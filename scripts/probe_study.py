@@ -253,14 +253,39 @@ def fit_mlp(X: torch.Tensor, y: torch.Tensor, hidden: int, wd: float, epochs: in
 
 
 class MLPProbe:
-    """A fitted :func:`fit_mlp` probe, scored like a linear one (``score``, ``eval_fracs``)."""
+    """A fitted :func:`fit_mlp` probe, or the mean logit of several fitted on the same rows (an
+    ensemble of seeds: one probe with their hidden units side by side, see :func:`fold_mlp`),
+    scored like a linear one (``score``, ``eval_fracs``)."""
 
-    def __init__(self, fitted) -> None:
-        self.mu, self.sd, self.net = fitted
+    def __init__(self, *fitted) -> None:
+        self.members = list(fitted)
 
     @torch.no_grad()
     def __call__(self, X: torch.Tensor) -> np.ndarray:
-        return self.net((X - self.mu) / self.sd).squeeze(-1).numpy()
+        return np.mean([net((X - mu) / sd).squeeze(-1).numpy() for mu, sd, net in self.members], axis=0)
+
+
+def fold_mlp(members: list) -> dict[str, torch.Tensor]:
+    """The probe-file tensors of an :class:`MLPProbe`'s members (fitted on the same rows, so one
+    standardisation): the standardisation folded into each hidden layer (``W1' = W1 / sd``,
+    ``b1' = b1 - W1' @ mu``), their hidden units concatenated, and the output weights divided by
+    the member count, so one forward gives the members' mean logit."""
+    w1s, b1s, ws, bs = [], [], [], []
+    for mu, sd, net in members:
+        w1 = (net[1].weight.detach() / sd).to(torch.float32)  # (K, H)
+        w1s.append(w1)
+        b1s.append((net[1].bias.detach() - w1 @ mu).to(torch.float32))
+        ws.append(net[4].weight.detach().to(torch.float32) / len(members))  # (1, K)
+        bs.append(net[4].bias.detach().to(torch.float32))
+    return {"probe.hidden.weight": torch.cat(w1s).contiguous(), "probe.hidden.bias": torch.cat(b1s).contiguous(),
+            "probe.weight": torch.cat(ws, 1).contiguous(),
+            "probe.bias": torch.stack(bs).mean(0).reshape(1).contiguous()}
+
+
+def mlp_states(layer: str | int) -> list[int]:
+    """State indices of an MLP probe's ``layer``: one decoder layer (1-based) or several read
+    together, ``"16+20"``."""
+    return [int(x) - 1 for x in str(layer).split("+")]
 
 
 def layer_features(F: np.ndarray, layers: list[int]) -> torch.Tensor:
@@ -391,30 +416,39 @@ def cmd_mlp(args) -> None:
     fold_of = question_folds(qtr, args.folds, args.seed)
     rf = np.array([fold_of[q] for q in qtr])
     grid = []
+    n_seeds = max(args.mlp_seeds)
     for layer in args.mlp_layers:
-        Xtr = layer_features(Ftr, [layer - 1])
+        Xtr = layer_features(Ftr, mlp_states(layer))
         for hidden in args.mlp_hidden:
             for wd in args.mlp_wd:
                 for epochs in args.mlp_epochs:
                     t = time.time()
-                    folds = []
+                    folds: dict[int, list] = defaultdict(list)
                     for f in range(args.folds):
                         tr, te = rf != f, rf == f
-                        probe = MLPProbe(fit_mlp(*pooled(Xtr, ktr[tr], ytr[tr]), hidden, wd, epochs, args.seed))
-                        folds.append(eval_fracs(probe, Xtr, ktr[te], ytr[te]))
-                    cv = {k: float(np.mean([r[k] for r in folds])) for k in folds[0]}
-                    grid.append({"layer": layer, "hidden": hidden, "wd": wd, "epochs": epochs, "cv": cv,
-                                 "seconds": round(time.time() - t, 1)})
-                    log.info("mlp layer %d hidden %d wd %g epochs %d: cv %s (%.0fs)", layer, hidden, wd, epochs,
-                             " ".join(f"{k}:{v:.4f}" for k, v in cv.items()), time.time() - t)
+                        Xs, ys = pooled(Xtr, ktr[tr], ytr[tr])
+                        members = [fit_mlp(Xs, ys, hidden, wd, epochs, args.seed + i) for i in range(n_seeds)]
+                        for k in args.mlp_seeds:  # the first k members: a k-seed ensemble
+                            folds[k].append(eval_fracs(MLPProbe(*members[:k]), Xtr, ktr[te], ytr[te]))
+                    for k in args.mlp_seeds:
+                        cv = {key: float(np.mean([r[key] for r in folds[k]])) for key in folds[k][0]}
+                        grid.append({"layer": layer, "hidden": hidden, "wd": wd, "epochs": epochs, "seeds": k,
+                                     "cv": cv, "seconds": round(time.time() - t, 1)})
+                        log.info("mlp layer %s hidden %d wd %g epochs %d seeds %d: cv %s (%.0fs)", layer, hidden, wd,
+                                 epochs, k, " ".join(f"{a}:{v:.4f}" for a, v in cv.items()), time.time() - t)
     best = max(grid, key=lambda r: r["cv"]["100"])
     Fdv, kdv, ydv, _, idv = load_split(args, "dev")
-    Xtr, Xdv = layer_features(Ftr, [best["layer"] - 1]), layer_features(Fdv, [best["layer"] - 1])
-    probe = MLPProbe(fit_mlp(*pooled(Xtr, ktr, ytr), best["hidden"], best["wd"], best["epochs"], args.seed))
+    states = mlp_states(best["layer"])
+    Xtr, Xdv = layer_features(Ftr, states), layer_features(Fdv, states)
+    Xs, ys = pooled(Xtr, ktr, ytr)
+    probe = MLPProbe(*[fit_mlp(Xs, ys, best["hidden"], best["wd"], best["epochs"], args.seed + i)
+                       for i in range(best["seeds"])])
     best["dev_auc"] = eval_fracs(probe, Xdv, kdv, ydv)
     out = {"study": "one-hidden-layer probe on SmolLM2-135M-Instruct hidden states at partial answers (issue 22.1)",
            "probe": "standardised features; dropout 0.2, Linear(H, hidden), GELU, dropout 0.2, Linear(hidden, 1); "
-                    "AdamW lr 1e-3, batch 256; trained on the positions 25/50/75/100 % pooled",
+                    "AdamW lr 1e-3, batch 256; trained on the positions 25/50/75/100 % pooled; 'seeds' k: the "
+                    "mean logit of k such probes (seeds seed..seed+k-1); 'layer' a decoder layer or layers "
+                    "read together ('16+20')",
            "selection": f"{args.folds}-fold question-grouped CV on train, whole-answer AUC; dev for the best only",
            "train": {k: itr[k] for k in ("rows", "answers", "questions")},
            "dev": {k: idv[k] for k in ("rows", "answers", "questions")},
@@ -438,19 +472,18 @@ def cmd_export(args) -> None:
 
     Ftr, ktr, ytr, _, itr = load_split(args, "train")
     Fdv, kdv, ydv, _, _ = load_split(args, "dev")
-    index = args.export_layer - 1  # state index of decoder layer k (1-based)
+    states = mlp_states(args.export_layer)  # state indices of decoder layers k (1-based)
+    layers = tuple(i + 1 for i in states)
     fracs = list(range(len(FRACTIONS)))
-    Xtr, Xdv = layer_features(Ftr, [index]), layer_features(Fdv, [index])
-    if args.export_mlp:  # standardisation folded into the hidden layer: W1' = W1 / sd, b1' = b1 - W1' @ mu
-        fitted = fit_mlp(*pooled(Xtr, ktr, ytr, fracs), args.export_mlp, args.export_wd, args.export_epochs, args.seed)
-        mu, sd, net = fitted
-        w1 = (net[1].weight.detach() / sd).to(torch.float32)  # (K, H)
-        tensors = {"probe.hidden.weight": w1.contiguous(),
-                   "probe.hidden.bias": (net[1].bias.detach() - w1 @ mu).to(torch.float32).contiguous(),
-                   "probe.weight": net[4].weight.detach().to(torch.float32).contiguous(),
-                   "probe.bias": net[4].bias.detach().to(torch.float32).reshape(1).contiguous()}
-        plain = eval_fracs(MLPProbe(fitted), Xdv, kdv, ydv)
-        kind = {"kind": "mlp", "hidden": args.export_mlp, "weight_decay": args.export_wd, "epochs": args.export_epochs}
+    Xtr, Xdv = layer_features(Ftr, states), layer_features(Fdv, states)
+    if args.export_mlp:  # standardisation folded into the hidden layer(s), see fold_mlp
+        Xs, ys = pooled(Xtr, ktr, ytr, fracs)
+        members = [fit_mlp(Xs, ys, args.export_mlp, args.export_wd, args.export_epochs, args.seed + i)
+                   for i in range(args.export_seeds)]
+        tensors = fold_mlp(members)
+        plain = eval_fracs(MLPProbe(*members), Xdv, kdv, ydv)
+        kind = {"kind": "mlp", "hidden": args.export_mlp, "weight_decay": args.export_wd, "epochs": args.export_epochs,
+                "seeds": args.export_seeds}
         fmt = ("safetensors float32: 'probe.hidden.weight' (K, H), 'probe.hidden.bias' (K,), 'probe.weight' (1, K), "
                "'probe.bias' (1,)")
         formula = "gelu(h @ probe.hidden.weight.T + probe.hidden.bias) @ probe.weight.T + probe.bias"
@@ -464,7 +497,7 @@ def cmd_export(args) -> None:
         fmt = "safetensors, keys 'probe.weight' (1, H) and 'probe.bias' (1,), float32"
         formula = "h @ probe.weight.T + probe.bias"
     hidden = (tensors["probe.hidden.weight"], tensors["probe.hidden.bias"]) if args.export_mlp else None
-    engine = TokenProbeReward(tensors["probe.weight"], float(tensors["probe.bias"]), args.export_layer, hidden)
+    engine = TokenProbeReward(tensors["probe.weight"], float(tensors["probe.bias"]), layers, hidden)
     Xk = Xdv[torch.as_tensor(kdv)]  # the folded tensors as the engine scores them give the study's AUCs
     folded = {str(f): auc(engine.probe(Xk[:, i]).numpy(), ydv) for i, f in enumerate(FRACTIONS)}
     assert all(abs(folded[k] - plain[k]) < 1e-4 for k in folded), (folded, plain)
@@ -475,9 +508,10 @@ def cmd_export(args) -> None:
         "format": fmt,
         "score": formula + " (a logit of P(truthful)), h = the output of decoder layer "
                  "`layer` (1-based: model.model.layers[layer - 1], transformers' hidden_states[layer]) at the "
-                 "response's last token, no end of turn",
+                 "response's last token, no end of turn; with `layers`, those layers' outputs concatenated "
+                 "in that order",
         "score_at": "token",
-        "layer": args.export_layer,
+        **({"layer": layers[0]} if len(layers) == 1 else {"layers": list(layers)}),
         **kind,
         "context": "generation_prompt_ids([system = conf/objective/truth.yaml primer, user = question]) + answer",
         "train": {"file": "judge_train.jsonl", "answers": int(len(np.unique(ktr))), "rows": int(len(ktr)),
@@ -490,7 +524,7 @@ def cmd_export(args) -> None:
         "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
     }
     out.with_suffix(".json").write_text(json.dumps(meta, indent=1) + "\n")
-    log.info("probe: layer %d %s -> %s; dev AUC %s", args.export_layer, kind, out, folded)
+    log.info("probe: layer(s) %s %s -> %s; dev AUC %s", args.export_layer, kind, out, folded)
 
 
 def parse_args(argv=None):
@@ -515,10 +549,14 @@ def parse_args(argv=None):
     p.add_argument("--out", type=Path, default=None,
                    help="fit/mlp: the JSON written (default benchmarks/results/probe_study.json, "
                         "mlp: probe_study_mlp.json)")
-    p.add_argument("--export-layer", type=int, default=20, help="export: decoder layer (1-based)")
+    p.add_argument("--export-layer", default="20",
+                   help="export: decoder layer (1-based), or layers read together as '16+20'")
     p.add_argument("--export-alpha", type=float, default=1e-2, help="export: L2 strength")
     p.add_argument("--export-out", type=Path, default=Path("mahalo/assets/smollm2_135m_truth_probe.safetensors"))
-    p.add_argument("--mlp-layers", type=int, nargs="+", default=[20], help="mlp: decoder layers (1-based)")
+    p.add_argument("--mlp-layers", nargs="+", default=["20"],
+                   help="mlp: decoder layers (1-based), each probed alone, or read together as '16+20'")
+    p.add_argument("--mlp-seeds", type=int, nargs="+", default=[1],
+                   help="mlp: ensemble sizes k to evaluate (the mean logit of k probes, seeds seed..seed+k-1)")
     p.add_argument("--mlp-hidden", type=int, nargs="+", default=[64, 256], help="mlp: hidden sizes")
     p.add_argument("--mlp-wd", type=float, nargs="+", default=[1e-2], help="mlp: AdamW weight decays")
     p.add_argument("--mlp-epochs", type=int, nargs="+", default=[20], help="mlp: passes over train")
@@ -526,6 +564,8 @@ def parse_args(argv=None):
                    help="export: a one-hidden-layer probe of this many units (0: linear, --export-alpha)")
     p.add_argument("--export-wd", type=float, default=1e-2, help="export --export-mlp: weight decay")
     p.add_argument("--export-epochs", type=int, default=20, help="export --export-mlp: epochs")
+    p.add_argument("--export-seeds", type=int, default=1,
+                   help="export --export-mlp: probes averaged (folded into one of seeds x K hidden units)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     return p.parse_args(argv)

@@ -29,10 +29,11 @@ def user_prompt_ids(tokenizer, messages) -> list[int]:
 
 def plain_probes(policy, probe, ids: list[int]) -> torch.Tensor:
     """The probe at every position of a plain forward: ``hidden_states[layer] @ w + b`` (T,), or
-    ``gelu(hidden_states[layer] @ W1.T + b1) @ w + b`` for a probe with a hidden layer."""
+    ``gelu(hidden_states[layer] @ W1.T + b1) @ w + b`` for a probe with a hidden layer; a probe
+    of several layers reads their ``hidden_states`` concatenated in its order."""
     with torch.inference_mode():
-        states = policy[0](input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states[probe.reads_layer]
-    h = states[0].double()
+        hs = policy[0](input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states
+    h = torch.cat([hs[k][0] for k in probe.reads_layers], -1).double()
     if probe.hidden is not None:
         w1, b1 = probe.hidden
         h = torch.nn.functional.gelu(h @ w1.double().T + b1.double())
@@ -45,6 +46,22 @@ def mlp_probe(policy):
     size = policy[0].config.hidden_size
     hidden = (torch.randn(8, size, generator=g) / size**0.5, torch.randn(8, generator=g))
     return TokenProbeReward(torch.randn(8, generator=g), -0.5, LAYER, hidden)
+
+
+@pytest.fixture(scope="module")
+def deep_policy():
+    """A tiny policy with 3 decoder layers: ``hidden_states[1]`` and ``[2]`` are raw layer outputs
+    (the last entry is after the final norm)."""
+    return tiny.tiny_policy(seed=0, num_hidden_layers=3)
+
+
+@pytest.fixture(scope="module")
+def layers_probe(deep_policy):
+    """One hidden layer over decoder layers 2 and 1 read together (in that order)."""
+    g = torch.Generator().manual_seed(13)
+    size = 2 * deep_policy[0].config.hidden_size
+    hidden = (torch.randn(8, size, generator=g) / size**0.5, torch.randn(8, generator=g))
+    return TokenProbeReward(torch.randn(8, generator=g), 0.1, (2, 1), hidden)
 
 
 def last_fed(prompt_len: int, tokens: list[int], end: str) -> int:
@@ -66,9 +83,11 @@ def response_ids(result, step: int, cand: int) -> list[int]:
     dict(strategy="best_of_n", num_candidates=6),
     dict(strategy="step_beam", beam_width=2, num_candidates=3, min_step_tokens=2, step="sentence"),
 ])
-@pytest.mark.parametrize("kind", ["linear", "mlp"])
-def test_probe_equals_a_plain_forward_at_every_candidate(policy, probe, mlp_probe, opts, kind):
-    probe = mlp_probe if kind == "mlp" else probe
+@pytest.mark.parametrize("kind", ["linear", "mlp", "layers"])
+def test_probe_equals_a_plain_forward_at_every_candidate(policy, probe, mlp_probe, deep_policy, layers_probe,
+                                                         opts, kind):
+    probe = {"linear": probe, "mlp": mlp_probe, "layers": layers_probe}[kind]
+    policy = deep_policy if kind == "layers" else policy
     res = guided_generate(policy, {"probe": probe}, PROMPT, max_new_tokens=20, seed=3, **opts)
     ids = user_prompt_ids(policy[1], PROMPT)
     checked = 0
@@ -187,22 +206,40 @@ def tiny_probe_file_of(policy, probe, tmp=None):
     if probe.hidden is not None:
         tensors |= {"probe.hidden.weight": probe.hidden[0].contiguous(), "probe.hidden.bias": probe.hidden[1].contiguous()}
     save_file(tensors, str(file))
-    file.with_suffix(".json").write_text(json.dumps({"layer": probe.reads_layer}))
+    layers = probe.reads_layers
+    meta = {"layer": layers[0]} if len(layers) == 1 else {"layers": list(layers)}
+    file.with_suffix(".json").write_text(json.dumps(meta))
     return file
 
 
-@pytest.mark.parametrize("kind", ["linear", "mlp"])
-def test_probe_file_round_trip(policy, probe, mlp_probe, kind):
-    probe = mlp_probe if kind == "mlp" else probe
-    read = read_probe(tiny_probe_file_of(policy, probe))
+@pytest.mark.parametrize("kind", ["linear", "mlp", "layers"])
+def test_probe_file_round_trip(policy, probe, mlp_probe, deep_policy, layers_probe, kind):
+    probe = {"linear": probe, "mlp": mlp_probe, "layers": layers_probe}[kind]
+    policy = deep_policy if kind == "layers" else policy
+    file = tiny_probe_file_of(policy, probe)
+    read = read_probe(file)
     assert torch.equal(read.weight, probe.weight) and read.bias == pytest.approx(probe.bias)
-    assert read.reads_layer == LAYER and (read.hidden is None) == (kind == "linear")
-    if kind == "mlp":
+    assert read.reads_layers == ((2, 1) if kind == "layers" else (LAYER,))
+    assert (read.hidden is None) == (kind == "linear")
+    if kind != "linear":
         assert torch.equal(read.hidden[0], probe.hidden[0]) and torch.equal(read.hidden[1], probe.hidden[1])
-    states = torch.randn(5, policy[0].config.hidden_size)
+    states = torch.randn(5, probe.in_features)
     assert torch.allclose(read.probe(states), probe.probe(states))
+    assert probe_reward(policy, file).reads_layers == read.reads_layers  # it fits its policy
     with pytest.raises(ValueError, match="not found: give head_file the path of a probe"):
         read_probe("/nonexistent/probe.safetensors")
+
+
+def test_a_probe_of_layers_the_policy_lacks_is_one_clear_line(policy):
+    """A probe that reads a layer past the policy's depth, or whose input size is not its layers'
+    states side by side, is refused in one line naming the layers and the fix."""
+    bad = TokenProbeReward(torch.zeros(4), 0.0, (1, 5), (torch.zeros(4, 2 * policy[0].config.hidden_size),
+                                                         torch.zeros(4)))
+    with pytest.raises(ValueError, match=r"reads layer\(s\) 1, 5 .*the policy has 2 layers"):
+        probe_reward(policy, tiny_probe_file_of(policy, bad))
+    with pytest.raises(ValueError, match="train a probe for this policy"):  # 2 layers' features, read as 1
+        probe_reward(policy, tiny_probe_file_of(policy, TokenProbeReward(
+            torch.zeros(4), 0.0, 1, (torch.zeros(4, 2 * policy[0].config.hidden_size), torch.zeros(4)))))
 
 
 def test_cli_truth_prune_objective(tmp_path):
@@ -235,7 +272,7 @@ def test_embedded_probe_reads_layer_20_of_the_embedded_policy():
 
     pair = load_causal_lm(str(gguf.parent), gguf.name)
     probe = probe_reward(pair)
-    assert probe.reads_layer == 20
+    assert probe.reads_layers == (20,)
     file = load_file(str(EMBEDDED_TRUTH_PROBE))
     hidden = (file["probe.hidden.weight"], file["probe.hidden.bias"]) if "probe.hidden.weight" in file else None
     plain = TokenProbeReward(file["probe.weight"].reshape(-1), float(file["probe.bias"]), 20, hidden)

@@ -128,11 +128,11 @@ class Controller:
         self.expander = Expander(policy, cfg)
         self.sources = scoring.sources_of(rewards)
         # rewards read from the policy's own hidden states at every token (mahalo.rewards.probe)
-        self.probes = [(k, src) for k, src in enumerate(self.sources) if getattr(src.model, "reads_layer", None)]
+        self.probes = [(k, src) for k, src in enumerate(self.sources) if getattr(src.model, "reads_layers", None)]
         if self.probes:
             if not hasattr(policy, "capture"):
                 raise ValueError(f"{type(policy).__name__} cannot lend its hidden states to a token-level probe")
-            policy.capture({src.model.reads_layer for _, src in self.probes})
+            policy.capture({k for _, src in self.probes for k in src.model.reads_layers})
         self.default = self.plan(cfg)  # the plan of a prompt that brings none
         self.kv = policy.shared_kv()
         self.device = policy.device
@@ -478,7 +478,7 @@ class Controller:
     def _probe(self, n: int) -> torch.Tensor:
         """(n, P) every probe's score of the first ``n`` outputs of the forward just run."""
         states = self.policy.layer_states
-        return torch.stack([src.model.probe(states[src.model.reads_layer][:n]) for _, src in self.probes], 1)
+        return torch.stack([src.model.probe(src.model.features(states, n)) for _, src in self.probes], 1)
 
     def _probe_values(self, searches: list[Search]) -> torch.Tensor:
         """(R, P) float64 on the host: every probe at each row's last fed token, for the rows of
@@ -701,7 +701,7 @@ class Controller:
             users = [i for i, s in enumerate(searches) if source.used_by(s.plan.weights)]
             if not users:
                 continue
-            if getattr(source.model, "reads_layer", None):  # read above, from the probe values
+            if getattr(source.model, "reads_layers", None):  # read above, from the probe values
                 continue
             if getattr(source.model, "shares_policy", False):  # read during the forward
                 for i in users:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -40,17 +41,20 @@ class _ProbeState:
 
 class TokenProbeReward:
     """A probe on the output of decoder layer ``layer`` (1-based, as transformers'
-    ``hidden_states[layer]``) of the policy it was built for; read by the engine (``reads_layer``),
-    never forwarded. Linear: ``weight`` (H,), ``bias``. With ``hidden = (W1 (K, H), b1 (K,))``: a
-    GELU layer first, then ``weight`` (K,), ``bias``."""
+    ``hidden_states[layer]``) of the policy it was built for, or of several layers read together
+    (a sequence: their states concatenated in that order, ``H = len(layers) * hidden size``); read
+    by the engine (``reads_layers``), never forwarded. Linear: ``weight`` (H,), ``bias``. With
+    ``hidden = (W1 (K, H), b1 (K,))``: a GELU layer first, then ``weight`` (K,), ``bias``."""
 
     score_at = "token"
 
-    def __init__(self, weight: torch.Tensor, bias: float, layer: int,
+    def __init__(self, weight: torch.Tensor, bias: float, layer: int | Sequence[int],
                  hidden: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         self.weight = weight.reshape(-1)
         self.bias = float(bias)
-        self.reads_layer = int(layer)
+        self.reads_layers = (int(layer),) if isinstance(layer, int) else tuple(int(k) for k in layer)
+        if not self.reads_layers:
+            raise ValueError("a probe reads at least one layer")
         self.hidden = None if hidden is None else (hidden[0], hidden[1].reshape(-1))
         if self.hidden is not None and self.hidden[0].shape[0] != self.weight.numel():
             raise ValueError(f"probe hidden layer gives {self.hidden[0].shape[0]} features, its output weight "
@@ -58,12 +62,18 @@ class TokenProbeReward:
 
     @property
     def in_features(self) -> int:
-        """H: the size of the layer states it reads."""
+        """H: the size of the (concatenated) layer states it reads."""
         return self.weight.numel() if self.hidden is None else self.hidden[0].shape[1]
 
     def to(self, device: torch.device, dtype: torch.dtype) -> TokenProbeReward:
         hidden = None if self.hidden is None else tuple(t.to(device, dtype) for t in self.hidden)
-        return TokenProbeReward(self.weight.to(device, dtype), self.bias, self.reads_layer, hidden)
+        return TokenProbeReward(self.weight.to(device, dtype), self.bias, self.reads_layers, hidden)
+
+    def features(self, states: dict[int, torch.Tensor], n: int) -> torch.Tensor:
+        """(n, H): the first ``n`` rows of the states of the layers it reads (``states[k]`` (>= n, h)
+        for layer k), concatenated in its order."""
+        parts = [states[k][:n] for k in self.reads_layers]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, -1)
 
     @torch.inference_mode()
     def probe(self, states: torch.Tensor) -> torch.Tensor:
@@ -99,8 +109,8 @@ class TokenProbeReward:
 def read_probe(path: str | Path) -> TokenProbeReward:
     """The probe of a probe file (float32, on the CPU) and the metadata beside it (``.json``):
     keys ``probe.weight`` (1, F) and ``probe.bias`` (1,), plus ``probe.hidden.weight`` (K, H) and
-    ``probe.hidden.bias`` (K,) for a probe with a hidden layer (then F = K); ``layer`` in the
-    metadata.
+    ``probe.hidden.bias`` (K,) for a probe with a hidden layer (then F = K); in the metadata
+    ``layer`` (one decoder layer) or ``layers`` (several, read together in that order).
 
     Raises:
         ValueError: a missing or malformed file, naming it and the fix.
@@ -115,14 +125,15 @@ def read_probe(path: str | Path) -> TokenProbeReward:
     tensors = load_file(str(file))
     try:
         meta = json.loads(meta_file.read_text())
-        weight, bias, layer = tensors["probe.weight"], tensors["probe.bias"], int(meta["layer"])
+        weight, bias = tensors["probe.weight"], tensors["probe.bias"]
+        layer = [int(k) for k in meta["layers"]] if "layers" in meta else int(meta["layer"])
         hidden = None
         if "probe.hidden.weight" in tensors:
             hidden = (tensors["probe.hidden.weight"].float(), tensors["probe.hidden.bias"].float())
         return TokenProbeReward(weight.reshape(-1).float(), float(bias.reshape(-1)[0]), layer, hidden)
     except (KeyError, TypeError, ValueError, json.JSONDecodeError) as err:
         raise ValueError(f"probe file {file} is malformed ({type(err).__name__}: {err}): it needs 'probe.weight', "
-                         "'probe.bias' and a 'layer' in its metadata (scripts/probe_study.py export)") from err
+                         "'probe.bias' and a 'layer' (or 'layers') in its metadata (scripts/probe_study.py export)") from err
 
 
 def probe_reward(policy: Any, path: str | Path | None = None) -> TokenProbeReward:
@@ -135,11 +146,13 @@ def probe_reward(policy: Any, path: str | Path | None = None) -> TokenProbeRewar
     model = policy[0] if isinstance(policy, tuple) else policy.model
     probe = read_probe(path or EMBEDDED_TRUTH_PROBE)
     config = model.config
-    if probe.in_features != config.hidden_size or not 1 <= probe.reads_layer <= config.num_hidden_layers:
+    layers = probe.reads_layers
+    if probe.in_features != len(layers) * config.hidden_size or not all(
+            1 <= k <= config.num_hidden_layers for k in layers):
         raise ValueError(
-            f"the probe {Path(path or EMBEDDED_TRUTH_PROBE).name} reads layer {probe.reads_layer} of hidden size "
-            f"{probe.in_features}; the policy has {config.num_hidden_layers} layers of size {config.hidden_size}: "
-            "train a probe for this policy (scripts/probe_study.py) and give it as head_file"
+            f"the probe {Path(path or EMBEDDED_TRUTH_PROBE).name} reads layer(s) {', '.join(map(str, layers))} "
+            f"({probe.in_features} features); the policy has {config.num_hidden_layers} layers of size "
+            f"{config.hidden_size}: train a probe for this policy (scripts/probe_study.py) and give it as head_file"
         )
     param = next(model.parameters())
     return probe.to(param.device, param.dtype)
