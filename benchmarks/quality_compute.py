@@ -46,7 +46,6 @@ Smoke run (tiny random models, seconds)::
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import re
@@ -58,7 +57,6 @@ from typing import Any
 if __package__ in (None, ""):  # run as a file: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from rich.table import Table  # noqa: E402
 

@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 
-from mahalo.cascade import BEAM, PROMPT, ROOT, ROW, Item
+from mahalo.cascade import PROMPT, ROOT, ROW, Item
 from mahalo.chat import Messages, conversation_prefix_ids
 from mahalo.config import GuideConfig
 from mahalo.engine import scoring
@@ -47,7 +47,7 @@ from mahalo.engine.rows import Beam, Finished, Plan, Prompt, Row, Search
 from mahalo.engine.strategies import Selection, Strategy, final_order, first_copies, prune_rows, select, strategy_for
 from mahalo.policy import Policy
 from mahalo.result import Answer, Candidate, GuidedResult, PromptError, Stats, Step, path_to
-from mahalo.rewards import Candidates, RewardModel, RowCost
+from mahalo.rewards import Candidates, RewardModel
 from mahalo.rewards.combine import check_scores, combine
 from mahalo.sampling import child_stream, root_stream
 
