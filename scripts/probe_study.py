@@ -515,10 +515,12 @@ def cmd_export(args) -> None:
         **kind,
         "context": "generation_prompt_ids([system = conf/objective/truth.yaml primer, user = question]) + answer",
         "train": {"file": "judge_train.jsonl", "answers": int(len(np.unique(ktr))), "rows": int(len(ktr)),
-                  "positions": list(FRACTIONS), "subsample": itr.get("subsample", "seeded by whole questions")},
+                  "positions": list(FRACTIONS), "questions": itr["questions"],
+                  "subsample": "none (every train answer)" if args.train_answers <= 0 else
+                  f"whole questions (seed {args.seed}) until >= {args.train_answers} answers"},
         "dev_auc_by_position": folded,
-        "selection": ("hidden size, weight decay and epochs by 5-fold question-grouped CV on train "
-                      "(benchmarks/results/probe_study_mlp.json)" if args.export_mlp else
+        "selection": ("layers, hidden size, weight decay, epochs and seeds by 5-fold question-grouped CV on train "
+                      "(benchmarks/results/probe_study_mlp*.json)" if args.export_mlp else
                       "layer and alpha by 5-fold question-grouped CV on train (benchmarks/results/probe_study.json)"),
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),

@@ -256,10 +256,10 @@ def test_cli_truth_prune_objective(tmp_path):
     assert set(rec["scores"]) == {"truth", "truth_probe"}
 
 
-def test_embedded_probe_reads_layer_20_of_the_embedded_policy():
+def test_embedded_probe_reads_layers_16_and_20_of_the_embedded_policy():
     """The shipped asset on the embedded SmolLM2: its score of a decoded answer equals a plain
-    transformers forward's ``hidden_states[20]`` through the file's tensors (read here with
-    safetensors, not with the engine's reader)."""
+    transformers forward's ``hidden_states[16]`` and ``[20]`` side by side through the file's
+    tensors (read here with safetensors, not with the engine's reader)."""
     from mahalo.app.load import find_embedded_gguf, load_causal_lm
 
     try:
@@ -272,10 +272,11 @@ def test_embedded_probe_reads_layer_20_of_the_embedded_policy():
 
     pair = load_causal_lm(str(gguf.parent), gguf.name)
     probe = probe_reward(pair)
-    assert probe.reads_layers == (20,)
+    assert probe.reads_layers == (16, 20)
+    assert json.loads(EMBEDDED_TRUTH_PROBE.with_suffix(".json").read_text())["layers"] == [16, 20]
     file = load_file(str(EMBEDDED_TRUTH_PROBE))
     hidden = (file["probe.hidden.weight"], file["probe.hidden.bias"]) if "probe.hidden.weight" in file else None
-    plain = TokenProbeReward(file["probe.weight"].reshape(-1), float(file["probe.bias"]), 20, hidden)
+    plain = TokenProbeReward(file["probe.weight"].reshape(-1), float(file["probe.bias"]), (16, 20), hidden)
     res = guided_generate(pair, {"truth_probe": probe}, [{"role": "user", "content": "What is the capital of France?"}],
                           strategy="best_of_n", num_candidates=2, max_new_tokens=12, seed=0)
     ids = user_prompt_ids(pair[1], [{"role": "user", "content": "What is the capital of France?"}])

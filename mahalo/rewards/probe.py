@@ -1,7 +1,7 @@
 """A truth probe on the policy's own hidden states, scored at every token for free.
 
-A probe (a logit of P(truthful)) reads the output of one decoder layer of the policy at a
-response's last token: linear (``score = h @ w + b``) or with one hidden layer
+A probe (a logit of P(truthful)) reads the output of one decoder layer of the policy (or of a
+few, side by side) at a response's last token: linear (``score = h @ w + b``) or with one hidden layer
 (``score = gelu(h @ W1.T + b1) @ w + b``). The policy's decode step computes that state for every
 row at every token anyway, so the engine applies the probe to each row after each forward (``H``
 multiply-adds per row and token, ``K * H`` with a hidden layer of ``K``) and never forwards a
@@ -10,11 +10,14 @@ its last fed token (its response without end of turn; a candidate ended by the t
 read at its last fed token, the one before its last); during a step the same value ranks partial
 candidates for early rejection (``search.prune``).
 
-The embedded asset (``mahalo/assets/smollm2_135m_truth_probe.safetensors``, a one-hidden-layer
-probe on layer 20) was trained on TruthfulQA train answers and their prefixes at 25/50/75/100 %
-(``scripts/probe_study.py export --export-mlp 64``; numbers in ``scripts/PROBE_STUDY.md``). The
-linear probe it replaced, with which the pruning curves of ``benchmarks/README.md`` §3b were
-measured, is ``smollm2_135m_truth_probe_linear.safetensors`` beside it.
+The embedded asset (``mahalo/assets/smollm2_135m_truth_probe.safetensors``: three one-hidden-layer
+probes on layers 16 and 20 read together, folded into one of 192 GELU units) was trained on every
+TruthfulQA train answer and its prefixes at 25/50/75/100 % (``scripts/probe_study.py export
+--export-layer 16+20 --export-mlp 64 --export-seeds 3``; numbers in ``scripts/PROBE_STUDY.md``).
+The probes it replaced are kept beside it: ``smollm2_135m_truth_probe_l20.safetensors`` (one
+hidden layer on layer 20, 227 train questions; the early-rejection study of
+``benchmarks/EARLY_REJECTION_PLAN.md``) and ``smollm2_135m_truth_probe_linear.safetensors`` (the
+pruning curves of ``benchmarks/README.md`` §3b).
 """
 
 from __future__ import annotations
