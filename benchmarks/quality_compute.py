@@ -20,6 +20,8 @@ policy's backbone), differing only in the search and its width:
 ``*_prune-eEkK``  early rejection with other settings (named only): every ``E`` tokens keep the
                   best ``K`` % (``beam4x4_prune-e4k50``: every 4 tokens, the better half); also
                   ``*_prunehead-eEkK``
+``*_probesel``    (named only) the free probe selects alone (the head weighted 0), or
+``*_headprobe``   head and probe z-scored over each pool and summed; no pruning
 ================= ==========================================================================
 
 Per configuration: % truthful on truthfulqa.py's independent MiniLM judge, the mean truth reward
@@ -106,6 +108,14 @@ PRUNE_SUFFIX = "_prune"
 # --configs (after the plan): ``<search>_prunehead`` for the searches that take ``_prune``.
 HEAD_SUFFIX = "_prunehead"
 PROBE = "truth_probe"
+# Selection by the free probe (named only, after the plans): ``<search>_probesel``, the probe alone
+# selects (the head is still read, weighted 0, so each answer records its truth reward: its RM
+# tokens are spent for the report, not the choice); ``<search>_headprobe``, head and probe
+# z-scored over each pool and summed. No pruning.
+SELECTIONS: dict[str, dict[str, Any]] = {
+    "_probesel": {"weights": {"truth": 0.0, PROBE: 1.0}},
+    "_headprobe": {"weights": {"truth": 1.0, PROBE: 1.0}, "normalize": "zscore"},
+}
 TINY_PROBE_LAYER = 1  # the tiny policy has 2 decoder layers
 
 
@@ -127,37 +137,40 @@ def split_name(name: str) -> tuple[str, str, dict[str, Any]]:
     if m and name[:m.start()].endswith((PRUNE_SUFFIX, HEAD_SUFFIX)):
         settings = {"prune_every": int(m["every"]), "prune_keep": int(m["keep"]) / 100}
         name = name[:m.start()]
-    for suffix in (PRUNE_SUFFIX, HEAD_SUFFIX):
-        if name.endswith(suffix):
+    for suffix in (PRUNE_SUFFIX, HEAD_SUFFIX, *SELECTIONS):
+        if name.endswith(suffix) and (not settings or suffix in (PRUNE_SUFFIX, HEAD_SUFFIX)):
             return name.removesuffix(suffix), suffix, settings
     return name, "", settings
 
 
 def is_pruned(name: str) -> bool:
     """Early rejection, by the probe (``_prune``) or by the head (``_prunehead``)."""
-    return split_name(name)[1] != ""
+    return split_name(name)[1] in (PRUNE_SUFFIX, HEAD_SUFFIX)
 
 
 def uses_probe(name: str) -> bool:
-    return split_name(name)[1] == PRUNE_SUFFIX
+    return split_name(name)[1] in (PRUNE_SUFFIX, *SELECTIONS)
 
 
 def config_options(name: str) -> dict[str, Any]:
     """The ``guided_generate`` options of configuration ``name`` (system turn included)."""
-    base_name, _, settings = split_name(name)
+    base_name, suffix, settings = split_name(name)
     searches = GRID | WIDER
-    if base_name not in searches or (is_pruned(name) and base_name not in (*PRUNED, *WIDER)):
+    if base_name not in searches or (is_pruned(name) and base_name not in (*PRUNED, *WIDER)) or (
+            suffix in SELECTIONS and base_name == "sample"):
         known = config_names(True) + [n + s for n in WIDER for s in ("", PRUNE_SUFFIX)] + [
-            n + HEAD_SUFFIX for n in (*PRUNED, *WIDER)] + ["<pruned>-eEkK"]
+            n + HEAD_SUFFIX for n in (*PRUNED, *WIDER)] + ["<pruned>-eEkK", *(f"<search>{x}" for x in SELECTIONS)]
         raise ValueError(f"unknown configuration {name!r}: choose from {known}")
     if base_name == "sample":
         return tqa.strategy_options("truth_default_sample", argparse.Namespace(
             temperature=1.0, top_k=50, num_candidates=5, beam_candidates=4, custom=[]))
     options = {**tqa.cli_truth_options(), **searches[base_name]}
-    if uses_probe(name):
+    if suffix == PRUNE_SUFFIX:
         options.update(PRUNE, weights=dict(PRUNE_WEIGHTS))
-    elif is_pruned(name):
+    elif suffix == HEAD_SUFFIX:
         options.update(PRUNE, prune_by="truth", weights={"truth": 1.0})
+    elif suffix in SELECTIONS:
+        options.update(SELECTIONS[suffix])
     return options | settings
 
 

@@ -36,6 +36,7 @@ Variants reported in scripts/PROBE_STUDY.md (same cached features)::
 from __future__ import annotations
 
 import argparse
+import csv
 import datetime as dt
 import hashlib
 import json
@@ -334,6 +335,16 @@ def cv_layer(X, keys, y, qs, alphas, folds, seed, fracs=None):
     return res
 
 
+def held_out(spec: str | None) -> set[str]:
+    """The questions of ``--exclude-questions CSV:START:END`` (rows START..END-1 of a TruthfulQA
+    questions CSV), or none."""
+    if not spec:
+        return set()
+    path, start, end = spec.rsplit(":", 2)
+    with open(path, encoding="utf-8", newline="") as f:
+        return {r["Question"] for r in list(csv.DictReader(f))[int(start):int(end)]}
+
+
 def load_split(args, split: str):
     rows = split_rows(args.data_dir, split, args.train_answers, args.seed)
     index, keys, labels, qs = index_rows(rows)
@@ -342,6 +353,12 @@ def load_split(args, split: str):
                         primer())
     info = json.loads(file.with_suffix(".json").read_text())
     F = np.load(file, mmap_mode="r")
+    out = held_out(args.exclude_questions) if split == "train" else set()
+    if out:  # rows of held-out questions are dropped; the features stay indexed by answer
+        keep = np.array([q not in out for q in qs])
+        keys, labels, qs = keys[keep], labels[keep], [q for q, k in zip(qs, keep) if k]
+        info = info | {"rows": int(keep.sum()), "answers": int(len(np.unique(keys))), "questions": len(set(qs)),
+                       "held_out_questions": len({r["question"] for r in rows} & out)}
     return F, keys, labels, qs, info
 
 
@@ -516,6 +533,7 @@ def cmd_export(args) -> None:
         "context": "generation_prompt_ids([system = conf/objective/truth.yaml primer, user = question]) + answer",
         "train": {"file": "judge_train.jsonl", "answers": int(len(np.unique(ktr))), "rows": int(len(ktr)),
                   "positions": list(FRACTIONS), "questions": itr["questions"],
+                  "held_out": args.exclude_questions,
                   "subsample": "none (every train answer)" if args.train_answers <= 0 else
                   f"whole questions (seed {args.seed}) until >= {args.train_answers} answers"},
         "dev_auc_by_position": folded,
@@ -568,6 +586,9 @@ def parse_args(argv=None):
     p.add_argument("--export-epochs", type=int, default=20, help="export --export-mlp: epochs")
     p.add_argument("--export-seeds", type=int, default=1,
                    help="export --export-mlp: probes averaged (folded into one of seeds x K hidden units)")
+    p.add_argument("--exclude-questions", default=None, metavar="CSV:START:END",
+                   help="leave the train questions of rows START..END-1 of a questions CSV out of every fit "
+                        "(a probe for choosing settings on those questions)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     return p.parse_args(argv)

@@ -72,6 +72,17 @@ def test_named_prune_settings_override_only_every_and_keep():
             qc.config_options(bad)
 
 
+def test_selection_by_the_probe_changes_only_the_weights():
+    base = qc.config_options("beam4x4")
+    assert qc.config_options("beam4x4_probesel") == {**base, "weights": {"truth": 0.0, "truth_probe": 1.0}}
+    assert qc.config_options("sbon4_headprobe") == {**qc.config_options("sbon4"), "normalize": "zscore",
+                                                    "weights": {"truth": 1.0, "truth_probe": 1.0}}
+    assert qc.uses_probe("beam4x4_probesel") and not qc.is_pruned("beam4x4_probesel")
+    for bad in ("sample_probesel", "beam4x4_probesel-e4k50"):
+        with pytest.raises(ValueError, match="unknown configuration"):
+            qc.config_options(bad)
+
+
 def test_matched_best_of_n_is_the_cheapest_at_or_above_and_the_front_is_monotone():
     summary = [{"strategy": n, "mean_policy_tokens": c, "pct_truthful": p} for n, c, p in
                [("sample", 100, 40), ("bon2", 200, 45), ("bon4", 400, 44), ("sbon2", 250, 50), ("beam4x4", 900, 52),
