@@ -357,7 +357,7 @@ def load_split(args, split: str):
     if out:  # rows of held-out questions are dropped; the features stay indexed by answer
         keep = np.array([q not in out for q in qs])
         keys, labels, qs = keys[keep], labels[keep], [q for q, k in zip(qs, keep) if k]
-        info = info | {"rows": int(keep.sum()), "answers": int(len(np.unique(keys))), "questions": len(set(qs)),
+        info = info | {"rows": int(keep.sum()), "answers": len(np.unique(keys)), "questions": len(set(qs)),
                        "held_out_questions": len({r["question"] for r in rows} & out)}
     return F, keys, labels, qs, info
 
