@@ -337,12 +337,25 @@ def cv_layer(X, keys, y, qs, alphas, folds, seed, fracs=None):
 
 def held_out(spec: str | None) -> set[str]:
     """The questions of ``--exclude-questions CSV:START:END`` (rows START..END-1 of a TruthfulQA
-    questions CSV), or none."""
+    questions CSV), or none.
+
+    Raises:
+        ValueError: a malformed spec, a missing file or one without a ``Question`` column.
+    """
     if not spec:
         return set()
-    path, start, end = spec.rsplit(":", 2)
-    with open(path, encoding="utf-8", newline="") as f:
-        return {r["Question"] for r in list(csv.DictReader(f))[int(start):int(end)]}
+    parts = spec.rsplit(":", 2)
+    if len(parts) != 3 or not (parts[1].isdigit() and parts[2].isdigit()) or int(parts[1]) >= int(parts[2]):
+        raise ValueError(f"--exclude-questions {spec!r}: give CSV:START:END with 0 <= START < END, "
+                         "e.g. questions_train.csv:100:250")
+    path = Path(parts[0])
+    if not path.is_file():
+        raise ValueError(f"--exclude-questions: questions file not found: {path}")
+    with path.open(encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f)
+        if "Question" not in (reader.fieldnames or []):
+            raise ValueError(f"--exclude-questions: {path} has no 'Question' column (columns: {reader.fieldnames})")
+        return {r["Question"] for r in list(reader)[int(parts[1]):int(parts[2])]}
 
 
 def load_split(args, split: str):
@@ -353,7 +366,7 @@ def load_split(args, split: str):
                         primer())
     info = json.loads(file.with_suffix(".json").read_text())
     F = np.load(file, mmap_mode="r")
-    out = held_out(args.exclude_questions) if split == "train" else set()
+    out = args.held_out if split == "train" else set()
     if out:  # rows of held-out questions are dropped; the features stay indexed by answer
         keep = np.array([q not in out for q in qs])
         keys, labels, qs = keys[keep], labels[keep], [q for q, k in zip(qs, keep) if k]
@@ -425,9 +438,10 @@ def cmd_fit(args) -> None:
 
 
 def cmd_mlp(args) -> None:
-    """One-hidden-layer probes (:func:`fit_mlp`) on single layers: every (layer, hidden, weight
-    decay, epochs) of the grid by 5-fold question-grouped CV on train (whole-answer AUC, as the
-    linear study); dev is evaluated for the CV-best setting only. Writes ``--out``."""
+    """One-hidden-layer probes (:func:`fit_mlp`) on a layer or layers read together: every
+    (layers, hidden, weight decay, epochs, ensemble size) of the grid by 5-fold question-grouped
+    CV on train (whole-answer AUC, as the linear study; an ensemble of k is the first k seeds'
+    probes, fitted once per fold); dev is evaluated for the CV-best setting only. Writes ``--out``."""
     t0 = time.time()
     Ftr, ktr, ytr, qtr, itr = load_split(args, "train")
     fold_of = question_folds(qtr, args.folds, args.seed)
@@ -591,7 +605,12 @@ def parse_args(argv=None):
                         "(a probe for choosing settings on those questions)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    try:  # read once, before any feature is loaded
+        args.held_out = held_out(args.exclude_questions)
+    except ValueError as err:
+        p.error(str(err))
+    return args
 
 
 def main(argv=None) -> None:

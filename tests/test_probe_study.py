@@ -5,6 +5,7 @@ import csv
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
@@ -39,3 +40,14 @@ def test_held_out_questions_are_the_csv_rows_named(tmp_path):
         w.writerows({"Type": "x", "Question": f"q{i}?"} for i in range(5))
     assert ps.held_out(f"{file}:1:3") == {"q1?", "q2?"}
     assert ps.held_out(None) == set()
+
+
+@pytest.mark.parametrize("spec, match", [
+    ("q.csv:100", "give CSV:START:END"), ("q.csv:5:2", "give CSV:START:END"), ("q.csv:a:3", "give CSV:START:END"),
+    ("/nonexistent/q.csv:0:3", "questions file not found"),
+])
+def test_a_bad_held_out_spec_is_one_clear_line_before_any_work(spec, match, capsys):
+    with pytest.raises(SystemExit):
+        ps.parse_args(["mlp", "--data-dir", ".", "--exclude-questions", spec])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert match in err and "Traceback" not in err
