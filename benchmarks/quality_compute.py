@@ -138,7 +138,7 @@ def split_name(name: str) -> tuple[str, str, dict[str, Any]]:
         settings = {"prune_every": int(m["every"]), "prune_keep": int(m["keep"]) / 100}
         name = name[:m.start()]
     for suffix in (PRUNE_SUFFIX, HEAD_SUFFIX, *SELECTIONS):
-        if name.endswith(suffix) and (not settings or suffix in (PRUNE_SUFFIX, HEAD_SUFFIX)):
+        if name.endswith(suffix):
             return name.removesuffix(suffix), suffix, settings
     return name, "", settings
 
@@ -198,7 +198,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     s.add_argument("--skip-questions", type=int, default=0, metavar="K",
                    help="skip the first K questions of the file: decode questions K .. K+N-1 (N: --num-questions)")
     s.add_argument("--probe", type=Path, default=None,
-                   help="probe file of the _prune configurations (default: the embedded truth probe; the "
+                   help="probe file of the _prune, _probesel and _headprobe configurations (default: the "
+                        "embedded truth probe; the "
                         "curves of 2026-12-03 used mahalo/assets/smollm2_135m_truth_probe_linear.safetensors). "
                         "Not part of an answer's key: use a new --tag per probe")
     s.add_argument("--max-new-tokens", type=int, default=128)
@@ -282,7 +283,7 @@ def answer_record(args: argparse.Namespace, name: str, options: dict[str, Any], 
 
 
 def probe_file(args: argparse.Namespace) -> str:
-    """The name of the probe file a ``_prune`` configuration of this run reads."""
+    """The name of the probe file this run's probe configurations (:func:`uses_probe`) read."""
     if args.models == "tiny":
         return "random (tiny models)"
     return Path(args.probe).name if args.probe else EMBEDDED_TRUTH_PROBE.name

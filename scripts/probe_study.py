@@ -437,6 +437,19 @@ def cmd_fit(args) -> None:
              best["cv_auc_100"], best["dev_auc"], time.time() - t0)
 
 
+LINEAR_STUDY = ROOT / "benchmarks" / "results" / "probe_study.json"
+
+
+def linear_reference() -> dict | None:
+    """The linear study's chosen probe and its dev AUCs, read from its record (``fit``'s default
+    ``--out``), for comparison; None before that study has run."""
+    if not LINEAR_STUDY.is_file():
+        return None
+    best = json.loads(LINEAR_STUDY.read_text())["best"]
+    return {"file": str(LINEAR_STUDY.relative_to(ROOT)), "layer": best["layer"], "alpha": best["alpha"],
+            "dev_auc": best["dev_auc"]}
+
+
 def cmd_mlp(args) -> None:
     """One-hidden-layer probes (:func:`fit_mlp`) on a layer or layers read together: every
     (layers, hidden, weight decay, epochs, ensemble size) of the grid by 5-fold question-grouped
@@ -483,10 +496,11 @@ def cmd_mlp(args) -> None:
            "selection": f"{args.folds}-fold question-grouped CV on train, whole-answer AUC; dev for the best only",
            "train": {k: itr[k] for k in ("rows", "answers", "questions")},
            "dev": {k: idv[k] for k in ("rows", "answers", "questions")},
-           "grid": grid, "best": best, "linear_best_dev_auc": {"layer": 20, "100": 0.7984},
+           "grid": grid, "best": best, "linear_best": linear_reference(),
            "target_whole_answer_dev_auc": 0.85, "target_reached": best["dev_auc"]["100"] >= 0.85,
            "fit_seconds": round(time.time() - t0, 1), "seed": args.seed,
-           "machine": {"cpu_threads": torch.get_num_threads(), "platform": platform.platform(), "torch": torch.__version__},
+           "machine": {"cpu_threads": torch.get_num_threads(), "platform": platform.platform(),
+                       "torch": torch.__version__},
            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
            "command": "python " + " ".join(shlex.quote(a) for a in sys.argv)}
     args.out.write_text(json.dumps(out, indent=1) + "\n")

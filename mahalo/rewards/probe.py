@@ -1,14 +1,15 @@
 """A truth probe on the policy's own hidden states, scored at every token for free.
 
 A probe (a logit of P(truthful)) reads the output of one decoder layer of the policy (or of a
-few, side by side) at a response's last token: linear (``score = h @ w + b``) or with one hidden layer
-(``score = gelu(h @ W1.T + b1) @ w + b``). The policy's decode step computes that state for every
-row at every token anyway, so the engine applies the probe to each row after each forward (``H``
-multiply-adds per row and token, ``K * H`` with a hidden layer of ``K``) and never forwards a
-token for it: no scoring suffix, no second model, zero reward-model tokens. At the end of a step the candidate's score is the probe at
-its last fed token (its response without end of turn; a candidate ended by the token budget is
-read at its last fed token, the one before its last); during a step the same value ranks partial
-candidates for early rejection (``search.prune``).
+few, side by side) at a response's last token: linear (``score = h @ w + b``) or with one
+hidden layer (``score = gelu(h @ W1.T + b1) @ w + b``). The policy's decode step computes those
+states for every row at every token anyway, so the engine applies the probe to each row after
+each forward (``H`` multiply-adds per row and token, ``K * H`` with a hidden layer of ``K``) and
+never forwards a token for it: no scoring suffix, no second model, zero reward-model tokens. At
+the end of a step the candidate's score is the probe at its last fed token (its response
+without end of turn; a candidate ended by the token budget is read at its last fed token, the one
+before its last); during a step the same value ranks partial candidates for early rejection
+(``search.prune``).
 
 The embedded asset (``mahalo/assets/smollm2_135m_truth_probe.safetensors``: three one-hidden-layer
 probes on layers 16 and 20 read together, folded into one of 192 GELU units) was trained on every
@@ -23,9 +24,9 @@ pruning curves of ``benchmarks/README.md`` §3b).
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -136,7 +137,8 @@ def read_probe(path: str | Path) -> TokenProbeReward:
         return TokenProbeReward(weight.reshape(-1).float(), float(bias.reshape(-1)[0]), layer, hidden)
     except (KeyError, TypeError, ValueError, json.JSONDecodeError) as err:
         raise ValueError(f"probe file {file} is malformed ({type(err).__name__}: {err}): it needs 'probe.weight', "
-                         "'probe.bias' and a 'layer' (or 'layers') in its metadata (scripts/probe_study.py export)") from err
+                         "'probe.bias' and a 'layer' (or 'layers') in its metadata "
+                         "(scripts/probe_study.py export)") from err
 
 
 def probe_reward(policy: Any, path: str | Path | None = None) -> TokenProbeReward:
