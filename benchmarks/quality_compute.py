@@ -316,13 +316,12 @@ def decode_config(models: common.BenchModels, rewards: dict[str, Any], name: str
 
 
 def decode_all(args: argparse.Namespace, models: common.BenchModels, questions: list[common.Question],
-               paths: dict[str, Path], console: Any) -> None:
+               paths: dict[str, Path], console: Any, probe: Any = None) -> None:
     """Every missing (configuration, question) answer of seed ``args.seed``, configuration by
-    configuration in ``--configs`` order."""
+    configuration in ``--configs`` order; ``probe`` is the probe configurations' (:func:`uses_probe`)."""
     common.repair_jsonl_tail(paths["answers"])
     done = {tqa.answer_key(r) for r in common.read_jsonl(paths["answers"])}
     truth = {"truth": as_reward(models.truth, "truth")}
-    probe = None
     warm = False
     for name in args.configs:
         options = config_options(name)
@@ -333,7 +332,6 @@ def decode_all(args: argparse.Namespace, models: common.BenchModels, questions: 
             continue
         rewards = truth
         if uses_probe(name):
-            probe = probe or load_probe(args.models, models.policy, args.probe)
             rewards = {**truth, PROBE: probe}
         if not warm:  # one-off initialisation is not billed to a configuration
             for _ in range(args.warmup):
@@ -561,6 +559,9 @@ def main(argv: list[str] | None = None) -> int:
     try:  # questions K .. K+N-1: load K+N, keep the last N (their indices stay the file's)
         questions, models, judge = tqa._load(argparse.Namespace(**{
             **vars(args), "num_prompts": args.skip_questions + args.num_prompts}))
+        # the probe once, before any decoding: a missing or unfitting file is one line, not a traceback
+        probe = (load_probe(args.models, models.policy, args.probe)
+                 if any(uses_probe(n) for n in args.configs) and not args.report_only else None)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -573,7 +574,7 @@ def main(argv: list[str] | None = None) -> int:
     console.print(common.machine_line(machine), style="dim", markup=False)
     if not args.report_only:
         for seed in tqa.seeds_of(args):
-            decode_all(argparse.Namespace(**{**vars(args), "seed": seed}), models, questions, paths, console)
+            decode_all(argparse.Namespace(**{**vars(args), "seed": seed}), models, questions, paths, console, probe)
     rows = tqa.judge_rows(current_answers(paths, args, questions), questions, judge)
     summary = summarize(rows, args.configs)
     pairs = paired(rows, summary) if judge else []

