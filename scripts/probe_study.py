@@ -84,10 +84,11 @@ def primer() -> str:
     return yaml.safe_load(TRUTH_YAML.read_text())["system_prompt"]
 
 
-def split_rows(data_dir: Path, split: str, max_answers: int, seed: int) -> list[dict]:
-    """Judge rows of ``split``; train is subsampled by whole questions (seeded) until it holds
-    at least ``max_answers`` distinct answers (0 = all). Dev is always complete."""
-    rows = read_judge(data_dir / (TRAIN_JUDGE if split == "train" else DEV_JUDGE))
+def split_rows(data_dir: Path, split: str, max_answers: int, seed: int, file: Path | None = None) -> list[dict]:
+    """Judge rows of ``split`` (train: ``file``, by default ``judge_train.jsonl``); train is
+    subsampled by whole questions (seeded) until it holds at least ``max_answers`` distinct
+    answers (0 = all). Dev is always complete."""
+    rows = read_judge(file or data_dir / (TRAIN_JUDGE if split == "train" else DEV_JUDGE))
     if split != "train" or max_answers <= 0:
         return rows
     by_q: dict[str, list[dict]] = defaultdict(list)
@@ -125,7 +126,7 @@ def extract(model, tokenizer, items, system_prompt: str, batch_size: int, out: n
     L: final norm) at fraction ``f`` of answer ``i``, in the decode context of the truth default.
 
     Each question's prefix is forwarded once; its KV cache is repeated over right-padded batches
-    of answers (:func:`train_truth_head.answer_batches`).
+    of answers (:func:`train_truth_head.answer_batches`), shortest answers first (less padding).
     """
     base = model.model
     layers = list(base.layers)
@@ -145,7 +146,8 @@ def extract(model, tokenizer, items, system_prompt: str, batch_size: int, out: n
     try:
         for qi, (question, rows) in enumerate(by_q.items()):
             msgs = with_system([{"role": "user", "content": question}], system_prompt)
-            seqs = [tokenizer(items[i][1], add_special_tokens=False).input_ids or [pad] for i in rows]
+            rows = sorted(rows, key=lambda i: len(tokenizer(items[i][1], add_special_tokens=False).input_ids))
+            seqs = [tokenizer(items[i][1], add_special_tokens=False).input_ids or [pad] for i in rows]  # short first
             prefix = generation_prompt_ids(tokenizer, msgs)
             for chunk, last in answer_batches(base, prefix, seqs, batch_size, pad):
                 states = torch.stack([*captured, last], dim=1)  # (B, L+1, T, H)
@@ -167,11 +169,21 @@ def feature_file(cache_dir: Path, split: str, items, model_key: str, system_prom
     return cache_dir / f"probe_{split}_{digest.hexdigest()[:16]}.f16"
 
 
+def train_files(args) -> list[Path | None]:
+    """The judge-format files of the train rows: ``--train-files``, or ``judge_train.jsonl`` (None)."""
+    return list(args.train_files) if args.train_files else [None]
+
+
 def cmd_extract(args) -> None:
-    rows = split_rows(args.data_dir, args.split, args.train_answers, args.seed)
-    index, _, _, qs = index_rows(rows)
     gguf = find_embedded_gguf()
     model, tok = load_causal_lm(str(gguf.parent), gguf_file=gguf.name)
+    for file in train_files(args) if args.split == "train" else [None]:
+        extract_file(args, model, tok, gguf, file)
+
+
+def extract_file(args, model, tok, gguf, judge_file: Path | None) -> None:
+    rows = split_rows(args.data_dir, args.split, args.train_answers, args.seed, judge_file)
+    index, _, _, qs = index_rows(rows)
     cfg = model.config
     shape = (len(index.items), len(FRACTIONS), cfg.num_hidden_layers + 1, cfg.hidden_size)
     sp = primer()
@@ -191,7 +203,7 @@ def cmd_extract(args) -> None:
     out.flush()
     del out
     tmp.rename(file)
-    info = {"split": args.split, "rows": len(rows), "answers": len(index.items),
+    info = {"split": args.split, "file": str(judge_file or ""), "rows": len(rows), "answers": len(index.items),
             "questions": len(set(qs)), "shape": list(shape), "seconds": round(time.time() - t, 1),
             "threads": torch.get_num_threads(), "batch_size": args.batch_size,
             "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
@@ -358,20 +370,51 @@ def held_out(spec: str | None) -> set[str]:
         return {r["Question"] for r in list(reader)[int(parts[1]):int(parts[2])]}
 
 
+class FeatureStack:
+    """Several feature files read as one ``(answers, fractions, states, hidden)`` array: answers of
+    file 0 first. Indexing supports what the stages use, ``F[:, :, i]`` and ``.shape``."""
+
+    def __init__(self, parts: list[np.ndarray]) -> None:
+        self.parts = parts
+        self.shape = (sum(p.shape[0] for p in parts), *parts[0].shape[1:])
+
+    def __getitem__(self, index):
+        return np.concatenate([p[index] for p in self.parts]) if len(self.parts) > 1 else self.parts[0][index]
+
+
 def load_split(args, split: str):
-    rows = split_rows(args.data_dir, split, args.train_answers, args.seed)
-    index, keys, labels, qs = index_rows(rows)
+    """(features, row keys, labels, row questions, info) of ``split``; train reads every
+    ``--train-files`` file (each extracted beforehand), its answers numbered file after file."""
     gguf = find_embedded_gguf()
-    file = feature_file(args.features_dir, split, index.items, gguf_cache_dir(gguf).name + gguf.name,
-                        primer())
-    info = json.loads(file.with_suffix(".json").read_text())
-    F = np.load(file, mmap_mode="r")
+    parts, keys, labels, qs, infos, all_rows = [], [], [], [], [], []
+    offset = 0
+    for judge_file in train_files(args) if split == "train" else [None]:
+        rows = split_rows(args.data_dir, split, args.train_answers, args.seed, judge_file)
+        index, k, y, q = index_rows(rows)
+        file = feature_file(args.features_dir, split, index.items, gguf_cache_dir(gguf).name + gguf.name,
+                            primer())
+        if not file.with_suffix(".json").is_file():
+            raise SystemExit(f"error: no features for {judge_file or split}: run the extract stage first "
+                             f"(with the same --train-files / --train-answers)")
+        infos.append(json.loads(file.with_suffix(".json").read_text()))
+        parts.append(np.load(file, mmap_mode="r"))
+        keys.append(k + offset)
+        labels.append(y)
+        qs += q
+        all_rows += rows
+        offset += len(index.items)
+    F = FeatureStack(parts)
+    keys, labels, rows = np.concatenate(keys), np.concatenate(labels), all_rows
+    info = {"rows": len(keys), "answers": offset, "questions": len(set(qs)),
+            "files": [i.get("file") or split for i in infos]}
     out = args.held_out if split == "train" else set()
     if out:  # rows of held-out questions are dropped; the features stay indexed by answer
         keep = np.array([q not in out for q in qs])
         keys, labels, qs = keys[keep], labels[keep], [q for q, k in zip(qs, keep) if k]
         info = info | {"rows": int(keep.sum()), "answers": len(np.unique(keys)), "questions": len(set(qs)),
                        "held_out_questions": len({r["question"] for r in rows} & out)}
+        rows = [r for r, k in zip(rows, keep) if k]
+    info["row_data"] = rows  # the rows themselves, aligned with keys (select reads the pool's fields)
     return F, keys, labels, qs, info
 
 
@@ -559,7 +602,7 @@ def cmd_export(args) -> None:
         **({"layer": layers[0]} if len(layers) == 1 else {"layers": list(layers)}),
         **kind,
         "context": "generation_prompt_ids([system = conf/objective/truth.yaml primer, user = question]) + answer",
-        "train": {"file": "judge_train.jsonl", "answers": int(len(np.unique(ktr))), "rows": int(len(ktr)),
+        "train": {"files": [Path(f).name for f in itr["files"]], "answers": len(np.unique(ktr)), "rows": len(ktr),
                   "positions": list(FRACTIONS), "questions": itr["questions"],
                   "held_out": args.exclude_questions,
                   "subsample": "none (every train answer)" if args.train_answers <= 0 else
@@ -575,9 +618,91 @@ def cmd_export(args) -> None:
     log.info("probe: layer(s) %s %s -> %s; dev AUC %s", args.export_layer, kind, out, folded)
 
 
+def select_rate(groups: list[list[dict]], score_of, k: int) -> dict[str, float]:
+    """Best-of-``k`` on the policy's own answers, offline: in each (question, seed) group the
+    answer among candidates 0..k-1 with the highest ``score_of(row)`` (first on ties) is chosen.
+    Returns % truthful of the chosen answers (judge labels), % of them declining ("no comment")
+    and their mean tokens; ``score_of=None`` is a random choice (the expectation over the k)."""
+    picked, truthful, declined, tokens = 0, 0.0, 0.0, 0.0
+    for g in groups:
+        cands = [r for r in g if r["candidate"] < k]
+        if score_of is None:
+            truthful += np.mean([r["truthful"] for r in cands])
+            declined += np.mean([r["no_comment"] for r in cands])
+            tokens += np.mean([r["tokens"] for r in cands])
+        else:
+            best = max(cands, key=score_of)  # max keeps the first of equal scores
+            truthful, declined, tokens = truthful + best["truthful"], declined + best["no_comment"], tokens + best["tokens"]
+        picked += 1
+    return {"pct_truthful": 100 * truthful / picked, "pct_no_comment": 100 * declined / picked,
+            "mean_tokens": tokens / picked, "groups": picked}
+
+
+def cmd_select(args) -> None:
+    """Best-of-k selection rules compared offline on the policy's own judged answers
+    (``scripts/policy_pool.py`` files among ``--train-files``; issue 22, target 3).
+
+    The probe of the export settings (``--export-layer``, ``--export-mlp`` ...) is fitted by
+    ``--folds``-fold question-grouped CV on every ``--train-files`` row (human answers and the
+    policy's alike, positions pooled); each pool answer is scored by the fold's probe that never
+    saw its question, at the whole answer. Rules: random (sampling), the head (``scores.truth``,
+    today's best-of-N rule), the embedded probe recorded in the pool (``scores.truth_probe``),
+    the CV probe, and the oracle (any truthful candidate). Reported for k = 1, 2, 4, 8, 16, over
+    all pool questions and over train questions 100-249 (quality_compute's ``train150``: the questions
+    that chose the default, ``benchmarks/DEFAULT_CHOICE_PLAN.md``)."""
+    t0 = time.time()
+    Ftr, ktr, ytr, qtr, itr = load_split(args, "train")
+    rows = itr.pop("row_data")
+    states = mlp_states(args.export_layer)
+    X = layer_features(Ftr, states)
+    fold_of = question_folds(qtr, args.folds, args.seed)
+    rf = np.array([fold_of[q] for q in qtr])
+    is_pool = np.array(["candidate" in r for r in rows])
+    if not is_pool.any():
+        raise SystemExit("error: select needs a scripts/policy_pool.py file among --train-files")
+    cv = np.full(len(rows), np.nan)
+    for f in range(args.folds):
+        tr, te = rf != f, (rf == f) & is_pool
+        Xs, ys = pooled(X, ktr[tr], ytr[tr])
+        if args.export_mlp:
+            probe = MLPProbe(*[fit_mlp(Xs, ys, args.export_mlp, args.export_wd, args.export_epochs, args.seed + i)
+                               for i in range(args.export_seeds)])
+        else:
+            probe = fit_probe(Xs, ys, args.export_alpha)
+        cv[te] = score(probe, X[torch.as_tensor(ktr[te])][:, len(FRACTIONS) - 1])
+        log.info("select: fold %d/%d fitted (%.0fs)", f + 1, args.folds, time.time() - t0)
+    pool = [r | {"cv_probe": float(c)} for r, c, p in zip(rows, cv, is_pool) if p]
+    by_group: dict[tuple, list[dict]] = defaultdict(list)
+    for r in pool:
+        by_group[(r["question"], r.get("seed", 0))].append(r)
+    rules = {"random": None, "head": lambda r: r["scores"]["truth"],
+             "embedded_probe": lambda r: r["scores"]["truth_probe"], "cv_probe": lambda r: r["cv_probe"],
+             "oracle": lambda r: (r["truthful"], -r["candidate"])}
+    ks = [k for k in (1, 2, 4, 8, 16) if k <= min(len(g) for g in by_group.values())]
+    subsets = {"all": list(by_group.values()),
+               "train150": [g for g in by_group.values() if 100 <= g[0]["question_index"] < 250]}
+    table = {sub: {rule: {str(k): select_rate(groups, fn, k) for k in ks} for rule, fn in rules.items()}
+             for sub, groups in subsets.items()}
+    pool_y, pool_s = np.array([r["truthful"] for r in pool], float), np.array([r["cv_probe"] for r in pool])
+    out = {"study": "best-of-k selection rules on the policy's own answers to train questions, offline (issue 22)",
+           "probe": {"layers": args.export_layer, "hidden": args.export_mlp, "wd": args.export_wd,
+                     "epochs": args.export_epochs, "seeds": args.export_seeds, "alpha": args.export_alpha},
+           "train": {k: itr[k] for k in ("rows", "answers", "questions", "files")},
+           "pool": {"answers": len(pool), "groups": len(by_group),
+                    "pct_truthful": float(100 * pool_y.mean()), "cv_probe_auc": auc(pool_s, pool_y)},
+           "selection": table, "folds": args.folds, "seed": args.seed, "seconds": round(time.time() - t0, 1),
+           "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+           "command": "python " + " ".join(shlex.quote(a) for a in sys.argv)}
+    args.out.write_text(json.dumps(out, indent=1) + "\n")
+    for sub, t in table.items():
+        log.info("%s (%d groups): %s", sub, len(subsets[sub]), "; ".join(
+            f"{rule} " + " ".join(f"k{k}:{t[rule][str(k)]['pct_truthful']:.1f}" for k in ks) for rule in rules))
+    log.info("pool AUC of the CV probe at whole answers: %.3f -> %s", out["pool"]["cv_probe_auc"], args.out)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("stage", choices=["extract", "fit", "mlp", "export"])
+    p.add_argument("stage", choices=["extract", "fit", "mlp", "export", "select"])
     p.add_argument("--split", choices=["train", "dev"], default="train", help="extract: which file")
     p.add_argument("--data-dir", type=Path, required=True, help="folder with the TruthfulQA files")
     p.add_argument("--features-dir", type=Path, default=Path("/tmp/mahalo_probe_features"))
@@ -617,6 +742,9 @@ def parse_args(argv=None):
     p.add_argument("--exclude-questions", default=None, metavar="CSV:START:END",
                    help="leave the train questions of rows START..END-1 of a questions CSV out of every fit "
                         "(a probe for choosing settings on those questions)")
+    p.add_argument("--train-files", type=Path, nargs="+", default=None,
+                   help="judge-format JSONL files read as the train rows, in this order (default: "
+                        "judge_train.jsonl); e.g. the human answers and scripts/policy_pool.py's files")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     args = p.parse_args(argv)
@@ -631,10 +759,12 @@ def main(argv=None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     args = parse_args(argv)
     if args.out is None:
-        args.out = Path("benchmarks/results") / ("probe_study_mlp.json" if args.stage == "mlp" else "probe_study.json")
+        args.out = Path("benchmarks/results") / {"mlp": "probe_study_mlp.json", "select": "pool_select.json"}.get(
+            args.stage, "probe_study.json")
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
-    {"extract": cmd_extract, "fit": cmd_fit, "mlp": cmd_mlp, "export": cmd_export}[args.stage](args)
+    {"extract": cmd_extract, "fit": cmd_fit, "mlp": cmd_mlp, "export": cmd_export,
+     "select": cmd_select}[args.stage](args)
 
 
 if __name__ == "__main__":

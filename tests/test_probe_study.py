@@ -1,10 +1,13 @@
 """scripts/probe_study.py's pieces that shape a shipped probe: an ensemble folded into one probe
-file scores the members' mean logit, and the held-out questions of a train choice."""
+file scores the members' mean logit, the held-out questions of a train choice, train rows read
+from several files (human answers and the policy's own), and the offline best-of-k rule."""
 
 import csv
+import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -51,3 +54,59 @@ def test_a_bad_held_out_spec_is_one_clear_line_before_any_work(spec, match, caps
         ps.parse_args(["mlp", "--data-dir", ".", "--exclude-questions", spec])
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert match in err and "Traceback" not in err
+
+
+def _judge_file(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def test_train_files_are_read_as_one_split_each_row_on_its_own_features(tmp_path, monkeypatch):
+    """Two judge-format files (the human answers and the policy's pool): every row's key points
+    at the features extracted for *its* answer, the second file's numbered after the first's."""
+    monkeypatch.setattr(ps, "find_embedded_gguf", lambda: Path("/m/model.gguf"))
+    monkeypatch.setattr(ps, "gguf_cache_dir", lambda g: Path("/cache"))
+    monkeypatch.setattr(ps, "primer", lambda: "primer")
+    human = _judge_file(tmp_path / "human.jsonl", [
+        {"question": "q1", "answer": "a", "truthful": True}, {"question": "q1", "answer": "b", "truthful": False},
+        {"question": "q2", "answer": "a", "truthful": True}, {"question": "q1", "answer": "a", "truthful": True}])
+    pool = _judge_file(tmp_path / "pool.jsonl", [
+        {"question": "q2", "answer": "z", "truthful": False, "candidate": 0},
+        {"question": "q3", "answer": "a", "truthful": True, "candidate": 0}])
+    for file in (human, pool):  # features: state 0 holds a code of (file, answer text)
+        index, _, _, _ = ps.index_rows(ps.read_judge(file))
+        path = ps.feature_file(tmp_path, "train", index.items, "cachemodel.gguf", "primer")
+        F = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(len(index.items), 4, 2, 3))
+        for i, (q, a) in enumerate(index.items):
+            F[i] = (100 if file is pool else 0) + ord(a) - ord("a") + 10 * int(q[1:])
+        F.flush()
+        path.with_suffix(".json").write_text("{}")
+    args = ps.parse_args(["select", "--data-dir", str(tmp_path), "--features-dir", str(tmp_path),
+                          "--train-answers", "0", "--train-files", str(human), str(pool)])
+    F, keys, labels, qs, info = ps.load_split(args, "train")
+    rows = info["row_data"]
+    assert F.shape == (5, 4, 2, 3) and info["answers"] == 5 and info["rows"] == 6 and info["questions"] == 3
+    assert [r["question"] for r in rows] == qs == ["q1", "q1", "q2", "q1", "q2", "q3"]
+    want = [(100 if "candidate" in r else 0) + ord(r["answer"]) - ord("a") + 10 * int(r["question"][1:])
+            for r in rows]
+    assert F[:, :, 0][keys, 3, 0].tolist() == want
+    assert labels.tolist() == [1, 0, 1, 1, 0, 1]
+    args.train_files = [human, tmp_path / "missing.jsonl"]
+    _judge_file(args.train_files[1], [{"question": "q9", "answer": "x", "truthful": True}])
+    with pytest.raises(SystemExit, match="run the extract stage first"):
+        ps.load_split(args, "train")
+
+
+def test_best_of_k_offline_picks_the_top_score_among_the_first_k():
+    def row(c, truthful, score, tokens=10, nc=False):
+        return {"candidate": c, "truthful": truthful, "s": score, "tokens": tokens, "no_comment": nc}
+    groups = [[row(0, False, 1.0), row(1, True, 3.0, 20), row(2, False, 5.0), row(3, True, 5.0, 40, True)],
+              [row(0, True, 2.0), row(1, False, 2.0), row(2, True, 0.0), row(3, False, 9.0)]]
+    by = lambda r: r["s"]  # noqa: E731
+    assert ps.select_rate(groups, by, 1) == {"pct_truthful": 50.0, "pct_no_comment": 0.0, "mean_tokens": 10.0,
+                                             "groups": 2}
+    assert ps.select_rate(groups, by, 2)["pct_truthful"] == 100.0  # c1 (3.0) in group 1; tie -> c0 in group 2
+    four = ps.select_rate(groups, by, 4)  # c2 (5.0, first of the tie) and c3 (9.0): both untruthful
+    assert four["pct_truthful"] == 0.0 and four["mean_tokens"] == 10.0
+    rand = ps.select_rate(groups, None, 4)  # the expectation of a random pick
+    assert rand["pct_truthful"] == 50.0 and rand["pct_no_comment"] == 12.5 and rand["mean_tokens"] == 15.0
