@@ -622,10 +622,16 @@ def select_rate(groups: list[list[dict]], score_of, k: int) -> dict[str, float]:
     """Best-of-``k`` on the policy's own answers, offline: in each (question, seed) group the
     answer among candidates 0..k-1 with the highest ``score_of(row)`` (first on ties) is chosen.
     Returns % truthful of the chosen answers (judge labels), % of them declining ("no comment")
-    and their mean tokens; ``score_of=None`` is a random choice (the expectation over the k)."""
+    and their mean tokens; ``score_of=None`` is a random choice (the expectation over the k); a
+    tuple of score keys is their sum after z-scoring each over the k candidates (the engine's
+    ``normalize="zscore"`` over a pool)."""
     picked, truthful, declined, tokens = 0, 0.0, 0.0, 0.0
+    rule = score_of
     for g in groups:
+        score_of = rule
         cands = [r for r in g if r["candidate"] < k]
+        if isinstance(score_of, tuple):  # keys: each z-scored over the k candidates, summed
+            score_of = zsum(cands, score_of)
         if score_of is None:
             truthful += np.mean([r["truthful"] for r in cands])
             declined += np.mean([r["no_comment"] for r in cands])
@@ -636,6 +642,15 @@ def select_rate(groups: list[list[dict]], score_of, k: int) -> dict[str, float]:
         picked += 1
     return {"pct_truthful": 100 * truthful / picked, "pct_no_comment": 100 * declined / picked,
             "mean_tokens": tokens / picked, "groups": picked}
+
+
+def zsum(cands: list[dict], keys: tuple[str, ...]):
+    """A rule scoring a row by the sum over ``keys`` of its score z-scored over ``cands``."""
+    stats = {}
+    for key in keys:
+        v = np.array([r[key] for r in cands], float)
+        stats[key] = (v.mean(), v.std() if v.std() > 0 else 1.0)
+    return lambda r: sum((r[key] - stats[key][0]) / stats[key][1] for key in keys)
 
 
 def cmd_select(args) -> None:
@@ -671,25 +686,29 @@ def cmd_select(args) -> None:
             probe = fit_probe(Xs, ys, args.export_alpha)
         cv[te] = score(probe, X[torch.as_tensor(ktr[te])][:, len(FRACTIONS) - 1])
         log.info("select: fold %d/%d fitted (%.0fs)", f + 1, args.folds, time.time() - t0)
-    pool = [r | {"cv_probe": float(c)} for r, c, p in zip(rows, cv, is_pool) if p]
+    pool = [r | {"cv_probe": float(c), "head": r["scores"]["truth"], "embedded_probe": r["scores"]["truth_probe"]}
+            for r, c, p in zip(rows, cv, is_pool) if p]
     by_group: dict[tuple, list[dict]] = defaultdict(list)
     for r in pool:
         by_group[(r["question"], r.get("seed", 0))].append(r)
     rules = {"random": None, "head": lambda r: r["scores"]["truth"],
              "embedded_probe": lambda r: r["scores"]["truth_probe"], "cv_probe": lambda r: r["cv_probe"],
-             "oracle": lambda r: (r["truthful"], -r["candidate"])}
+             "oracle": lambda r: (r["truthful"], -r["candidate"]),
+             # added after the plan's first result (SELECTOR_PLAN.md, addendum): head and probe z-summed
+             "head+cv_probe": ("head", "cv_probe"), "head+embedded_probe": ("head", "embedded_probe")}
     ks = [k for k in (1, 2, 4, 8, 16) if k <= min(len(g) for g in by_group.values())]
     subsets = {"all": list(by_group.values()),
                "train150": [g for g in by_group.values() if 100 <= g[0]["question_index"] < 250]}
     table = {sub: {rule: {str(k): select_rate(groups, fn, k) for k in ks} for rule, fn in rules.items()}
              for sub, groups in subsets.items()}
-    pool_y, pool_s = np.array([r["truthful"] for r in pool], float), np.array([r["cv_probe"] for r in pool])
+    pool_y = np.array([r["truthful"] for r in pool], float)
+    pool_auc = {key: auc(np.array([r[key] for r in pool]), pool_y) for key in ("head", "embedded_probe", "cv_probe")}
     out = {"study": "best-of-k selection rules on the policy's own answers to train questions, offline (issue 22)",
            "probe": {"layers": args.export_layer, "hidden": args.export_mlp, "wd": args.export_wd,
                      "epochs": args.export_epochs, "seeds": args.export_seeds, "alpha": args.export_alpha},
            "train": {k: itr[k] for k in ("rows", "answers", "questions", "files")},
            "pool": {"answers": len(pool), "groups": len(by_group),
-                    "pct_truthful": float(100 * pool_y.mean()), "cv_probe_auc": auc(pool_s, pool_y)},
+                    "pct_truthful": float(100 * pool_y.mean()), "cv_probe_auc": pool_auc["cv_probe"], "auc": pool_auc},
            "selection": table, "folds": args.folds, "seed": args.seed, "seconds": round(time.time() - t0, 1),
            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
            "command": "python " + " ".join(shlex.quote(a) for a in sys.argv)}
