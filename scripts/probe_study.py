@@ -703,12 +703,16 @@ def cmd_select(args) -> None:
              for sub, groups in subsets.items()}
     pool_y = np.array([r["truthful"] for r in pool], float)
     pool_auc = {key: auc(np.array([r[key] for r in pool]), pool_y) for key in ("head", "embedded_probe", "cv_probe")}
+    mixed = [g for g in by_group.values() if 0 < sum(r["truthful"] for r in g) < len(g)]  # both labels
+    within = {key: float(np.mean([auc(np.array([r[key] for r in g]), np.array([r["truthful"] for r in g], float))
+                                  for g in mixed])) for key in pool_auc}
     out = {"study": "best-of-k selection rules on the policy's own answers to train questions, offline (issue 22)",
            "probe": {"layers": args.export_layer, "hidden": args.export_mlp, "wd": args.export_wd,
                      "epochs": args.export_epochs, "seeds": args.export_seeds, "alpha": args.export_alpha},
            "train": {k: itr[k] for k in ("rows", "answers", "questions", "files")},
            "pool": {"answers": len(pool), "groups": len(by_group),
-                    "pct_truthful": float(100 * pool_y.mean()), "cv_probe_auc": pool_auc["cv_probe"], "auc": pool_auc},
+                    "pct_truthful": float(100 * pool_y.mean()), "cv_probe_auc": pool_auc["cv_probe"], "auc": pool_auc,
+                    "within_question_auc": within, "questions_with_both_labels": len(mixed)},
            "selection": table, "folds": args.folds, "seed": args.seed, "seconds": round(time.time() - t0, 1),
            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
            "command": "python " + " ".join(shlex.quote(a) for a in sys.argv)}
@@ -716,7 +720,7 @@ def cmd_select(args) -> None:
     for sub, t in table.items():
         log.info("%s (%d groups): %s", sub, len(subsets[sub]), "; ".join(
             f"{rule} " + " ".join(f"k{k}:{t[rule][str(k)]['pct_truthful']:.1f}" for k in ks) for rule in rules))
-    log.info("pool AUC of the CV probe at whole answers: %.3f -> %s", out["pool"]["cv_probe_auc"], args.out)
+    log.info("pool AUC at whole answers %s; within a question %s -> %s", pool_auc, within, args.out)
 
 
 def parse_args(argv=None):

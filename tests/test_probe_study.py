@@ -110,3 +110,12 @@ def test_best_of_k_offline_picks_the_top_score_among_the_first_k():
     assert four["pct_truthful"] == 0.0 and four["mean_tokens"] == 10.0
     rand = ps.select_rate(groups, None, 4)  # the expectation of a random pick
     assert rand["pct_truthful"] == 50.0 and rand["pct_no_comment"] == 12.5 and rand["mean_tokens"] == 15.0
+
+
+def test_z_summed_rule_weighs_each_score_by_its_spread_over_the_k_candidates():
+    rows = [{"candidate": c, "truthful": c == 1, "tokens": 1, "no_comment": False, "a": a, "b": b}
+            for c, (a, b) in enumerate([(10.0, 0.0), (8.0, 1.0), (0.0, 0.5), (2.0, 0.5)])]
+    # raw sums pick candidate 0 (10.0); z-scored, b's spread is as large as a's: candidate 1 wins
+    assert ps.select_rate([rows], lambda r: r["a"] + r["b"], 4)["pct_truthful"] == 0.0
+    assert ps.select_rate([rows], ("a", "b"), 4)["pct_truthful"] == 100.0
+    assert ps.select_rate([rows], ("a", "b"), 1)["pct_truthful"] == 0.0  # one candidate: no spread, no error
