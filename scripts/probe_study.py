@@ -386,7 +386,7 @@ def load_split(args, split: str):
     """(features, row keys, labels, row questions, info) of ``split``; train reads every
     ``--train-files`` file (each extracted beforehand), its answers numbered file after file."""
     gguf = find_embedded_gguf()
-    parts, keys, labels, qs, infos, all_rows = [], [], [], [], [], []
+    parts, keys, labels, qs, all_rows = [], [], [], [], []
     offset = 0
     for judge_file in train_files(args) if split == "train" else [None]:
         rows = split_rows(args.data_dir, split, args.train_answers, args.seed, judge_file)
@@ -396,7 +396,6 @@ def load_split(args, split: str):
         if not file.with_suffix(".json").is_file():
             raise SystemExit(f"error: no features for {judge_file or split}: run the extract stage first "
                              f"(with the same --train-files / --train-answers)")
-        infos.append(json.loads(file.with_suffix(".json").read_text()))
         parts.append(np.load(file, mmap_mode="r"))
         keys.append(k + offset)
         labels.append(y)
@@ -405,8 +404,9 @@ def load_split(args, split: str):
         offset += len(index.items)
     F = FeatureStack(parts)
     keys, labels, rows = np.concatenate(keys), np.concatenate(labels), all_rows
-    info = {"rows": len(keys), "answers": offset, "questions": len(set(qs)),
-            "files": [i.get("file") or split for i in infos]}
+    names = [str(f) if f else (TRAIN_JUDGE if split == "train" else DEV_JUDGE) for f in
+             (train_files(args) if split == "train" else [None])]
+    info = {"rows": len(keys), "answers": offset, "questions": len(set(qs)), "files": names}
     out = args.held_out if split == "train" else set()
     if out:  # rows of held-out questions are dropped; the features stay indexed by answer
         keep = np.array([q not in out for q in qs])

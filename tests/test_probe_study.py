@@ -86,6 +86,7 @@ def test_train_files_are_read_as_one_split_each_row_on_its_own_features(tmp_path
     F, keys, labels, qs, info = ps.load_split(args, "train")
     rows = info["row_data"]
     assert F.shape == (5, 4, 2, 3) and info["answers"] == 5 and info["rows"] == 6 and info["questions"] == 3
+    assert info["files"] == [str(human), str(pool)]
     assert [r["question"] for r in rows] == qs == ["q1", "q1", "q2", "q1", "q2", "q3"]
     want = [(100 if "candidate" in r else 0) + ord(r["answer"]) - ord("a") + 10 * int(r["question"][1:])
             for r in rows]
