@@ -50,17 +50,6 @@ log = logging.getLogger("policy_pool")
 TRAIN_QUESTIONS = "questions_train.csv"
 
 
-def shard_of(text: str) -> tuple[int, int]:
-    """``"i/n"`` -> (i, n) with 0 <= i < n."""
-    try:
-        i, n = (int(x) for x in text.split("/"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--shard {text!r}: give I/N, e.g. 0/2") from None
-    if not 0 <= i < n:
-        raise argparse.ArgumentTypeError(f"--shard {text!r}: need 0 <= I < N")
-    return i, n
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data-dir", type=Path, required=True, help="folder with questions_train.csv")
@@ -69,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--batch", type=int, default=16, help="questions in flight")
     p.add_argument("--num-questions", type=int, default=None, help="the first N train questions (default all)")
-    p.add_argument("--shard", type=shard_of, default=(0, 1), metavar="I/N", help="questions i, i+N, i+2N, ...")
+    p.add_argument("--shard", type=tqa._shard, default=(0, 1), metavar="I/N", help="questions i, i+N, i+2N, ...")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)

@@ -146,8 +146,9 @@ def extract(model, tokenizer, items, system_prompt: str, batch_size: int, out: n
     try:
         for qi, (question, rows) in enumerate(by_q.items()):
             msgs = with_system([{"role": "user", "content": question}], system_prompt)
-            rows = sorted(rows, key=lambda i: len(tokenizer(items[i][1], add_special_tokens=False).input_ids))
-            seqs = [tokenizer(items[i][1], add_special_tokens=False).input_ids or [pad] for i in rows]  # short first
+            ids = {i: tokenizer(items[i][1], add_special_tokens=False).input_ids or [pad] for i in rows}
+            rows = sorted(rows, key=lambda i: len(ids[i]))  # short first
+            seqs = [ids[i] for i in rows]
             prefix = generation_prompt_ids(tokenizer, msgs)
             for chunk, last in answer_batches(base, prefix, seqs, batch_size, pad):
                 states = torch.stack([*captured, last], dim=1)  # (B, L+1, T, H)
@@ -386,9 +387,10 @@ def load_split(args, split: str):
     """(features, row keys, labels, row questions, info) of ``split``; train reads every
     ``--train-files`` file (each extracted beforehand), its answers numbered file after file."""
     gguf = find_embedded_gguf()
-    parts, keys, labels, qs, all_rows = [], [], [], [], []
+    parts, keys, labels, qs, all_rows, names = [], [], [], [], [], []
     offset = 0
     for judge_file in train_files(args) if split == "train" else [None]:
+        names.append(str(judge_file) if judge_file else TRAIN_JUDGE if split == "train" else DEV_JUDGE)
         rows = split_rows(args.data_dir, split, args.train_answers, args.seed, judge_file)
         index, k, y, q = index_rows(rows)
         file = feature_file(args.features_dir, split, index.items, gguf_cache_dir(gguf).name + gguf.name,
@@ -404,8 +406,6 @@ def load_split(args, split: str):
         offset += len(index.items)
     F = FeatureStack(parts)
     keys, labels, rows = np.concatenate(keys), np.concatenate(labels), all_rows
-    names = [str(f) if f else (TRAIN_JUDGE if split == "train" else DEV_JUDGE) for f in
-             (train_files(args) if split == "train" else [None])]
     info = {"rows": len(keys), "answers": offset, "questions": len(set(qs)), "files": names}
     out = args.held_out if split == "train" else set()
     if out:  # rows of held-out questions are dropped; the features stay indexed by answer
@@ -626,18 +626,15 @@ def select_rate(groups: list[list[dict]], score_of, k: int) -> dict[str, float]:
     tuple of score keys is their sum after z-scoring each over the k candidates (the engine's
     ``normalize="zscore"`` over a pool)."""
     picked, truthful, declined, tokens = 0, 0.0, 0.0, 0.0
-    rule = score_of
     for g in groups:
-        score_of = rule
         cands = [r for r in g if r["candidate"] < k]
-        if isinstance(score_of, tuple):  # keys: each z-scored over the k candidates, summed
-            score_of = zsum(cands, score_of)
-        if score_of is None:
+        rule = zsum(cands, score_of) if isinstance(score_of, tuple) else score_of  # keys: z-scored over the k
+        if rule is None:
             truthful += np.mean([r["truthful"] for r in cands])
             declined += np.mean([r["no_comment"] for r in cands])
             tokens += np.mean([r["tokens"] for r in cands])
         else:
-            best = max(cands, key=score_of)  # max keeps the first of equal scores
+            best = max(cands, key=rule)  # max keeps the first of equal scores
             truthful, declined, tokens = truthful + best["truthful"], declined + best["no_comment"], tokens + best["tokens"]
         picked += 1
     return {"pct_truthful": 100 * truthful / picked, "pct_no_comment": 100 * declined / picked,

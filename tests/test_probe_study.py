@@ -122,12 +122,12 @@ def test_z_summed_rule_weighs_each_score_by_its_spread_over_the_k_candidates():
     assert ps.select_rate([rows], ("a", "b"), 1)["pct_truthful"] == 0.0  # one candidate: no spread, no error
 
 
-def test_policy_pool_shards_are_checked_when_parsed():
-    import argparse
-
+def test_policy_pool_shards_are_checked_when_parsed(capsys):
     import policy_pool
 
-    assert policy_pool.shard_of("1/2") == (1, 2)
     for bad in ("2/2", "x", "1/0", "-1/3"):
-        with pytest.raises(argparse.ArgumentTypeError, match="--shard"):
-            policy_pool.shard_of(bad)
+        with pytest.raises(SystemExit) as exit_:
+            policy_pool.main(["--data-dir", ".", "--out", "pool.jsonl", f"--shard={bad}"])
+        assert exit_.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert "--shard" in err and bad in err and "Traceback" not in err
